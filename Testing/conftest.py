@@ -1,0 +1,82 @@
+"""Shared fixtures: a small slab dataset cut from the bundled real CT, tiny run configs,
+and one tiny trained teacher reused by the tests that need a model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+DATA = Path(__file__).parent / "Data"
+STRUCTURES = ["liver", "spleen", "kidney_right"]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def slab_dataset(tmp_path_factory) -> tuple[Path, dict]:
+    """Folder-pairs dataset of 5-slice slabs of the real abdomen CT, and its fixed split."""
+    from mtkd.demo import write_slab_dataset
+
+    folder = tmp_path_factory.mktemp("slabs")
+    _, split = write_slab_dataset(
+        DATA / "abdomen_ct.nii.gz",
+        DATA / "abdomen_seg_total_fast.nii.gz",
+        DATA / "labels_total_v2.json",
+        folder,
+    )
+    return folder, split
+
+
+def tiny_config(dataset: tuple[Path, dict], kind: str = "train", **overrides) -> dict:
+    """A run config (as a dict) small enough for a CPU test: 32x32 slices, tiny nets."""
+    folder, split = dataset
+    config = {
+        "kind": kind,
+        "name": f"tiny-{kind}",
+        "data": {
+            "source": str(folder),
+            "labels_json": str(DATA / "labels_total_v2.json"),
+            "structures": STRUCTURES,
+            "dims": 2,
+            "slice_size": [32, 32],
+            "hu_window": [-160.0, 240.0],
+        },
+        "split": {"fixed": split, "student_fraction": 0.5},
+        "model": {"name": "thesis_unet", "params": {"channels": [4, 8], "bottleneck": 16}},
+        "train": {"epochs": 2, "batch_size": 4, "optimizer": {"name": "adamw", "lr": 1e-2}},
+    }
+    if kind == "train":
+        config["multitask"] = {"reconstruction": "masked", "weight": 0.2, "mask_patch": 4}
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        if field:
+            config.setdefault(section, {})[field] = value
+        else:
+            config[section] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def teacher_run(slab_dataset, tmp_path_factory) -> Path:
+    """A tiny multi-task teacher trained for two epochs (its run folder)."""
+    from mtkd.config import RunConfig
+    from mtkd.engine.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("runs") / "teacher"
+    config = RunConfig.from_dict(tiny_config(slab_dataset, "train", name="teacher"))
+    Trainer(config, run_dir, progress=False, log=lambda _: None).run()
+    return run_dir
+
+
+@pytest.fixture
+def make_config(slab_dataset):
+    """``make_config(kind, **overrides)`` -> a tiny run config dict on the slab dataset;
+    an override ``section__field=value`` sets one field of a section."""
+    return lambda kind="train", **overrides: tiny_config(slab_dataset, kind, **overrides)

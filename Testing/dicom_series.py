@@ -1,0 +1,40 @@
+"""Writing a real CT as a DICOM series (for the readers' tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import SimpleITK as sitk
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str, skip: int = -1) -> None:
+    """Write ``image`` (HU) as CT slices with the usual tags; slice ``skip`` is left out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    d = image.GetDirection()
+    hu = sitk.Cast(image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        if k == skip:
+            continue
+        sl = hu[:, :, k : k + 1]  # one-slice 3-D image: keeps an oblique geometry
+        tags = {
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.8.498.1",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(
+                f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))
+            ),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0028|0030": f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}",
+            "0018|0050": str(image.GetSpacing()[2]),
+            "0028|1052": "-1024",
+            "0028|1053": "1",
+        }
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(sl)

@@ -1,0 +1,206 @@
+"""The ``mtkd`` command: one subcommand per job, each a thin call into the engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mtkd import __version__
+from mtkd.errors import MTKDError
+
+
+def _run_training(args: argparse.Namespace, kind: str) -> int:
+    from mtkd.config import load_config
+    from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
+
+    try:
+        if args.resume:
+            result = resume_run(args.resume)
+        else:
+            if args.config is None:
+                raise MTKDError(f"`mtkd {kind}` needs a CONFIG file (or --resume RUN_DIR)")
+            config = load_config(args.config)
+            if config.kind != kind:
+                raise MTKDError(
+                    f"this config is for `mtkd {config.kind}`, not `mtkd {kind}`", args.config
+                )
+            if args.device:
+                config.train.device = args.device
+            run_dir = Path(args.run_dir or Path("runs") / config.name)
+            result = Trainer(config, run_dir).run()
+    except TrainingInterrupted as stop:
+        print(f"mtkd: {stop}", file=sys.stderr)
+        return 130
+    best = (
+        "n/a" if not result.best_epoch else f"{result.best_metric:.4f} (epoch {result.best_epoch})"
+    )
+    print(f"finished: {result.run_dir}  best validation Dice {best}  model {result.model_dir}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _run_training(args, "train")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    return _run_training(args, "distill")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from mtkd.data.datasets import load_dataset
+    from mtkd.engine.trainer import resolve_device
+    from mtkd.infer.evaluate import evaluate, summarise, summary_table, write_scores_csv
+    from mtkd.infer.model_io import load_model
+    from mtkd.infer.predictor import Predictor
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device)
+    dataset = load_dataset(args.data, labels_json=args.labels_json)
+    case_ids = [case.case_id for case in dataset.cases]
+    if args.split:
+        split = json.loads(Path(args.split).read_text())
+        if args.subset not in split:
+            raise MTKDError(f"split has no '{args.subset}' list", path=args.split)
+        case_ids = split[args.subset]
+    scores = evaluate(Predictor(model, device), dataset, case_ids)
+    output = Path(args.csv or Path(model.folder).parent / "report" / "evaluation.csv")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_scores_csv(scores, output)
+    print(f"{model.name}: {len(case_ids)} case(s), per-volume scores in {output}")
+    print(summary_table(summarise(scores)))
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from mtkd.data.image_io import read_image, write_image
+    from mtkd.data.segnrrd import write_seg_nrrd
+    from mtkd.engine.trainer import resolve_device
+    from mtkd.infer.model_io import load_model
+    from mtkd.infer.predictor import Predictor
+
+    device = resolve_device(args.device)
+    predictor = Predictor(load_model(args.model, device), device)
+    outputs = _output_paths(args.images, args.output)
+    for image_path, output in zip(args.images, outputs, strict=True):
+        prediction = predictor.predict(read_image(image_path))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.name.endswith(".seg.nrrd"):
+            write_seg_nrrd(prediction.labelmap, predictor.model.labels, output)
+        else:
+            write_image(prediction.labelmap, output)
+        print(f"{image_path} -> {output} ({prediction.seconds:.2f} s)")
+    return 0
+
+
+def _output_paths(images: list[str], output: str) -> list[Path]:
+    """One output per image: ``-o`` is a file for one image, a folder for several."""
+    target = Path(output)
+    if len(images) == 1 and not output.endswith(("/", "\\")) and not target.is_dir():
+        return [target]
+    target.mkdir(parents=True, exist_ok=True)
+    stems = [Path(p.rstrip("/\\")).name.split(".")[0] for p in images]
+    return [target / f"{stem}.seg.nrrd" for stem in stems]
+
+
+def cmd_taps(args: argparse.Namespace) -> int:
+    import torch
+
+    from mtkd.models import build_teacher, network_info
+    from mtkd.models.taps import list_taps
+
+    info = network_info(args.model)
+    dims = len(args.input_size)
+    params = {
+        "in_channels": args.in_channels,
+        "out_channels": args.out_channels,
+        "spatial_dims": dims,
+    }
+    network = build_teacher(args.model, reconstruction=args.reconstruction, **params)
+    example = torch.zeros(1, args.in_channels, *args.input_size)
+    prefix = "backbone." if args.reconstruction != "none" else ""
+    marks = {prefix + info.bottleneck_tap: "B", prefix + info.decoder_tap: "D"}
+    marks.update({prefix + name: f"E{i}" for i, name in enumerate(info.encoder_taps, start=1)})
+    print(f"{args.model}: input {tuple(example.shape)}; E/B/D mark the registry's scale taps")
+    for name, shape in list_taps(network, example):
+        print(f"{marks.get(name, ''):>3}  {name:<48} {tuple(shape)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mtkd.demo import run_demo
+
+    run_demo(Path(args.output), ct=args.ct, labels=args.labels, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtkd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mtkd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    for name, function, text in (
+        ("train", cmd_train, "train a teacher (multi-task) or a plain network"),
+        ("distill", cmd_distill, "distil a student from a trained teacher"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("config", nargs="?", help="run configuration (YAML)")
+        sub.add_argument("--run-dir", help="run folder (default runs/<name>)")
+        sub.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+        sub.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:1)")
+        sub.set_defaults(func=function)
+
+    sub = commands.add_parser(
+        "evaluate", help="per-volume Dice and HD95 of a model on labelled data"
+    )
+    sub.add_argument("model", help="model folder or run folder")
+    sub.add_argument("data", help="dataset (MSD folder, images/ + labels/ folders)")
+    sub.add_argument("--split", help="a run's split.json: evaluate one of its subsets")
+    sub.add_argument("--subset", default="test", choices=["train", "val", "test", "student_train"])
+    sub.add_argument("--labels-json", help="label names when the dataset has none")
+    sub.add_argument("--csv", help="where to write per-volume scores (CSV)")
+    sub.add_argument("--device", default="auto")
+    sub.set_defaults(func=cmd_evaluate)
+
+    sub = commands.add_parser("segment", help="segment CT images with a model")
+    sub.add_argument("model", help="model folder or run folder")
+    sub.add_argument("images", nargs="+", help="NIfTI/NRRD/MHA files or DICOM series folders")
+    sub.add_argument("-o", "--output", required=True, help=".nii.gz/.nrrd/.seg.nrrd, or a folder")
+    sub.add_argument("--device", default="auto")
+    sub.set_defaults(func=cmd_segment)
+
+    sub = commands.add_parser("taps", help="list a network's tap names and output shapes")
+    sub.add_argument("model", help="registered network name (see `mtkd taps --list`)")
+    sub.add_argument("--input-size", type=int, nargs="+", default=[128, 128], help="2 or 3 sizes")
+    sub.add_argument("--in-channels", type=int, default=1)
+    sub.add_argument("--out-channels", type=int, default=2)
+    sub.add_argument("--reconstruction", default="none", choices=["none", "masked", "unmasked"])
+    sub.set_defaults(func=cmd_taps)
+
+    sub = commands.add_parser(
+        "demo", help="teacher -> distilled student -> segmentation on the bundled CT"
+    )
+    sub.add_argument("--output", default="runs/demo", help="folder for the demo's runs")
+    sub.add_argument("--ct", help="CT image (default: the bundled abdomen sample)")
+    sub.add_argument("--labels", help="its label map (default: the bundled one)")
+    sub.add_argument("--quick", action="store_true", help="a few epochs only (smoke test)")
+    sub.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MTKDError as error:
+        print(f"mtkd: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

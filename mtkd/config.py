@@ -1,0 +1,281 @@
+"""Typed, validated run configuration, read from and written to YAML.
+
+One :class:`RunConfig` drives a run (teacher training, plain student training or
+distillation) from the command line, from Slicer, and in the run folder's ``config.yaml``.
+Unknown keys, wrong types and unknown names are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtkd.errors import MTKDError
+
+
+@dataclass
+class AugmentConfig:
+    """Random augmentations applied to training samples only."""
+
+    flip_prob: float = (
+        0.0  # per spatial axis: left-right flips are anatomically unsafe, off by default
+    )
+    rotate90_prob: float = 0.0
+    intensity_scale: float = 0.1  # RandScaleIntensity factor range +-
+    intensity_shift: float = 0.05  # RandShiftIntensity offset range +- (on the 0..1 window)
+    noise_std: float = 0.01  # RandGaussianNoise std (0 disables)
+    prob: float = 0.5  # probability of each intensity augmentation
+
+
+@dataclass
+class DataConfig:
+    """Where the cases come from and how a CT becomes network input."""
+
+    source: str = ""  # MSD folder, folder pairs (images/, labels/), single file or DICOM folder
+    labels_json: str | None = None  # label names when the dataset has none
+    structures: list[str] | None = None  # subset of label names, renumbered 1..K in this order
+    dims: Literal[2, 3] = 2  # 2: axial slices, 3: patches
+    spacing: list[float] | None = (
+        None  # target spacing (mm) x, y, z; <= 0 keeps an axis; None keeps
+    )
+    hu_window: list[float] = field(default_factory=lambda: [-200.0, 300.0])
+    crop_foreground: bool = True  # crop to the body (voxels above the window's lower bound)
+    slice_size: list[int] = field(default_factory=lambda: [128, 128])  # 2-D network input (x, y)
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])  # 3-D network input
+    patches_per_volume: int = 4  # label-balanced 3-D patches drawn per volume and epoch
+    in_channels: int = 1  # CT channel repeated to this many (the thesis networks take 3)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    output: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid for one structure
+
+
+@dataclass
+class SplitConfig:
+    """Patient-level split; ``fixed`` lists case ids explicitly instead."""
+
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    student_fraction: float = 1.0  # share of the training patients a student sees (paper: 0.5)
+    fixed: dict[str, list[str]] | None = None
+
+
+@dataclass
+class NetworkConfig:
+    """A registered network by name, with its size parameters."""
+
+    name: str = "thesis_s1"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MultiTaskConfig:
+    """The teacher's extra task: reconstruction of the (masked) input."""
+
+    reconstruction: Literal["masked", "unmasked", "none"] = "masked"
+    weight: float = 0.2  # weight of the MSE reconstruction loss
+    mask_ratio: float = 0.5
+    mask_patch: int = 8
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    """The recipe, identical for a no-KD student and its distilled twin."""
+
+    epochs: int = 20
+    batch_size: int = 8
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: Literal["none", "cosine", "poly"] = "cosine"
+    seg_loss: Literal["dice_ce", "dice", "ce"] = "dice_ce"
+    seg_weight: float = 1.0
+    amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
+    grad_accum: int = 1
+    val_every: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:1
+    num_workers: int = 0
+    drop_last: bool = True  # InfoNCE needs >= 2 images per batch
+
+
+@dataclass
+class TapPairConfig:
+    """One student <- teacher feature pair (names as printed by ``mtkd taps``)."""
+
+    student: str = ""
+    teacher: str = ""
+    loss: str = "infonce"  # infonce, mse, cosine
+    weight: float = 0.1
+    temperature: float = 0.4
+    name: str | None = None
+
+
+@dataclass
+class OutputTermConfig:
+    """Output-level distillation term."""
+
+    loss: str = "pmd"
+    weight: float = 0.2
+    temperature: float = 4.0
+
+
+@dataclass
+class DistillConfig:
+    """Teacher and terms. ``preset: thesis`` fills pairs/output/seg weight as in the paper."""
+
+    teacher: str = ""  # a run folder or model folder of a trained teacher
+    preset: str | None = None
+    pairs: list[TapPairConfig] = field(default_factory=list)
+    output: OutputTermConfig | None = None
+    scale: float = 1.0  # multiplies every distillation weight; 0 is the no-KD baseline
+
+
+@dataclass
+class RunConfig:
+    """A whole run. ``kind``: train (teacher or plain student) or distill."""
+
+    kind: Literal["train", "distill"] = "train"
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: NetworkConfig = field(default_factory=NetworkConfig)
+    multitask: MultiTaskConfig = field(default_factory=lambda: MultiTaskConfig("none"))
+    train_on: Literal["train", "student_train"] = "train"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> RunConfig:
+        config = _build(cls, data, "", source)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str | Path | None = None) -> None:
+        """Check values that a type alone cannot; raise MTKDError naming key and file."""
+
+        def fail(key: str, problem: str) -> None:
+            raise MTKDError(f"config key '{key}': {problem}", path=source)
+
+        if self.train.epochs < 1:
+            fail("train.epochs", "must be >= 1")
+        if self.train.batch_size < 1:
+            fail("train.batch_size", "must be >= 1")
+        if self.train.grad_accum < 1:
+            fail("train.grad_accum", "must be >= 1")
+        if self.train.val_every < 1:
+            fail("train.val_every", "must be >= 1")
+        if self.train.optimizer.lr <= 0:
+            fail("train.optimizer.lr", "must be > 0")
+        low, high = (self.data.hu_window + [0, 0])[:2]
+        if len(self.data.hu_window) != 2 or not low < high:
+            fail("data.hu_window", "must be [low, high] with low < high")
+        if len(self.data.slice_size) != 2 or min(self.data.slice_size) < 8:
+            fail("data.slice_size", "must be two sizes >= 8")
+        if len(self.data.patch_size) != 3 or min(self.data.patch_size) < 8:
+            fail("data.patch_size", "must be three sizes >= 8")
+        if self.data.spacing is not None and len(self.data.spacing) != 3:
+            fail("data.spacing", "must be three values (x, y, z) in mm")
+        if self.data.in_channels < 1:
+            fail("data.in_channels", "must be >= 1")
+        if not 0 < self.split.student_fraction <= 1:
+            fail("split.student_fraction", "must be in (0, 1]")
+        if not (0 <= self.split.val_fraction < 1 and 0 <= self.split.test_fraction < 1):
+            fail("split", "val_fraction and test_fraction must be in [0, 1)")
+        if self.kind == "distill":
+            if self.distill is None or not self.distill.teacher:
+                fail("distill.teacher", "a distillation run needs a teacher run or model folder")
+            if self.multitask.reconstruction != "none":
+                fail("multitask.reconstruction", "students are trained without reconstruction")
+        if self.distill is not None and self.distill.scale < 0:
+            fail("distill.scale", "must be >= 0")
+        for index, pair in enumerate(self.distill.pairs if self.distill else []):
+            if not pair.student or not pair.teacher:
+                fail(f"distill.pairs[{index}]", "needs both 'student' and 'teacher' tap names")
+            if pair.weight < 0 or pair.temperature <= 0:
+                fail(f"distill.pairs[{index}]", "weight must be >= 0 and temperature > 0")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run configuration; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise MTKDError("configuration file not found", path=path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise MTKDError(f"not valid YAML ({error})", path=path) from None
+    if not isinstance(data, dict):
+        raise MTKDError("a configuration must be a mapping of keys to values", path=path)
+    return RunConfig.from_dict(data, source=path)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The configuration as YAML text (keys in declaration order)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def _build(cls: type, data: Any, prefix: str, source: str | Path | None) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise MTKDError(f"config key '{prefix or '<root>'}' must be a mapping", path=source)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f" in '{prefix.rstrip('.')}'" if prefix else ""
+        raise MTKDError(
+            f"unknown config key(s) {', '.join(unknown)}{where}; known: {', '.join(sorted(known))}",
+            path=source,
+        )
+    values = {
+        name: _coerce(hints[name], value, f"{prefix}{name}", source) for name, value in data.items()
+    }
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str | Path | None) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return _coerce(options[0], value, key, source)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.", source)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise MTKDError(f"config key '{key}' is {value!r}; choose one of {choices}", source)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise MTKDError(f"config key '{key}' must be a list", path=source)
+        return [_coerce(args[0], item, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MTKDError(f"config key '{key}' must be a mapping", path=source)
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint)):
+        if hint is int and isinstance(value, bool):
+            raise MTKDError(f"config key '{key}' must be an integer", path=source)
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise MTKDError(f"config key '{key}' must be {name}, got {value!r}", path=source)

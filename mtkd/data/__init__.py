@@ -1,0 +1,1 @@
+"""Data: readers (MSD, folder pairs, single files, DICOM), splits, preprocessing, caching."""

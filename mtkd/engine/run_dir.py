@@ -1,0 +1,102 @@
+"""The run folder: the contract between the engine and every front end.
+
+::
+
+    RUN/config.yaml        the full resolved configuration
+    RUN/split.json         the patient-level split used
+    RUN/events.jsonl       one JSON object per line ("metrics", "status", "log", "done", "error")
+    RUN/checkpoints/       last.pt and best.pt, written atomically
+    RUN/model/             the exported network (weights + metadata)
+    RUN/report/            tables written at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mtkd.config import RunConfig, dump_config, load_config
+from mtkd.data.image_io import atomic_write_bytes
+from mtkd.errors import MTKDError
+
+
+class RunDir:
+    """Paths and files of one run folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    split = property(lambda self: self.root / "split.json")
+    events = property(lambda self: self.root / "events.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    last_checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
+    best_checkpoint = property(lambda self: self.root / "checkpoints" / "best.pt")
+    model = property(lambda self: self.root / "model")
+    report = property(lambda self: self.root / "report")
+
+    def create(self, config: RunConfig) -> None:
+        """Start a new run here; refuses to overwrite a folder that already holds a run."""
+        if self.config.exists() or self.last_checkpoint.exists():
+            raise MTKDError(
+                "this folder already holds a run; resume it with --resume or choose another",
+                path=self.root,
+            )
+        for folder in (self.root, self.checkpoints, self.report):
+            folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.config, dump_config(config).encode())
+
+    def load_config(self) -> RunConfig:
+        if not self.config.is_file():
+            raise MTKDError("not a run folder (config.yaml is missing)", path=self.root)
+        return load_config(self.config)
+
+    def write_json(self, path: Path, data: Any) -> None:
+        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+class EventLog:
+    """Appends one JSON object per line to ``events.jsonl``, flushed and synced per event.
+
+    A reader (Slicer's timer, ``tail -f``) may see a partial last line while it is being
+    written; :func:`read_events` skips it.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def emit(self, event_type: str, **fields: Any) -> dict:
+        event = {"type": event_type, "time": round(time.time(), 3), **fields}
+        if self.enabled:
+            line = json.dumps(event, default=_jsonable) + "\n"
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        return event
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """All complete events of an ``events.jsonl`` (a torn last line is ignored)."""
+    events = []
+    path = Path(path)
+    if not path.exists():
+        return events
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

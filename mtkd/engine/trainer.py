@@ -1,0 +1,552 @@
+"""One training loop for teachers, plain students and distillation.
+
+The loop is the same for all three; only the per-batch loss differs:
+
+- teacher (``kind: train`` with ``multitask.reconstruction`` masked/unmasked): segmentation
+  loss + weight x MSE of the reconstruction of the (masked) input;
+- plain network (``kind: train``, reconstruction none): segmentation loss;
+- distillation (``kind: distill``): segmentation loss + the Distiller's weighted terms. With
+  every distillation weight at zero this is exactly the plain recipe (the no-KD baseline).
+
+Every epoch is reseeded from (seed, epoch), so a run resumed from a checkpoint continues as if
+it had never stopped; a stop in the middle of an epoch replays the epoch's data order up to
+the step it had reached.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mtkd.config import RunConfig
+from mtkd.data.datasets import DatasetIndex, load_dataset
+from mtkd.data.loading import PatchDataset, SliceDataset, VolumeCache
+from mtkd.data.preprocess import Preprocessing
+from mtkd.data.splits import Split, split_cases
+from mtkd.distill.distiller import Distiller
+from mtkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from mtkd.engine.run_dir import EventLog, RunDir
+from mtkd.engine.seg_loss import SegmentationLoss
+from mtkd.engine.signals import StopRequest
+from mtkd.engine.terms import resolve_terms
+from mtkd.errors import MTKDError
+from mtkd.infer.inference import (
+    autocast_for,
+    first_output,
+    predict_volume,
+    probabilities_to_labels,
+    repeat_channels,
+)
+from mtkd.infer.model_io import LoadedModel, export_model, load_model
+from mtkd.metrics import dice_per_structure, nanmean
+from mtkd.models import build_teacher
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a stop request once the checkpoint is saved."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs: int
+    best_metric: float
+    best_epoch: int
+    model_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> CUDA when available, else the CPU; an unavailable CUDA request is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MTKDError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def output_activation(setting: str, num_structures: int) -> str:
+    if setting == "sigmoid" and num_structures != 1:
+        raise MTKDError("data.output 'sigmoid' needs exactly one structure; use softmax")
+    if setting == "auto":
+        return "sigmoid" if num_structures == 1 else "softmax"
+    return setting
+
+
+class Trainer:
+    """Runs one configured training or distillation in a run folder."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        progress: bool | None = None,
+        log=print,
+    ):
+        self.config = config
+        self.run_dir = RunDir(run_dir)
+        self.resume = resume
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.log = log
+        self.stop = StopRequest()
+        self.device = resolve_device(config.train.device)
+        self.events = EventLog(self.run_dir.events)
+
+    # ----------------------------------------------------------------- set-up
+    def _prepare_data(self) -> None:
+        data = self.config.data
+        self.dataset: DatasetIndex = load_dataset(data.source, labels_json=data.labels_json)
+        if data.structures:
+            self.labels, self.mapping = self.dataset.labels.select(data.structures)
+        else:
+            self.labels = self.dataset.labels
+            self.mapping = {value: value for value in self.dataset.labels.label_values}
+        self.activation = output_activation(data.output, len(self.labels))
+        self.prep = Preprocessing.from_config(data)
+        if self.resume and self.run_dir.split.is_file():
+            self.split = Split.from_dict(_read_json(self.run_dir.split))
+        else:
+            split = self.config.split
+            self.split = split_cases(
+                self.dataset.cases,
+                val_fraction=split.val_fraction,
+                test_fraction=split.test_fraction,
+                seed=split.seed,
+                student_fraction=split.student_fraction,
+                fixed=split.fixed,
+            )
+            self.run_dir.write_json(self.run_dir.split, self.split.to_dict())
+        self.cache = VolumeCache(self.dataset.cases, self.dataset.labels, self.mapping, self.prep)
+        train_ids = (
+            self.split.train if self.config.train_on == "train" else self.split.student_train
+        )
+        self.train_ids = list(train_ids)
+        if data.dims == 2:
+            self.train_set = SliceDataset(self.cache, self.train_ids, data.augment)
+        else:
+            self.train_set = PatchDataset(
+                self.cache,
+                self.train_ids,
+                self.prep.patch_size,
+                len(self.labels) + 1,
+                data.patches_per_volume,
+                data.augment,
+            )
+
+    def _out_channels(self) -> int:
+        return 1 if self.activation == "sigmoid" else len(self.labels) + 1
+
+    def _network_spec(self) -> dict[str, Any]:
+        params = dict(self.config.model.params)
+        params.update(
+            in_channels=self.prep.in_channels,
+            out_channels=self._out_channels(),
+            spatial_dims=self.prep.dims,
+        )
+        reconstruction = (
+            self.config.multitask.reconstruction if self.config.kind == "train" else "none"
+        )
+        return {"name": self.config.model.name, "params": params, "reconstruction": reconstruction}
+
+    def _example_input(self) -> torch.Tensor:
+        size = self.prep.slice_size if self.prep.dims == 2 else self.prep.patch_size
+        return torch.zeros(2, self.prep.in_channels, *size, device=self.device)
+
+    def _prepare_model(self) -> None:
+        self.spec = self._network_spec()
+        spec = self.spec
+        self.network = build_teacher(
+            spec["name"], reconstruction=spec["reconstruction"], **spec["params"]
+        )
+        self.network.to(self.device)
+        self.teacher: LoadedModel | None = None
+        self.distiller: Distiller | None = None
+        distill = self.config.distill
+        if self.config.kind == "distill" and distill is not None:
+            self.teacher = load_model(distill.teacher, self.device)
+            self._check_teacher(self.teacher)
+            teacher_spec = self.teacher.metadata["network"]
+            prefix = "backbone." if teacher_spec.get("reconstruction", "none") != "none" else ""
+            pairs, output = resolve_terms(distill, spec["name"], teacher_spec["name"], prefix)
+            weights = [pair.weight for pair in pairs] + ([output.weight] if output else [])
+            if any(weight > 0 for weight in weights):
+                self.distiller = Distiller(
+                    self.network, self.teacher.network, pairs, output, self._example_input()
+                ).to(self.device)
+            # else: every weight is zero, the no-KD baseline: the same recipe, no teacher pass
+        trainable = (
+            self.distiller.trainable_parameters() if self.distiller else self.network.parameters()
+        )
+        self.optimizer = _optimizer(self.config, trainable)
+        self.scheduler = _scheduler(self.config, self.optimizer)
+        use_scaler = (
+            self.device.type == "cuda"
+            and self.config.train.amp
+            and not torch.cuda.is_bf16_supported()
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.seg_loss = SegmentationLoss(self.config.train.seg_loss, self.activation)
+
+    def _check_teacher(self, teacher: LoadedModel) -> None:
+        ours, theirs = list(self.labels.names), list(teacher.labels.names)
+        if ours != theirs:
+            raise MTKDError(
+                f"the teacher segments {theirs} but this run's structures are {ours}; "
+                "set data.structures to the teacher's",
+                path=teacher.folder,
+            )
+        if teacher.activation != self.activation:
+            raise MTKDError(
+                f"teacher output is {teacher.activation}, the student's {self.activation}",
+                path=teacher.folder,
+            )
+        if teacher.prep.dims != self.prep.dims:
+            raise MTKDError(
+                f"teacher is {teacher.prep.dims}-D, the student {self.prep.dims}-D", teacher.folder
+            )
+
+    # ------------------------------------------------------------- checkpoint
+    def _state(self, epoch: int, step_in_epoch: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "kind": self.config.kind,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "model": self.network.state_dict(),
+            "connectors": self.distiller.connectors.state_dict() if self.distiller else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+        }
+
+    def _restore(self) -> tuple[int, int]:
+        path = self.run_dir.last_checkpoint
+        if not path.is_file():
+            raise MTKDError(
+                "cannot resume: no checkpoint (checkpoints/last.pt) in this run", self.run_dir.root
+            )
+        state = load_checkpoint(path)
+        if state.get("kind") != self.config.kind:
+            raise MTKDError("checkpoint belongs to a different kind of run", path=path)
+        try:
+            self.network.load_state_dict(state["model"])
+            if self.distiller is not None:
+                self.distiller.connectors.load_state_dict(state["connectors"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise MTKDError(
+                f"checkpoint does not match this run's configuration ({error})", path
+            ) from None
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_metric = float(state["best_metric"])
+        self.best_epoch = int(state["best_epoch"])
+        self.history = list(state.get("history", []))
+        return int(state["epoch"]), int(state["step_in_epoch"])
+
+    # ------------------------------------------------------------------ steps
+    def _batch_loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        """Loss and its unweighted terms for one batch (B, C, *S), labels (B, 1, *S)."""
+        weight = self.config.train.seg_weight
+        if self.distiller is not None:
+            out = self.distiller(images)
+            seg = self.seg_loss(first_output(out.student_logits), labels)
+            terms = {"seg": seg.detach(), **{k: v.detach() for k, v in out.terms.items()}}
+            return weight * seg + out.loss, terms
+        if self.spec["reconstruction"] != "none":
+            logits, reconstruction, target = self.network.multitask_outputs(
+                images, generator=generator
+            )
+            seg = self.seg_loss(first_output(logits), labels)
+            rec = F.mse_loss(reconstruction.float(), target.float())
+            loss = weight * seg + self.config.multitask.weight * rec
+            return loss, {"seg": seg.detach(), "reconstruction": rec.detach()}
+        seg = self.seg_loss(first_output(self.network(images)), labels)
+        return weight * seg, {"seg": seg.detach()}
+
+    def _loader(self, epoch: int) -> DataLoader:
+        seed = self.config.train.seed * 100_003 + epoch
+        self.train_set.reseed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        batch = self.config.train.batch_size
+        drop_last = self.config.train.drop_last and len(self.train_set) >= batch
+        return DataLoader(
+            self.train_set,
+            batch_size=min(batch, len(self.train_set)),
+            shuffle=True,
+            drop_last=drop_last,
+            generator=generator,
+            num_workers=self.config.train.num_workers,
+        )
+
+    def _train_epoch(self, epoch: int, skip_steps: int) -> dict[str, float] | None:
+        """One epoch; returns mean terms, or None when stopped (after saving a checkpoint)."""
+        cfg = self.config.train
+        seed_everything(cfg.seed * 100_003 + epoch)
+        mask_generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + epoch)
+        loader = self._loader(epoch)
+        (self.distiller or self.network).train()
+        sums: dict[str, float] = {}
+        count = 0
+        batches = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not self.progress
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, batch in enumerate(batches):
+            if step < skip_steps:
+                continue  # replaying the data order of an interrupted epoch
+            images = repeat_channels(batch["image"], self.prep.in_channels).to(self.device)
+            labels = batch["label"].to(self.device)
+            with autocast_for(self.device, cfg.amp):
+                loss, terms = self._batch_loss(images, labels, mask_generator)
+            if not torch.isfinite(loss):
+                raise MTKDError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}")
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            boundary = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
+            if boundary:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            for key, value in {"loss": loss.detach(), **terms}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            count += 1
+            if self.progress:
+                batches.set_postfix(loss=f"{float(loss):.4f}")
+            if boundary and self.stop.requested and step + 1 < len(loader):
+                self._save_last(epoch, step + 1)
+                return None
+        return {key: value / max(count, 1) for key, value in sums.items()}
+
+    def validate(self) -> dict[str, Any]:
+        """Per-volume Dice on the validation cases (preprocessed grid)."""
+        names = list(self.labels.names)
+        per_volume = []
+        for case_id in self.split.val:
+            case = self.cache[case_id]
+            probabilities = predict_volume(
+                self.network,
+                case.image,
+                self.prep,
+                self.activation,
+                self.device,
+                amp=self.config.train.amp,
+            )
+            prediction = probabilities_to_labels(probabilities, self.activation).numpy()
+            per_volume.append(dice_per_structure(prediction, case.label[0].numpy(), len(names)))
+        per_structure = {
+            name: nanmean([scores[i] for scores in per_volume]) for i, name in enumerate(names)
+        }
+        return {
+            "val_dice": nanmean(list(per_structure.values())),
+            "val_dice_per_structure": per_structure,
+        }
+
+    def _save_last(self, epoch: int, step_in_epoch: int) -> None:
+        save_checkpoint(self._state(epoch, step_in_epoch), self.run_dir.last_checkpoint)
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> RunResult:
+        """Train to the configured number of epochs; export the model; return the result."""
+        try:
+            with self.stop:
+                return self._run()
+        except TrainingInterrupted:
+            raise
+        except MTKDError as error:
+            self.events.emit("error", message=str(error))
+            raise
+        except Exception as error:
+            self.events.emit("error", message=f"{type(error).__name__}: {error}")
+            raise
+
+    def _run(self) -> RunResult:
+        cfg = self.config
+        if self.resume:
+            stored = self.run_dir.load_config()
+            if stored.to_dict() != cfg.to_dict():
+                raise MTKDError(
+                    "the run's config.yaml differs from the configuration given", self.run_dir.root
+                )
+        else:
+            self.run_dir.create(cfg)
+        self.events.emit("status", state="preparing", kind=cfg.kind, resume=self.resume)
+        seed_everything(cfg.train.seed)
+        self._prepare_data()
+        self.cache.warm(self.train_ids + self.split.val)
+        self._prepare_model()
+        self.best_metric, self.best_epoch, self.history = -math.inf, 0, []
+        start_epoch, skip_steps = self._restore() if self.resume else (0, 0)
+        self.events.emit(
+            "status",
+            state="training",
+            start_epoch=start_epoch,
+            epochs=cfg.train.epochs,
+            train_cases=len(self.train_ids),
+            train_samples=len(self.train_set),
+            val_cases=len(self.split.val),
+            device=str(self.device),
+        )
+        for epoch in range(start_epoch, cfg.train.epochs):
+            started = time.perf_counter()
+            means = self._train_epoch(epoch, skip_steps if epoch == start_epoch else 0)
+            if means is None:
+                self.events.emit(
+                    "status", state="interrupted", epoch=epoch, signal=self.stop.signal_name
+                )
+                raise TrainingInterrupted(
+                    f"stopped by {self.stop.signal_name}; resume with --resume"
+                )
+            if self.scheduler is not None:
+                self.scheduler.step()
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "epochs": cfg.train.epochs,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - started, 3),
+                **{key: round(value, 6) for key, value in means.items()},
+            }
+            last = epoch + 1 == cfg.train.epochs
+            if self.split.val and ((epoch + 1) % cfg.train.val_every == 0 or last):
+                record.update(self.validate())
+                if record["val_dice"] > self.best_metric:
+                    self.best_metric, self.best_epoch = record["val_dice"], epoch + 1
+                    save_checkpoint(self._state(epoch + 1, 0), self.run_dir.best_checkpoint)
+            self.history.append(record)
+            self.events.emit("metrics", **record)
+            self._print_epoch(record)
+            self._save_last(epoch + 1, 0)
+            if self.stop.requested and not last:
+                self.events.emit(
+                    "status", state="interrupted", epoch=epoch + 1, signal=self.stop.signal_name
+                )
+                raise TrainingInterrupted(
+                    f"stopped by {self.stop.signal_name}; resume with --resume"
+                )
+        return self._finish()
+
+    def _print_epoch(self, record: dict[str, Any]) -> None:
+        terms = " ".join(
+            f"{k}={v:.4f}"
+            for k, v in record.items()
+            if k not in {"epoch", "epochs", "lr", "seconds"} and isinstance(v, float)
+        )
+        self.log(
+            f"[{self.config.name}] epoch {record['epoch']}/{record['epochs']} {terms}"
+            f" ({record['seconds']:.1f}s)"
+        )
+
+    def _finish(self) -> RunResult:
+        self.events.emit("status", state="exporting")
+        if self.run_dir.best_checkpoint.is_file() and self.best_epoch > 0:
+            self.network.load_state_dict(load_checkpoint(self.run_dir.best_checkpoint)["model"])
+        lineage: dict[str, Any] = {
+            "kind": self.config.kind,
+            "run": str(self.run_dir.root.resolve()),
+        }
+        if self.teacher is not None:
+            lineage["teacher"] = {
+                "path": str(self.teacher.folder.resolve()),
+                "network": self.teacher.metadata["network"]["name"],
+                "weights_sha256": self.teacher.metadata["weights_sha256"],
+                "lineage": self.teacher.metadata.get("lineage", {}),
+            }
+        metrics = {
+            "best_val_dice": self.best_metric if self.best_epoch else None,
+            "best_epoch": self.best_epoch,
+        }
+        export_model(
+            self.network,
+            self.run_dir.model,
+            spec=self.spec,
+            labels=self.labels,
+            prep=self.prep,
+            activation=self.activation,
+            lineage=lineage,
+            metrics=metrics,
+            name=self.config.name,
+        )
+        self.run_dir.write_json(self.run_dir.report / "history.json", self.history)
+        self.events.emit("done", model=str(self.run_dir.model), **metrics)
+        return RunResult(
+            self.run_dir.root,
+            self.config.train.epochs,
+            self.best_metric,
+            self.best_epoch,
+            self.run_dir.model,
+            self.history,
+        )
+
+
+def _optimizer(config: RunConfig, parameters) -> torch.optim.Optimizer:
+    opt = config.train.optimizer
+    parameters = [p for p in parameters if p.requires_grad]
+    if opt.name == "adamw":
+        return torch.optim.AdamW(parameters, lr=opt.lr, weight_decay=opt.weight_decay)
+    if opt.name == "adam":
+        return torch.optim.Adam(parameters, lr=opt.lr, weight_decay=opt.weight_decay)
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=opt.lr,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+            nesterov=True,
+        )
+    return torch.optim.RMSprop(
+        parameters, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+    )
+
+
+def _scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
+    epochs = config.train.epochs
+    if config.train.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if config.train.scheduler == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=epochs, power=0.9)
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def train_run(config: RunConfig, run_dir: str | Path, **options: Any) -> RunResult:
+    """Run a configured training or distillation in ``run_dir`` (see :class:`Trainer`)."""
+    return Trainer(config, run_dir, **options).run()
+
+
+def resume_run(run_dir: str | Path, **options: Any) -> RunResult:
+    """Continue the run in ``run_dir`` exactly where it stopped."""
+    config = RunDir(run_dir).load_config()
+    return Trainer(config, run_dir, resume=True, **options).run()
+
+
+__all__ = ["RunResult", "Trainer", "TrainingInterrupted", "resume_run", "train_run"]

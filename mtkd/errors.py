@@ -1,0 +1,19 @@
+"""The one error type the engine raises for problems a user can fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MTKDError(ValueError):
+    """A problem with the user's input, configuration or files.
+
+    The message names the problem and, where there is one, the file:
+    ``MTKDError("image has NaN voxels", path="ct.nii.gz")`` reads
+    ``ct.nii.gz: image has NaN voxels``.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = None if path is None else str(path)
+        self.problem = message
+        super().__init__(message if path is None else f"{path}: {message}")

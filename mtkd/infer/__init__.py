@@ -1,0 +1,1 @@
+"""Inference: exported models, the predictor, evaluation."""

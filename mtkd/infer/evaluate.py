@@ -1,0 +1,126 @@
+"""Per-volume, per-structure Dice and HD95 (mm) of a model on labelled cases."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from mtkd.data.datasets import Case, DatasetIndex
+from mtkd.data.image_io import atomic_write_bytes, read_image, read_label
+from mtkd.data.labels import check_label_map, remap_label_array
+from mtkd.errors import MTKDError
+from mtkd.infer.predictor import Predictor
+from mtkd.metrics import dice_per_structure, hd95_per_structure, nanmean
+
+
+@dataclass
+class CaseScore:
+    case_id: str
+    structure: str
+    dice: float
+    hd95_mm: float
+    seconds: float
+
+
+def label_mapping_for(model_names: list[str], dataset: DatasetIndex) -> dict[int, int]:
+    """Dataset label values -> the model's 1..K, matched by structure name."""
+    by_name = {name: value for value, name in dataset.labels.items()}
+    missing = [name for name in model_names if name not in by_name]
+    if missing:
+        raise MTKDError(
+            f"the dataset has no structure named {', '.join(missing)} "
+            f"(it has {', '.join(by_name)})",
+            path=dataset.root,
+        )
+    return {by_name[name]: index for index, name in enumerate(model_names, start=1)}
+
+
+def score_case(
+    predictor: Predictor, case: Case, dataset: DatasetIndex, mapping: dict[int, int]
+) -> list[CaseScore]:
+    """Segment one case and compare it with its reference on the original grid."""
+    if case.label is None:
+        raise MTKDError(f"case {case.case_id} has no reference label map", path=case.image)
+    image = read_image(case.image)
+    reference = read_label(case.label, reference=image)
+    check_label_map(reference, dataset.labels, case.label)
+    prediction = predictor.predict(image)
+    ref = remap_label_array(sitk.GetArrayViewFromImage(reference), mapping)
+    pred = sitk.GetArrayViewFromImage(prediction.labelmap)
+    names = list(predictor.model.labels.names)
+    spacing = tuple(reversed(image.GetSpacing()))  # array axes are (z, y, x)
+    dice = dice_per_structure(pred, ref, len(names))
+    hd95 = hd95_per_structure(pred, ref, len(names), spacing)
+    return [
+        CaseScore(case.case_id, name, d, h, prediction.seconds)
+        for name, d, h in zip(names, dice, hd95, strict=True)
+    ]
+
+
+def evaluate(predictor: Predictor, dataset: DatasetIndex, case_ids: list[str]) -> list[CaseScore]:
+    """Scores of every (case, structure) for the given cases."""
+    mapping = label_mapping_for(list(predictor.model.labels.names), dataset)
+    cases = {case.case_id: case for case in dataset.cases}
+    unknown = [case_id for case_id in case_ids if case_id not in cases]
+    if unknown:
+        raise MTKDError(f"unknown case id(s) {', '.join(unknown)}", path=dataset.root)
+    scores: list[CaseScore] = []
+    for case_id in case_ids:
+        scores.extend(score_case(predictor, cases[case_id], dataset, mapping))
+    return scores
+
+
+def summarise(scores: list[CaseScore]) -> dict[str, dict[str, float]]:
+    """Mean over volumes per structure (NaN/inf-free means), plus "mean" over structures."""
+    structures = list(dict.fromkeys(score.structure for score in scores))
+    summary = {
+        name: {
+            "dice": nanmean([s.dice for s in scores if s.structure == name]),
+            "hd95_mm": nanmean([s.hd95_mm for s in scores if s.structure == name]),
+        }
+        for name in structures
+    }
+    summary["mean"] = {
+        "dice": nanmean([v["dice"] for v in summary.values()]),
+        "hd95_mm": nanmean([v["hd95_mm"] for v in summary.values()]),
+    }
+    return summary
+
+
+def write_scores_csv(scores: list[CaseScore], path: str | Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case", "structure", "dice", "hd95_mm", "seconds"])
+    for s in scores:
+        writer.writerow([s.case_id, s.structure, _fmt(s.dice), _fmt(s.hd95_mm), f"{s.seconds:.3f}"])
+    atomic_write_bytes(Path(path), buffer.getvalue().encode())
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with aligned columns."""
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(summary: dict[str, dict[str, float]]) -> str:
+    rows = [[name, _fmt(v["dice"]), _fmt(v["hd95_mm"])] for name, v in summary.items()]
+    return format_table(["structure", "Dice", "HD95 (mm)"], rows)
+
+
+def _fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
+
+
+__all__ = ["CaseScore", "evaluate", "summarise", "summary_table", "write_scores_csv"]

@@ -1,0 +1,142 @@
+"""Exported models: a folder with the weights and the metadata needed to use them.
+
+::
+
+    MODEL/model.pt          state_dict of the network (loaded with weights_only=True)
+    MODEL/mtkd_model.json   network name and parameters, labels, preprocessing, output
+                            activation, lineage (teacher), metrics, SHA-256 of model.pt
+
+A run folder can stand for its model (``RUN/model``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtkd.data.image_io import atomic_path, atomic_write_bytes
+from mtkd.data.labels import LabelTable
+from mtkd.data.preprocess import Preprocessing
+from mtkd.errors import MTKDError
+from mtkd.models import build_teacher, count_parameters
+
+WEIGHTS = "model.pt"
+METADATA = "mtkd_model.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference plus what it needs to be applied correctly."""
+
+    network: nn.Module
+    labels: LabelTable
+    prep: Preprocessing
+    activation: str  # "softmax" or "sigmoid"
+    metadata: dict[str, Any]
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name", self.folder.name)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_from_spec(network: dict[str, Any]) -> nn.Module:
+    """Rebuild a network from its metadata spec {"name", "params", "reconstruction"}."""
+    return build_teacher(
+        network["name"], reconstruction=network.get("reconstruction", "none"), **network["params"]
+    )
+
+
+def export_model(
+    network: nn.Module,
+    folder: str | Path,
+    *,
+    spec: dict[str, Any],
+    labels: LabelTable,
+    prep: Preprocessing,
+    activation: str,
+    lineage: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write ``network``'s weights and metadata to ``folder`` (each file atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS
+    with atomic_path(weights) as temporary:
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, temporary)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "name": name or folder.parent.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "network": spec,
+        "parameters": count_parameters(network),
+        "labels": labels.to_dict(),
+        "activation": activation,
+        "preprocessing": prep.to_dict(),
+        "lineage": lineage,
+        "metrics": metrics or {},
+        "weights_sha256": sha256_of(weights),
+    }
+    atomic_write_bytes(folder / METADATA, (json.dumps(metadata, indent=2) + "\n").encode())
+    return folder
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """A model folder, or the ``model/`` folder of a run."""
+    path = Path(path)
+    if not path.exists():
+        raise MTKDError("model not found", path=path)
+    if (path / METADATA).is_file():
+        return path
+    if (path / "model" / METADATA).is_file():
+        return path / "model"
+    raise MTKDError(f"not a model or run folder ({METADATA} not found)", path=path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an exported model; its SHA-256 must match and weights load weights-only."""
+    folder = resolve_model_folder(path)
+    try:
+        metadata = json.loads((folder / METADATA).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise MTKDError(f"unreadable model metadata ({error})", path=folder / METADATA) from None
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise MTKDError("model weights are missing", path=weights)
+    if sha256_of(weights) != metadata.get("weights_sha256"):
+        raise MTKDError("SHA-256 of the weights does not match the metadata", path=weights)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is a refusal
+        raise MTKDError(f"refused to load weights ({type(error).__name__})", path=weights) from None
+    network = build_from_spec(metadata["network"])
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        raise MTKDError(f"weights do not fit the network ({error})", path=weights) from None
+    network.to(device).eval()
+    return LoadedModel(
+        network=network,
+        labels=LabelTable.from_dict(metadata["labels"]),
+        prep=Preprocessing.from_dict(metadata["preprocessing"]),
+        activation=metadata["activation"],
+        metadata=metadata,
+        folder=folder,
+    )
