@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import slicerio
 import torch
 import yaml
-from dicom_series import write_dicom_series
+from helpers import write_dicom_series
 
 from mtkd.cli import main
 from mtkd.engine.run_dir import read_events

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import expect_error
 
 from mtkd.data.datasets import load_dataset
 from mtkd.data.image_io import read_image, read_label, write_image
@@ -21,17 +20,6 @@ DATA = Path(__file__).parent / "Data"
 TOTAL_JSON = DATA / "labels_total_v2.json"
 # three small crops of the abdomen CT: (size, index)
 CROPS = [([24, 24, 12], [40, 30, 40]), ([24, 24, 12], [50, 40, 50]), ([24, 24, 12], [30, 30, 60])]
-
-
-@contextmanager
-def expect_error(path: Path | str, *words: str) -> Iterator[pytest.ExceptionInfo]:
-    """Expect MTKDError whose message names ``path`` and holds each of ``words``."""
-    with pytest.raises(MTKDError) as info:
-        yield info
-    message = str(info.value)
-    assert str(path) in message, message
-    for word in words:
-        assert word.lower() in message.lower(), message
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,13 @@ from __future__ import annotations
 import gzip
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from dicom_series import write_dicom_series
+from helpers import expect_error, write_dicom_series
 
 from mtkd.data.image_io import (
     atomic_path,
@@ -22,7 +20,6 @@ from mtkd.data.image_io import (
     read_label,
     write_image,
 )
-from mtkd.errors import MTKDError
 
 DATA = Path(__file__).parent / "Data"
 ROI_SIZE, ROI_INDEX = [40, 30, 20], [40, 30, 40]
@@ -56,17 +53,6 @@ def assert_same_grid(a: sitk.Image, b: sitk.Image, atol: float = 1e-4) -> None:
     np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=atol)
     np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=atol)
     np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=atol)
-
-
-@contextmanager
-def expect_error(path: Path | str, *words: str) -> Iterator[pytest.ExceptionInfo]:
-    """Expect MTKDError whose message names ``path`` and holds each of ``words``."""
-    with pytest.raises(MTKDError) as info:
-        yield info
-    message = str(info.value)
-    assert str(path) in message, message
-    for word in words:
-        assert word.lower() in message.lower(), message
 
 
 # ---------------------------------------------------------------- formats

@@ -189,3 +189,14 @@ def test_bad_names_in_the_config_are_clear_errors(
     with pytest.raises(MTKDError, match=message):
         quiet(config, tmp_path / "bad").run()
     assert not (tmp_path / "bad" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(make_config, tmp_path):
+    bad = make_config("train", model={"name": "no_such_net", "params": {}})
+    with pytest.raises(MTKDError, match="no_such_net"):
+        quiet(bad, tmp_path / "run").run()
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    assert events[-1]["type"] == "error" and "no_such_net" in events[-1]["message"]
+    good = make_config("train", multitask={"reconstruction": "none"}, train__epochs=1)
+    quiet(good, tmp_path / "run").run()
+    assert read_events(tmp_path / "run" / "events.jsonl")[-1]["type"] == "done"

@@ -39,12 +39,18 @@ class RunDir:
     report = property(lambda self: self.root / "report")
 
     def create(self, config: RunConfig) -> None:
-        """Start a new run here; refuses to overwrite a folder that already holds a run."""
-        if self.config.exists() or self.last_checkpoint.exists():
+        """Start a new run here.
+
+        A folder whose run saved a checkpoint is never overwritten (resume it instead); one
+        whose run failed before its first checkpoint is started afresh.
+        """
+        if self.last_checkpoint.exists() or self.model.exists():
             raise MTKDError(
                 "this folder already holds a run; resume it with --resume or choose another",
                 path=self.root,
             )
+        for stale in (self.events, self.split):
+            stale.unlink(missing_ok=True)
         for folder in (self.root, self.checkpoints, self.report):
             folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.config, dump_config(config).encode())

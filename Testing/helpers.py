@@ -1,10 +1,15 @@
-"""Writing a real CT as a DICOM series (for the readers' tests)."""
+"""Helpers shared by the tests: expected errors, DICOM series written from a real CT."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import SimpleITK as sitk
+
+from mtkd.errors import MTKDError
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str, skip: int = -1) -> None:
@@ -38,3 +43,14 @@ def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str, skip: i
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(sl)
+
+
+@contextmanager
+def expect_error(path: Path | str, *words: str) -> Iterator[pytest.ExceptionInfo]:
+    """Expect MTKDError whose message names ``path`` and holds each of ``words``."""
+    with pytest.raises(MTKDError) as info:
+        yield info
+    message = str(info.value)
+    assert str(path) in message, message
+    for word in words:
+        assert word.lower() in message.lower(), message
