@@ -8,6 +8,7 @@ from mtkd.config import AugmentConfig, DataConfig
 from mtkd.data.datasets import load_dataset
 from mtkd.data.loading import PatchDataset, SliceDataset, VolumeCache
 from mtkd.data.preprocess import Preprocessing
+from mtkd.demo import SLAB
 
 
 def cache_for(slab_dataset, data_dir, **fields):
@@ -27,7 +28,7 @@ def test_epochs_after_the_first_do_not_reread_volumes(slab_dataset, data_dir):
             sample = dataset[item]
             assert sample["image"].shape == (1, 32, 32) and sample["label"].shape == (1, 32, 32)
     assert cache.reads == len(split["train"])
-    assert len(dataset) == 5 * len(split["train"])
+    assert len(dataset) == SLAB * len(split["train"])
 
 
 def test_labels_are_remapped_to_the_selected_structures(slab_dataset, data_dir):

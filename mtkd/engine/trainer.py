@@ -468,6 +468,7 @@ class Trainer:
         lineage: dict[str, Any] = {
             "kind": self.config.kind,
             "run": str(self.run_dir.root.resolve()),
+            "distilled": self.distiller is not None,  # False for the no-KD baseline
         }
         if self.teacher is not None:
             lineage["teacher"] = {
