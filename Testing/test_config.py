@@ -12,6 +12,8 @@ from mtkd.engine.terms import resolve_terms
 from mtkd.errors import MTKDError
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
+S1 = {"name": "thesis_s1", "params": {}, "reconstruction": "none"}
+T1 = {"name": "thesis_t1_backbone", "params": {}, "reconstruction": "masked"}
 
 
 @pytest.mark.parametrize("name", ["teacher.yaml", "distill_thesis.yaml"])
@@ -24,11 +26,9 @@ def test_examples_load_and_round_trip(name, tmp_path):
 
 def test_explicit_example_equals_the_thesis_preset():
     explicit = load_config(EXAMPLES / "distill_thesis.yaml").distill
-    pairs, output = resolve_terms(explicit, "thesis_s1", "thesis_t1_backbone", "backbone.")
+    pairs, output = resolve_terms(explicit, S1, T1)
     explicit.pairs, explicit.output, explicit.preset = [], None, "thesis"
-    preset_pairs, preset_output = resolve_terms(
-        explicit, "thesis_s1", "thesis_t1_backbone", "backbone."
-    )
+    preset_pairs, preset_output = resolve_terms(explicit, S1, T1)
     assert pairs == preset_pairs and output == preset_output
     assert [p.weight for p in pairs] == [0.1, 0.2, 0.1] and output.weight == 0.2
     assert pairs[2] == TapPair("dec2", "backbone.dec4", "infonce", 0.1, 0.4, "D-D")
@@ -37,7 +37,7 @@ def test_explicit_example_equals_the_thesis_preset():
 def test_scale_zero_zeroes_every_weight():
     config = load_config(EXAMPLES / "distill_thesis.yaml").distill
     config.scale = 0.0
-    pairs, output = resolve_terms(config, "thesis_s1", "thesis_t1_backbone", "backbone.")
+    pairs, output = resolve_terms(config, S1, T1)
     assert all(p.weight == 0 for p in pairs) and output.weight == 0
 
 
@@ -71,12 +71,12 @@ def test_unknown_loss_and_preset_names_are_refused():
         }
     )
     with pytest.raises(MTKDError, match="kl9"):
-        resolve_terms(config.distill, "thesis_s1", "thesis_s1", "")
+        resolve_terms(config.distill, S1, S1)
     config = RunConfig.from_dict(
         {"kind": "distill", "distill": {"teacher": "t", "preset": "paper2"}}
     )
     with pytest.raises(MTKDError, match="paper2"):
-        resolve_terms(config.distill, "thesis_s1", "thesis_s1", "")
+        resolve_terms(config.distill, S1, S1)
 
 
 def test_missing_config_file(tmp_path):

@@ -200,3 +200,38 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(make
     good = make_config("train", multitask={"reconstruction": "none"}, train__epochs=1)
     quiet(good, tmp_path / "run").run()
     assert read_events(tmp_path / "run" / "events.jsonl")[-1]["type"] == "done"
+
+
+def _spoil(label_path, how: str) -> None:
+    import SimpleITK as sitk
+
+    label = sitk.ReadImage(str(label_path))
+    if how == "grid":
+        label.SetOrigin([v + 5.0 for v in label.GetOrigin()])
+    elif how == "value":
+        label[2, 2, 1] = 200  # not a class of labels_total_v2.json
+    elif how == "empty":
+        label = label * 0
+    sitk.WriteImage(label, str(label_path))
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"), [("grid", "grid"), ("value", "200"), ("empty", "empty")]
+)
+def test_a_bad_case_stops_the_run_naming_its_file(
+    slab_dataset, make_config, tmp_path, how, problem
+):
+    import shutil
+
+    folder, split = slab_dataset
+    copy = tmp_path / "data"
+    shutil.copytree(folder, copy)
+    bad = copy / "labels" / f"{split['train'][1]}.nii.gz"
+    _spoil(bad, how)
+    config = make_config("train", multitask={"reconstruction": "none"}, train__epochs=1)
+    config["data"]["source"] = str(copy)
+    with pytest.raises(MTKDError) as error:
+        quiet(config, tmp_path / "run").run()
+    assert str(bad) in str(error.value) and problem in str(error.value).lower()
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    assert events[-1]["type"] == "error" and str(bad) in events[-1]["message"]

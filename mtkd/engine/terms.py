@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mtkd.config import DistillConfig
 from mtkd.distill.spec import OutputTerm, TapPair
 from mtkd.errors import MTKDError
@@ -14,19 +16,23 @@ THESIS_OUTPUT = OutputTerm(loss="pmd", weight=0.2, temperature=4.0)
 PRESETS = ("thesis",)
 
 
-def scale_taps(network: str) -> dict[str, str]:
-    """The E (encoder level 2), B (bottleneck) and D (last decoder) taps of a registered net."""
-    info = network_info(network)
+def scale_taps(network: str, params: dict[str, Any] | None = None) -> dict[str, str]:
+    """The E (encoder level 2), B (bottleneck) and D (last decoder) taps of a registered net
+    built with ``params`` (tap names of some networks depend on their depth)."""
+    info = network_info(network, **(params or {}))
     encoder = info.encoder_taps[1] if len(info.encoder_taps) > 1 else info.encoder_taps[0]
     return {"E-E": encoder, "B-B": info.bottleneck_tap, "D-D": info.decoder_tap}
 
 
 def resolve_terms(
-    config: DistillConfig, student_network: str, teacher_network: str, teacher_prefix: str
+    config: DistillConfig, student: dict[str, Any], teacher: dict[str, Any]
 ) -> tuple[list[TapPair], OutputTerm | None]:
-    """Pairs and output term of ``config``; ``teacher_prefix`` is "backbone." for a multi-task
-    teacher (its backbone's taps live under that name)."""
-    pairs, output = _unscaled_terms(config, student_network, teacher_network, teacher_prefix)
+    """Pairs and output term of ``config``, weights times ``config.scale``.
+
+    ``student`` and ``teacher`` are network specs {"name", "params", "reconstruction"}; a
+    multi-task teacher's taps live under "backbone.".
+    """
+    pairs, output = _unscaled_terms(config, student, teacher)
     for pair in pairs:
         pair.weight *= config.scale
     if output is not None:
@@ -35,7 +41,7 @@ def resolve_terms(
 
 
 def _unscaled_terms(
-    config: DistillConfig, student_network: str, teacher_network: str, teacher_prefix: str
+    config: DistillConfig, student: dict[str, Any], teacher: dict[str, Any]
 ) -> tuple[list[TapPair], OutputTerm | None]:
     if config.preset is None:
         pairs = [
@@ -52,9 +58,11 @@ def _unscaled_terms(
         )
     if config.pairs:
         raise MTKDError("give either distill.preset or distill.pairs, not both")
-    student, teacher = scale_taps(student_network), scale_taps(teacher_network)
+    prefix = "backbone." if teacher.get("reconstruction", "none") != "none" else ""
+    student_taps = scale_taps(student["name"], student.get("params"))
+    teacher_taps = scale_taps(teacher["name"], teacher.get("params"))
     pairs = [
-        TapPair(student[name], teacher_prefix + teacher[name], "infonce", weight, 0.4, name)
+        TapPair(student_taps[name], prefix + teacher_taps[name], "infonce", weight, 0.4, name)
         for name, weight in THESIS_PAIRS
     ]
     output = OutputTerm(THESIS_OUTPUT.loss, THESIS_OUTPUT.weight, THESIS_OUTPUT.temperature)

@@ -36,6 +36,7 @@ from mtkd.data.preprocess import Preprocessing
 from mtkd.data.splits import Split, split_cases
 from mtkd.distill.distiller import Distiller
 from mtkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from mtkd.engine.optim import build_optimizer, build_scheduler
 from mtkd.engine.run_dir import EventLog, RunDir
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.signals import StopRequest
@@ -187,9 +188,7 @@ class Trainer:
         if self.config.kind == "distill" and distill is not None:
             self.teacher = load_model(distill.teacher, self.device)
             self._check_teacher(self.teacher)
-            teacher_spec = self.teacher.metadata["network"]
-            prefix = "backbone." if teacher_spec.get("reconstruction", "none") != "none" else ""
-            pairs, output = resolve_terms(distill, spec["name"], teacher_spec["name"], prefix)
+            pairs, output = resolve_terms(distill, spec, self.teacher.metadata["network"])
             weights = [pair.weight for pair in pairs] + ([output.weight] if output else [])
             if any(weight > 0 for weight in weights):
                 self.distiller = Distiller(
@@ -199,8 +198,8 @@ class Trainer:
         trainable = (
             self.distiller.trainable_parameters() if self.distiller else self.network.parameters()
         )
-        self.optimizer = _optimizer(self.config, trainable)
-        self.scheduler = _scheduler(self.config, self.optimizer)
+        self.optimizer = build_optimizer(self.config.train, trainable)
+        self.scheduler = build_scheduler(self.config.train, self.optimizer)
         use_scaler = (
             self.device.type == "cuda"
             and self.config.train.amp
@@ -502,35 +501,6 @@ class Trainer:
             self.run_dir.model,
             self.history,
         )
-
-
-def _optimizer(config: RunConfig, parameters) -> torch.optim.Optimizer:
-    opt = config.train.optimizer
-    parameters = [p for p in parameters if p.requires_grad]
-    if opt.name == "adamw":
-        return torch.optim.AdamW(parameters, lr=opt.lr, weight_decay=opt.weight_decay)
-    if opt.name == "adam":
-        return torch.optim.Adam(parameters, lr=opt.lr, weight_decay=opt.weight_decay)
-    if opt.name == "sgd":
-        return torch.optim.SGD(
-            parameters,
-            lr=opt.lr,
-            momentum=opt.momentum,
-            weight_decay=opt.weight_decay,
-            nesterov=True,
-        )
-    return torch.optim.RMSprop(
-        parameters, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
-    )
-
-
-def _scheduler(config: RunConfig, optimizer: torch.optim.Optimizer):
-    epochs = config.train.epochs
-    if config.train.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    if config.train.scheduler == "poly":
-        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=epochs, power=0.9)
-    return None
 
 
 def _read_json(path: Path) -> Any:
