@@ -34,6 +34,7 @@ def test_teacher_run_folder_holds_everything(teacher_run):
     meta = model.metadata
     assert meta["labels"] == {"1": "liver", "2": "spleen", "3": "kidney_right"}
     assert meta["network"]["reconstruction"] == "masked"
+    assert model.network.mask_patch == 4 and model.network.mask_ratio == 0.5  # from the config
     assert meta["preprocessing"]["hu_window"] == [-160.0, 240.0]
     assert meta["lineage"]["kind"] == "train"
     state = load_checkpoint(teacher_run / "checkpoints" / "last.pt")

@@ -49,9 +49,8 @@ from mtkd.infer.inference import (
     probabilities_to_labels,
     repeat_channels,
 )
-from mtkd.infer.model_io import LoadedModel, export_model, load_model
+from mtkd.infer.model_io import LoadedModel, build_from_spec, export_model, load_model
 from mtkd.metrics import dice_per_structure, nanmean
-from mtkd.models import build_teacher
 
 CHECKPOINT_FORMAT = 1
 
@@ -169,7 +168,11 @@ class Trainer:
         reconstruction = (
             self.config.multitask.reconstruction if self.config.kind == "train" else "none"
         )
-        return {"name": self.config.model.name, "params": params, "reconstruction": reconstruction}
+        spec = {"name": self.config.model.name, "params": params, "reconstruction": reconstruction}
+        if reconstruction != "none":
+            spec["mask_ratio"] = self.config.multitask.mask_ratio
+            spec["mask_patch"] = self.config.multitask.mask_patch
+        return spec
 
     def _example_input(self) -> torch.Tensor:
         size = self.prep.slice_size if self.prep.dims == 2 else self.prep.patch_size
@@ -178,10 +181,7 @@ class Trainer:
     def _prepare_model(self) -> None:
         self.spec = self._network_spec()
         spec = self.spec
-        self.network = build_teacher(
-            spec["name"], reconstruction=spec["reconstruction"], **spec["params"]
-        )
-        self.network.to(self.device)
+        self.network = build_from_spec(spec).to(self.device)
         self.teacher: LoadedModel | None = None
         self.distiller: Distiller | None = None
         distill = self.config.distill

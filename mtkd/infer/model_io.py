@@ -57,9 +57,12 @@ def sha256_of(path: Path) -> str:
 
 
 def build_from_spec(network: dict[str, Any]) -> nn.Module:
-    """Rebuild a network from its metadata spec {"name", "params", "reconstruction"}."""
+    """Build a network from its spec {"name", "params", "reconstruction", "mask_ratio"?,
+    "mask_patch"?} (as stored in the model metadata)."""
+    reconstruction = network.get("reconstruction", "none")
+    masking = {k: network[k] for k in ("mask_ratio", "mask_patch") if k in network}
     return build_teacher(
-        network["name"], reconstruction=network.get("reconstruction", "none"), **network["params"]
+        network["name"], reconstruction=reconstruction, **masking, **network["params"]
     )
 
 
