@@ -138,7 +138,10 @@ def _write_nan(path):
     return _write(path, image)
 
 
-def test_sigint_saves_a_checkpoint_and_resume_finishes_identically(make_config, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_a_checkpoint_and_resume_finishes_identically(
+    make_config, tmp_path, signum
+):
     config = make_config("train", multitask={"reconstruction": "none"}, train__epochs=25)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -150,7 +153,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes_identically(make_config, 
         if any(e["type"] == "metrics" for e in read_events(run_dir / "events.jsonl")):
             break
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "--resume" in stderr

@@ -10,7 +10,7 @@ import torch
 from mtkd.config import RunConfig
 from mtkd.engine.checkpoint import load_checkpoint
 from mtkd.engine.run_dir import read_events
-from mtkd.engine.trainer import Trainer, resume_run
+from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 from mtkd.errors import MTKDError
 from mtkd.infer.model_io import load_model
 
@@ -98,23 +98,27 @@ def test_no_kd_baseline_is_the_same_recipe_with_zero_weights(teacher_run, make_c
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_continues_exactly(make_config, tmp_path):
-    """Stopped after epoch 1 (as SIGINT would), resumed: same weights as one straight run."""
+@pytest.mark.parametrize("stop_at_batch", [7, 10])  # 7 batches an epoch: a boundary, mid-epoch 2
+def test_resume_continues_exactly(make_config, tmp_path, stop_at_batch):
+    """Stopped (as by SIGINT) at an epoch boundary or inside an epoch, then resumed: the same
+    weights as one straight run."""
     config = make_config("train", multitask={"reconstruction": "none"}, train__epochs=3)
     quiet(config, tmp_path / "straight").run()
 
     trainer = quiet(config, tmp_path / "stopped")
-    original = trainer._train_epoch
+    original, batches = trainer._batch_loss, []
 
-    def stop_after_first(epoch, skip):
-        means = original(epoch, skip)
-        trainer.stop.request("test")
-        return means
+    def counting(*args):
+        batches.append(1)
+        if len(batches) == stop_at_batch:
+            trainer.stop.request("test")
+        return original(*args)
 
-    trainer._train_epoch = stop_after_first
-    with pytest.raises(Exception, match="resume"):
+    trainer._batch_loss = counting
+    with pytest.raises(TrainingInterrupted, match="resume"):
         trainer.run()
-    assert load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["epoch"] == 1
+    state = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == divmod(stop_at_batch, 7)
     resume_run(tmp_path / "stopped", progress=False, log=lambda _: None)
     a = torch.load(tmp_path / "straight" / "model" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "stopped" / "model" / "model.pt", weights_only=True)

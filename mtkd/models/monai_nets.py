@@ -44,17 +44,24 @@ def _total_stride(strides: Sequence[IntOrSeq], spatial_dims: int) -> int:
 # --- monai.networks.nets.UNet ---------------------------------------------------------------
 
 
-def _unet_strides(channels: Sequence[int], strides: Sequence[IntOrSeq] | None) -> list[IntOrSeq]:
-    if len(channels) < 2:
-        raise MTKDError(f"unet needs at least 2 channel entries, got channels={tuple(channels)}")
-    if strides is None:
-        return [2] * (len(channels) - 1)
-    if len(strides) != len(channels) - 1:
+def _one_per_transition(
+    network: str, levels_name: str, levels: Sequence, name: str, given: Sequence | None, default
+) -> list:
+    """``given`` (or ``default`` repeated): one entry per transition between ``levels``."""
+    if len(levels) < 2:
+        raise MTKDError(f"{network} needs at least 2 {levels_name} entries, got {tuple(levels)}")
+    if given is None:
+        return [default] * (len(levels) - 1)
+    if len(given) != len(levels) - 1:
         raise MTKDError(
-            f"unet needs len(strides) == len(channels) - 1, got channels={tuple(channels)}, "
-            f"strides={tuple(strides)}"
+            f"{network} needs len({name}) == len({levels_name}) - 1, got {levels_name}="
+            f"{tuple(levels)}, {name}={tuple(given)}"
         )
-    return list(strides)
+    return list(given)
+
+
+def _unet_strides(channels: Sequence[int], strides: Sequence[IntOrSeq] | None) -> list[IntOrSeq]:
+    return _one_per_transition("unet", "channels", channels, "strides", strides, 2)
 
 
 def build_unet(
@@ -141,16 +148,9 @@ def basic_unet_layout(params: Mapping[str, Any]) -> TapLayout:
 
 
 def _segresnet_blocks_up(blocks_down: Sequence[int], blocks_up: Sequence[int] | None) -> tuple:
-    if len(blocks_down) < 2:
-        raise MTKDError(f"segresnet needs at least 2 blocks_down entries, got {tuple(blocks_down)}")
-    if blocks_up is None:
-        return (1,) * (len(blocks_down) - 1)
-    if len(blocks_up) != len(blocks_down) - 1:
-        raise MTKDError(
-            f"segresnet needs len(blocks_up) == len(blocks_down) - 1, got blocks_down="
-            f"{tuple(blocks_down)}, blocks_up={tuple(blocks_up)}"
-        )
-    return tuple(blocks_up)
+    return tuple(
+        _one_per_transition("segresnet", "blocks_down", blocks_down, "blocks_up", blocks_up, 1)
+    )
 
 
 def build_segresnet(
