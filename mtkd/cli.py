@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(func=cmd_segment)
 
     sub = commands.add_parser("taps", help="list a network's tap names and output shapes")
-    sub.add_argument("model", help="registered network name (see `mtkd taps --list`)")
+    sub.add_argument("model", help="registered network name (an unknown name lists them all)")
     sub.add_argument("--input-size", type=int, nargs="+", default=[128, 128], help="2 or 3 sizes")
     sub.add_argument("--in-channels", type=int, default=1)
     sub.add_argument("--out-channels", type=int, default=2)
