@@ -35,3 +35,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert nokd["lineage"]["distilled"] is False
     segmentation = slicerio.read_segmentation(str(tmp_path / "abdomen_student.seg.nrrd"))
     assert [segment["name"] for segment in segmentation["segments"]] == STRUCTURES
+
+
+def test_demo_needs_both_ct_and_labels(tmp_path, capsys):
+    assert main(["demo", "--quick", "--ct", "x.nii.gz", "--output", str(tmp_path)]) == 2
+    assert "--labels" in capsys.readouterr().err

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--output", default="runs/demo", help="folder for the demo's runs")
     sub.add_argument("--ct", help="CT image (default: the bundled abdomen sample)")
-    sub.add_argument("--labels", help="its label map (default: the bundled one)")
+    sub.add_argument("--labels", help="its label map, TotalSegmentator ids (default: bundled)")
     sub.add_argument("--quick", action="store_true", help="a few epochs only (smoke test)")
     sub.set_defaults(func=cmd_demo)
     return parser

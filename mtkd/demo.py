@@ -22,7 +22,7 @@ from mtkd.data.labels import LabelTable
 from mtkd.data.segnrrd import write_seg_nrrd
 from mtkd.engine.trainer import Trainer, resolve_device
 from mtkd.errors import MTKDError
-from mtkd.infer.evaluate import evaluate, format_table, summarise
+from mtkd.infer.evaluate import evaluate, format_score, format_table, summarise
 from mtkd.infer.model_io import load_model
 from mtkd.infer.predictor import Predictor
 
@@ -33,13 +33,15 @@ VAL_SLABS = (5, 10)
 SEG_NAME = "abdomen_student.seg.nrrd"
 
 
+BUNDLED = Path(__file__).resolve().parents[1] / "Testing" / "Data"
+
+
 def bundled_sample() -> tuple[Path, Path, Path]:
     """CT, label map and label names of the bundled sample (from a source checkout)."""
-    data = Path(__file__).resolve().parents[1] / "Testing" / "Data"
     files = (
-        data / "abdomen_ct.nii.gz",
-        data / "abdomen_seg_total_fast.nii.gz",
-        data / "labels_total_v2.json",
+        BUNDLED / "abdomen_ct.nii.gz",
+        BUNDLED / "abdomen_seg_total_fast.nii.gz",
+        BUNDLED / "labels_total_v2.json",
     )
     missing = [f for f in files if not f.is_file()]
     if missing:
@@ -89,8 +91,8 @@ def write_slab_dataset(ct: Path, seg: Path, names: Path, folder: Path) -> tuple[
 
 def demo_configs(
     dataset: Path, labels_json: Path, split: dict, quick: bool
-) -> dict[str, RunConfig]:
-    """Teacher, distilled student and no-KD student: one recipe for both students."""
+) -> tuple[RunConfig, dict]:
+    """The teacher's config and the students' shared recipe (a dict without ``distill``)."""
     epochs_teacher, epochs_student = (2, 2) if quick else (80, 150)
     data = {
         "source": str(dataset),
@@ -132,32 +134,38 @@ def demo_configs(
             "seg_loss": "dice_ce",
         },
     }
-    return {"teacher": teacher, "student_kd": student_recipe, "student_nokd": student_recipe}
+    return teacher, student_recipe
 
 
 def run_demo(
     output: Path, ct: str | None = None, labels: str | None = None, quick: bool = False
 ) -> dict:
-    """Run the demo into ``output``; print and return the results table."""
+    """Run the demo into ``output``; print and return the results table.
+
+    ``ct``/``labels`` replace the bundled sample; the label map must use TotalSegmentator's
+    "total" class ids (as the bundled one does).
+    """
     started = time.perf_counter()
-    sample_ct, sample_seg, names = (
-        bundled_sample() if ct is None else (Path(ct), Path(labels or ""), None)
-    )
-    if names is None:
-        raise MTKDError("a custom --ct needs --labels with TotalSegmentator class ids", path=ct)
+    if ct is None and labels is None:
+        sample_ct, sample_seg, names = bundled_sample()
+    elif ct is None or labels is None:
+        raise MTKDError("give both --ct and --labels (a label map with TotalSegmentator ids)")
+    else:
+        sample_ct, sample_seg, names = Path(ct), Path(labels), BUNDLED / "labels_total_v2.json"
+        if not names.is_file():
+            raise MTKDError("TotalSegmentator label names not found", path=names)
     output.mkdir(parents=True, exist_ok=True)
     dataset = output / "dataset"
     _, split = write_slab_dataset(sample_ct, sample_seg, names, dataset)
     print(f"dataset: {dataset}: slabs of {SLAB} axial slices as cases")
     print(f"  train {split['train']}\n  val {split['val']}\n  test {split['test']}")
-    configs = demo_configs(dataset, names, split, quick)
+    teacher, student_recipe = demo_configs(dataset, names, split, quick)
     teacher_run = output / "teacher"
-    Trainer(configs["teacher"], teacher_run).run()
+    Trainer(teacher, teacher_run).run()
     runs = {"teacher": teacher_run}
     for name, weight_scale in (("student_kd", 1.0), ("student_nokd", 0.0)):
-        recipe = dict(configs[name])
-        recipe["name"] = name
-        recipe["distill"] = {"teacher": str(teacher_run), "preset": "thesis", "scale": weight_scale}
+        distill = {"teacher": str(teacher_run), "preset": "thesis", "scale": weight_scale}
+        recipe = {**student_recipe, "name": name, "distill": distill}
         Trainer(RunConfig.from_dict(recipe), output / name).run()
         runs[name] = output / name
     return report(runs, dataset, names, split["test"], sample_ct, output, started)
@@ -189,10 +197,10 @@ def report(
         }
         rows.append(
             [name, f"{model.metadata['parameters']:,}"]
-            + [_fmt(summary[s]["dice"]) for s in STRUCTURES]
+            + [format_score(summary[s]["dice"]) for s in STRUCTURES]
             + [
-                _fmt(summary["mean"]["dice"]),
-                _fmt(summary["mean"]["hd95_mm"]),
+                format_score(summary["mean"]["dice"]),
+                format_score(summary["mean"]["hd95_mm"]),
                 f"{whole.seconds:.2f}",
             ]
         )
@@ -206,7 +214,3 @@ def report(
     print(f"\nthe distilled student's segmentation of the whole CT: {output / SEG_NAME}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return results
-
-
-def _fmt(value: float) -> str:
-    return "n/a" if value != value else f"{value:.3f}"

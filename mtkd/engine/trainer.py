@@ -15,6 +15,7 @@ the step it had reached.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -126,7 +127,7 @@ class Trainer:
         self.activation = output_activation(data.output, len(self.labels))
         self.prep = Preprocessing.from_config(data)
         if self.resume and self.run_dir.split.is_file():
-            self.split = Split.from_dict(_read_json(self.run_dir.split))
+            self.split = Split.from_dict(json.loads(self.run_dir.split.read_text()))
         else:
             split = self.config.split
             self.split = split_cases(
@@ -275,7 +276,7 @@ class Trainer:
         weight = self.config.train.seg_weight
         if self.distiller is not None:
             out = self.distiller(images)
-            seg = self.seg_loss(first_output(out.student_logits), labels)
+            seg = self.seg_loss(out.student_logits, labels)
             terms = {"seg": seg.detach(), **{k: v.detach() for k, v in out.terms.items()}}
             return weight * seg + out.loss, terms
         if self.spec["reconstruction"] != "none":
@@ -501,12 +502,6 @@ class Trainer:
             self.run_dir.model,
             self.history,
         )
-
-
-def _read_json(path: Path) -> Any:
-    import json
-
-    return json.loads(path.read_text())
 
 
 def train_run(config: RunConfig, run_dir: str | Path, **options: Any) -> RunResult:

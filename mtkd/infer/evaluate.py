@@ -97,7 +97,15 @@ def write_scores_csv(scores: list[CaseScore], path: str | Path) -> None:
     writer = csv.writer(buffer)
     writer.writerow(["case", "structure", "dice", "hd95_mm", "seconds"])
     for s in scores:
-        writer.writerow([s.case_id, s.structure, _fmt(s.dice), _fmt(s.hd95_mm), f"{s.seconds:.3f}"])
+        writer.writerow(
+            [
+                s.case_id,
+                s.structure,
+                format_score(s.dice),
+                format_score(s.hd95_mm),
+                f"{s.seconds:.3f}",
+            ]
+        )
     atomic_write_bytes(Path(path), buffer.getvalue().encode())
 
 
@@ -111,11 +119,14 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def summary_table(summary: dict[str, dict[str, float]]) -> str:
-    rows = [[name, _fmt(v["dice"]), _fmt(v["hd95_mm"])] for name, v in summary.items()]
+    rows = [
+        [name, format_score(v["dice"]), format_score(v["hd95_mm"])] for name, v in summary.items()
+    ]
     return format_table(["structure", "Dice", "HD95 (mm)"], rows)
 
 
-def _fmt(value: float) -> str:
+def format_score(value: float) -> str:
+    """A score for tables: three decimals, "n/a" for NaN, "inf" for infinity."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if math.isinf(value):
