@@ -25,7 +25,7 @@ from mtkd.data.image_io import atomic_path, atomic_write_bytes
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError
-from mtkd.models import build_teacher, count_parameters
+from mtkd.models import build_teacher, count_parameters, network_info
 
 WEIGHTS = "model.pt"
 METADATA = "mtkd_model.json"
@@ -42,6 +42,10 @@ class LoadedModel:
     activation: str  # "softmax" or "sigmoid"
     metadata: dict[str, Any]
     folder: Path
+    # Whole-volume inference pads each spatial size up to a multiple of this.
+    size_multiple: int = 16
+    # Feature taps (forward hooks) need a real nn.Module; TorchScript and ONNX models have none.
+    has_taps: bool = True
 
     @property
     def name(self) -> str:
@@ -135,6 +139,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     except RuntimeError as error:
         raise MTKDError(f"weights do not fit the network ({error})", path=weights) from None
     network.to(device).eval()
+    spec = metadata["network"]
     return LoadedModel(
         network=network,
         labels=LabelTable.from_dict(metadata["labels"]),
@@ -142,4 +147,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         activation=metadata["activation"],
         metadata=metadata,
         folder=folder,
+        size_multiple=network_info(spec["name"], **spec["params"]).size_multiple,
     )

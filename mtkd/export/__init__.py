@@ -1,0 +1,1 @@
+"""Exports of a trained model (TorchScript, ONNX, MONAI bundle), each verified numerically."""

@@ -1,0 +1,140 @@
+"""Open a model from wherever a user has it, as one ``LoadedModel``.
+
+Accepted sources (a teacher or a student):
+
+- our model folder (``mtkd_model.json`` + weights), or a run folder (its ``model/``);
+- our exported TorchScript or ONNX folder (``mtkd_model.json`` with ``"format"``);
+- a training checkpoint of ours (``RUN/checkpoints/*.pt``: it carries the model metadata);
+- a MONAI bundle: a folder with ``configs/metadata.json`` or a ``.zip`` of one;
+- a TorchScript file (``.ts``, ``.pt``, ``.pth``, ``.zip`` holding ``constants.pkl``).
+
+Stored segmentations of another tool (label or probability maps) are not models: see
+``is_stored_output`` and ``mtkd.data.stored_outputs``.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+
+from mtkd.errors import MTKDError
+from mtkd.infer.model_io import METADATA, LoadedModel, load_model
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz", ".npy")
+
+
+def is_stored_output(path: str | Path) -> bool:
+    """True for an image file (or a folder of them) that holds another tool's segmentation."""
+    path = Path(path)
+    if path.is_file():
+        return path.name.lower().endswith(IMAGE_SUFFIXES)
+    if path.is_dir() and not _is_model_folder(path) and not _is_bundle_folder(path):
+        return any(child.name.lower().endswith(IMAGE_SUFFIXES) for child in path.iterdir())
+    return False
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / METADATA).is_file() or (path / "model" / METADATA).is_file()
+
+
+def _is_bundle_folder(path: Path) -> bool:
+    return (path / "configs" / "metadata.json").is_file()
+
+
+def _is_torchscript_zip(path: Path) -> bool:
+    """TorchScript archives are zips holding ``*/constants.pkl`` and ``*/code/``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _folder_format(folder: Path) -> str:
+    import json
+
+    metadata_file = folder / METADATA
+    if not metadata_file.is_file():
+        metadata_file = folder / "model" / METADATA
+    try:
+        return json.loads(metadata_file.read_text()).get("format", "pytorch")
+    except (OSError, ValueError):
+        return "pytorch"  # load_model reports the unreadable metadata
+
+
+def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Open any supported model source (see the module docstring) on ``device``."""
+    path = Path(path)
+    if not path.exists():
+        raise MTKDError("model not found", path=path)
+    if path.is_dir():
+        if _is_model_folder(path):
+            kind = _folder_format(path)
+            if kind == "torchscript":
+                from mtkd.infer.torchscript_model import load_torchscript
+
+                return load_torchscript(path, device)
+            if kind == "onnx":
+                from mtkd.infer.onnx_model import load_onnx
+
+                return load_onnx(path, device)
+            return load_model(path, device)
+        if _is_bundle_folder(path):
+            from mtkd.infer.bundle import load_bundle
+
+            return load_bundle(path, device)
+        raise MTKDError(
+            "not a model: expected a run or model folder (mtkd_model.json), a MONAI bundle "
+            "(configs/metadata.json) or a TorchScript/ONNX file",
+            path=path,
+        )
+    if path.suffix == ".onnx":
+        from mtkd.infer.onnx_model import load_onnx
+
+        return load_onnx(path, device)
+    if zipfile.is_zipfile(path):
+        if _is_torchscript_zip(path):
+            from mtkd.infer.torchscript_model import load_torchscript
+
+            return load_torchscript(path, device)
+        if path.suffix == ".zip":
+            from mtkd.infer.bundle import load_bundle
+
+            return load_bundle(path, device)
+        return load_checkpoint_model(path, device)
+    raise MTKDError(
+        "not a model file (neither TorchScript, ONNX, a MONAI bundle zip nor a checkpoint)", path
+    )
+
+
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The network of a training checkpoint of ours (``RUN/checkpoints/last.pt`` or ``best.pt``)."""
+    from mtkd.data.labels import LabelTable
+    from mtkd.data.preprocess import Preprocessing
+    from mtkd.engine.checkpoint import load_checkpoint
+    from mtkd.infer.model_io import build_from_spec
+    from mtkd.models import network_info
+
+    path = Path(path)
+    state = load_checkpoint(path)
+    metadata = state.get("model_metadata")
+    if not isinstance(metadata, dict):
+        raise MTKDError("this checkpoint carries no model metadata (an older mtkd wrote it)", path)
+    network = build_from_spec(metadata["network"])
+    try:
+        network.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise MTKDError(f"weights do not fit the network ({error})", path=path) from None
+    network.to(device).eval()
+    spec = metadata["network"]
+    return LoadedModel(
+        network=network,
+        labels=LabelTable.from_dict(metadata["labels"]),
+        prep=Preprocessing.from_dict(metadata["preprocessing"]),
+        activation=metadata["activation"],
+        metadata=metadata,
+        folder=path.parent,
+        size_multiple=network_info(spec["name"], **spec["params"]).size_multiple,
+    )
