@@ -75,34 +75,92 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from mtkd.data.image_io import read_image, write_image
-    from mtkd.data.segnrrd import write_seg_nrrd
+    from mtkd.data.ct_check import ct_intensity_warning
+    from mtkd.data.image_io import check_writable, expand_image_inputs, read_image
+    from mtkd.data.segnrrd import write_segmentation
     from mtkd.engine.trainer import resolve_device
-    from mtkd.infer.model_io import load_model
     from mtkd.infer.predictor import Predictor
+    from mtkd.infer.sources import load_any_model
 
     device = resolve_device(args.device)
-    predictor = Predictor(load_model(args.model, device), device)
-    outputs = _output_paths(args.images, args.output)
-    for image_path, output in zip(args.images, outputs, strict=True):
-        prediction = predictor.predict(read_image(image_path))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if output.name.endswith(".seg.nrrd"):
-            write_seg_nrrd(prediction.labelmap, predictor.model.labels, output)
-        else:
-            write_image(prediction.labelmap, output)
-        print(f"{image_path} -> {output} ({prediction.seconds:.2f} s)")
+    images = expand_image_inputs(args.images)
+    outputs = [check_writable(o) for o in _output_paths(images, args.output, args.format)]
+    predictor = Predictor(load_any_model(args.model, device), device)  # loaded once
+    for image_path, output in zip(images, outputs, strict=True):
+        image = read_image(image_path)
+        warning = ct_intensity_warning(image, image_path)
+        if warning:
+            print(f"mtkd: warning: {warning}", file=sys.stderr)
+        prediction = predictor.predict(image)
+        write_segmentation(prediction.labelmap, predictor.model.labels, output)
+        print(f"{image_path} -> {output} ({prediction.seconds:.2f} s, {prediction.plan})")
     return 0
 
 
-def _output_paths(images: list[str], output: str) -> list[Path]:
+def _output_paths(images: list[Path], output: str, extension: str) -> list[Path]:
     """One output per image: ``-o`` is a file for one image, a folder for several."""
+    from mtkd.data.image_io import strip_image_suffix
+
     target = Path(output)
     if len(images) == 1 and not output.endswith(("/", "\\")) and not target.is_dir():
         return [target]
-    target.mkdir(parents=True, exist_ok=True)
-    stems = [Path(p.rstrip("/\\")).name.split(".")[0] for p in images]
-    return [target / f"{stem}.seg.nrrd" for stem in stems]
+    stems = [strip_image_suffix(path.name) for path in images]
+    if len(set(stems)) != len(stems):
+        raise MTKDError("several inputs have the same name; segment them into separate folders")
+    return [target / f"{stem}.{extension}" for stem in stems]
+
+
+def _segmenter(path: str, labels_json: str | None, device):
+    """A model (any source) or a stored segmentation of another tool, for ``compare``."""
+    from mtkd.data.labels import LabelTable
+    from mtkd.infer.compare import ModelSegmenter, StoredSegmentation
+    from mtkd.infer.predictor import Predictor
+    from mtkd.infer.sources import is_stored_output, load_any_model
+
+    if is_stored_output(path):
+        labels = LabelTable.from_json(labels_json) if labels_json else None
+        return StoredSegmentation(path, labels)
+    return ModelSegmenter(Predictor(load_any_model(path, device), device))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mtkd.data.ct_check import ct_intensity_warning
+    from mtkd.data.image_io import check_writable, read_image, read_label
+    from mtkd.data.labels import LabelTable
+    from mtkd.engine.trainer import resolve_device
+    from mtkd.infer.compare import compare, format_comparison, write_comparison
+
+    device = resolve_device(args.device)
+    output = Path(args.output)
+    check_writable(output / "comparison.json")
+    image = read_image(args.image)
+    warning = ct_intensity_warning(image, args.image)
+    if warning:
+        print(f"mtkd: warning: {warning}", file=sys.stderr)
+    teacher = _segmenter(args.teacher, args.teacher_labels, device)
+    student = _segmenter(args.student, args.student_labels, device)
+    reference = read_label(args.reference, reference=image) if args.reference else None
+    reference_labels = None
+    if args.reference_labels:
+        reference_labels = LabelTable.from_json(args.reference_labels)
+    result = compare(
+        teacher, student, image, reference, reference_labels, reference_path=args.reference
+    )
+    print(format_comparison(result))
+    for kind, path in write_comparison(result, output, image, png=args.png).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mtkd.export.formats import export_model_as
+
+    record = export_model_as(args.model, args.format, args.output, sample=args.sample)
+    print(
+        f"{args.format}: {record['path']} (max |logit difference| on the CT sample "
+        f"{record['max_abs_diff']:.2e}, allowed {record['bound']:.2e}; {record['seconds']:.1f} s)"
+    )
+    return 0
 
 
 def cmd_taps(args: argparse.Namespace) -> int:
@@ -136,6 +194,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = (
+    "run or model folder, exported TorchScript/ONNX folder, training checkpoint, MONAI bundle "
+    "(folder or .zip) or TorchScript file"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtkd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mtkd {__version__}")
@@ -165,11 +229,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(func=cmd_evaluate)
 
     sub = commands.add_parser("segment", help="segment CT images with a model")
-    sub.add_argument("model", help="model folder or run folder")
-    sub.add_argument("images", nargs="+", help="NIfTI/NRRD/MHA files or DICOM series folders")
+    sub.add_argument("model", help=MODEL_HELP)
+    sub.add_argument(
+        "images", nargs="+", help="NIfTI/NRRD/MHA files, folders of them, DICOM series folders"
+    )
     sub.add_argument("-o", "--output", required=True, help=".nii.gz/.nrrd/.seg.nrrd, or a folder")
+    sub.add_argument(
+        "--format",
+        default="seg.nrrd",
+        choices=["seg.nrrd", "nii.gz", "nrrd", "mha"],
+        help="file type when -o is a folder (default seg.nrrd)",
+    )
     sub.add_argument("--device", default="auto")
     sub.set_defaults(func=cmd_segment)
+
+    sub = commands.add_parser(
+        "compare", help="teacher versus student on one CT: agreement, speed, memory, size"
+    )
+    sub.add_argument("image", help="CT image file or DICOM series folder")
+    sub.add_argument("--teacher", required=True, help=MODEL_HELP + ", or a stored label map")
+    sub.add_argument("--student", required=True, help=MODEL_HELP)
+    sub.add_argument("--reference", help="reference label map on the CT's grid")
+    sub.add_argument("--reference-labels", help="its label names (JSON); default: the student's")
+    sub.add_argument("--teacher-labels", help="label names (JSON) of a stored teacher label map")
+    sub.add_argument("--student-labels", help="label names (JSON) of a stored student label map")
+    sub.add_argument("-o", "--output", default="comparison", help="output folder")
+    sub.add_argument("--png", action="store_true", help="also draw both models' contours")
+    sub.add_argument("--device", default="auto")
+    sub.set_defaults(func=cmd_compare)
+
+    sub = commands.add_parser("export", help="export a model, checked numerically on a CT")
+    sub.add_argument("model", help=MODEL_HELP)
+    sub.add_argument("--format", required=True, choices=["torchscript", "onnx", "bundle"])
+    sub.add_argument("-o", "--output", required=True, help="output folder")
+    sub.add_argument(
+        "--sample", help="CT used for the numerical check (default: a test case of the run)"
+    )
+    sub.set_defaults(func=cmd_export)
 
     sub = commands.add_parser("taps", help="list a network's tap names and output shapes")
     sub.add_argument("model", help="registered network name (an unknown name lists them all)")

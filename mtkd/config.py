@@ -135,7 +135,7 @@ class OutputTermConfig:
 class DistillConfig:
     """Teacher and terms. ``preset: thesis`` fills pairs/output/seg weight as in the paper."""
 
-    teacher: str = ""  # a run folder or model folder of a trained teacher
+    teacher: str = ""  # run/model folder, checkpoint, bundle, TorchScript/ONNX, stored outputs
     preset: str | None = None
     pairs: list[TapPairConfig] = field(default_factory=list)
     output: OutputTermConfig | None = None
@@ -198,7 +198,10 @@ class RunConfig:
             fail("split", "val_fraction and test_fraction must be in [0, 1)")
         if self.kind == "distill":
             if self.distill is None or not self.distill.teacher:
-                fail("distill.teacher", "a distillation run needs a teacher run or model folder")
+                fail(
+                    "distill.teacher",
+                    "a distillation run needs a teacher (model, bundle, checkpoint or outputs)",
+                )
             if self.multitask.reconstruction != "none":
                 fail("multitask.reconstruction", "students are trained without reconstruction")
         if self.distill is not None and self.distill.scale < 0:

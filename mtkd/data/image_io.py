@@ -14,6 +14,7 @@ import math
 import os
 import re
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -30,8 +31,10 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "check_same_grid",
-    "itk_error_reason",
+    "check_writable",
     "describe_grid",
+    "expand_image_inputs",
+    "itk_error_reason",
     "image_suffix",
     "read_image",
     "read_label",
@@ -434,3 +437,30 @@ def write_image(image: sitk.Image, path: str | Path) -> None:
         raise MTKDError(f"cannot write image: {itk_error_reason(error)}", path) from None
     except OSError as error:
         raise MTKDError(f"cannot write image: {error.strerror or error}", path) from None
+
+
+def expand_image_inputs(paths: list[str | Path]) -> list[Path]:
+    """Image files and DICOM series folders named by ``paths``, a folder of image files
+    expanding to its images (sorted by name)."""
+    images: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise MTKDError("image file or folder not found", path)
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and image_suffix(p))
+            images.extend(inside or [path])  # no image files: a DICOM series folder
+        else:
+            images.append(path)
+    return images
+
+
+def check_writable(path: str | Path) -> Path:
+    """Create ``path``'s folder and make sure a file can be written there, before any work."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".mtkd-write-check-"):
+            pass
+    except OSError as error:
+        raise MTKDError(f"cannot write output here ({error.strerror or error})", path) from None
+    return path

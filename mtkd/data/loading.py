@@ -2,6 +2,12 @@
 
 Epochs after the first never re-read or re-resample a volume: :class:`VolumeCache` keeps
 each preprocessed case as tensors; the datasets only index, crop and augment them.
+
+With stored teacher outputs (:mod:`mtkd.data.stored_outputs`) each case also carries the
+teacher's map, preprocessed with the same spatial transforms as the image (nearest for label
+maps, bilinear for probabilities) and cropped, sliced and augmented together with it: items
+then hold ``"teacher"`` (K + 1, *spatial) probabilities of the student's K structures
+(channel 0 background), aligned voxel for voxel with ``"image"`` and ``"label"``.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
@@ -27,20 +34,24 @@ from mtkd.data.datasets import Case
 from mtkd.data.image_io import read_image, read_label
 from mtkd.data.labels import LabelTable, check_label_map, remap_label_array
 from mtkd.data.preprocess import Preprocessing, build_transforms, to_metatensor
+from mtkd.data.stored_outputs import StoredOutputs
 from mtkd.errors import MTKDError
 
 
 @dataclass
 class PreparedCase:
-    """One preprocessed case: image (1, X, Y, Z) float in 0..1, label (1, X, Y, Z) int64."""
+    """One preprocessed case: image (1, X, Y, Z) float in 0..1, label (1, X, Y, Z) int64, and
+    with stored teacher outputs the teacher's map on the same grid: a label map (1, X, Y, Z)
+    int64 in the student's numbering or probabilities (K, X, Y, Z) of the K structures."""
 
     case_id: str
     image: torch.Tensor
     label: torch.Tensor
+    teacher: torch.Tensor | None = None
 
 
-def read_case(case: Case, source_table: LabelTable, mapping: dict[int, int]) -> dict:
-    """Read, check and remap one case -> {"image", "label"} MetaTensors (1, X, Y, Z)."""
+def _read(case: Case, source_table: LabelTable, mapping: dict[int, int]):
+    """The case's SimpleITK image and its {"image", "label"} MetaTensors (1, X, Y, Z)."""
     image = read_image(case.image)
     if case.label is None:
         raise MTKDError(f"case {case.case_id} has no label map", path=case.image)
@@ -49,11 +60,40 @@ def read_case(case: Case, source_table: LabelTable, mapping: dict[int, int]) -> 
     label_meta = to_metatensor(label, dtype=torch.int64)
     remapped = remap_label_array(label_meta.as_tensor().numpy(), mapping)
     label_meta = MetaTensor(torch.as_tensor(remapped), affine=label_meta.affine)
-    return {"image": to_metatensor(image), "label": label_meta}
+    return image, {"image": to_metatensor(image), "label": label_meta}
+
+
+def read_case(case: Case, source_table: LabelTable, mapping: dict[int, int]) -> dict:
+    """Read, check and remap one case -> {"image", "label"} MetaTensors (1, X, Y, Z)."""
+    return _read(case, source_table, mapping)[1]
+
+
+def _teacher_tensor(teacher: MetaTensor, is_label_map: bool) -> torch.Tensor:
+    """A preprocessed teacher map: label map (1, X, Y, Z) int64 or probabilities (K, X, Y, Z)."""
+    teacher = teacher.as_tensor()
+    if is_label_map:
+        return teacher.round().long().contiguous()
+    return teacher.float().clamp(0.0, 1.0).contiguous()
+
+
+def teacher_probabilities(teacher: torch.Tensor, structures: int) -> torch.Tensor:
+    """A cached teacher map -> (K + 1, *spatial) float probabilities, channel 0 background.
+
+    ``teacher``: a label map (1, *spatial) of values 0..K (one-hot), or probabilities
+    (K, *spatial) of the structures (background = 1 - their sum, clamped at 0).
+    """
+    if not teacher.is_floating_point():
+        return F.one_hot(teacher[0].long(), structures + 1).movedim(-1, 0).float()
+    background = (1.0 - teacher.sum(0, keepdim=True)).clamp_min(0.0)
+    return torch.cat([background, teacher.float()])
 
 
 class VolumeCache:
-    """Preprocessed cases by id, each read and resampled exactly once."""
+    """Preprocessed cases by id, each read and resampled exactly once.
+
+    With ``teacher`` (stored teacher outputs) each case of ``teacher_cases`` (default: all)
+    also gets its teacher map.
+    """
 
     def __init__(
         self,
@@ -61,33 +101,59 @@ class VolumeCache:
         source_table: LabelTable,
         mapping: dict[int, int],
         prep: Preprocessing,
+        teacher: StoredOutputs | None = None,
+        teacher_cases: list[str] | None = None,
     ):
         self._cases = {case.case_id: case for case in cases}
         self._table = source_table
         self._mapping = mapping
+        self._prep = prep
         self._transforms = build_transforms(prep, with_label=True)
+        self.teacher = teacher
+        self._teacher_cases = None if teacher_cases is None else set(teacher_cases)
         self._prepared: dict[str, PreparedCase] = {}
         self.reads = 0  # how many volumes were read from disk (tests check it stays flat)
 
+    @property
+    def teacher_structures(self) -> int | None:
+        """K, the number of structures of the teacher maps (None without stored outputs)."""
+        return None if self.teacher is None else len(self.teacher.structures)
+
     def __getitem__(self, case_id: str) -> PreparedCase:
         if case_id not in self._prepared:
-            data = self._transforms(read_case(self._cases[case_id], self._table, self._mapping))
+            image, raw = _read(self._cases[case_id], self._table, self._mapping)
+            stored = self.teacher.read(case_id, image) if self._has_teacher(case_id) else None
+            if stored is None:
+                data = self._transforms(raw)
+            else:  # the teacher map follows the image through the same spatial steps
+                mode = "nearest" if stored.is_label_map else "bilinear"
+                transforms = build_transforms(self._prep, with_label=True, extra={"teacher": mode})
+                data = transforms({**raw, "teacher": stored.data})
             self.reads += 1
             self._prepared[case_id] = PreparedCase(
                 case_id,
                 data["image"].as_tensor().float().contiguous(),
                 data["label"].as_tensor().round().long().contiguous(),
+                None if stored is None else _teacher_tensor(data["teacher"], stored.is_label_map),
             )
         return self._prepared[case_id]
+
+    def _has_teacher(self, case_id: str) -> bool:
+        if self.teacher is None:
+            return False
+        return self._teacher_cases is None or case_id in self._teacher_cases
 
     def warm(self, case_ids: list[str]) -> None:
         for case_id in case_ids:
             self[case_id]
 
 
-def augmentations(augment: AugmentConfig, spatial_axes: tuple[int, ...]) -> list:
-    """Random dict transforms for {"image", "label"} samples (channel-first)."""
-    keys = ["image", "label"]
+def augmentations(
+    augment: AugmentConfig, spatial_axes: tuple[int, ...], with_teacher: bool = False
+) -> list:
+    """Random dict transforms for {"image", "label"[, "teacher"]} samples (channel-first); the
+    spatial ones move every key alike, the intensity ones touch the image only."""
+    keys = ["image", "label", "teacher"] if with_teacher else ["image", "label"]
     steps: list = []
     if augment.flip_prob > 0:
         steps += [
@@ -112,6 +178,7 @@ class _SeededDataset(Dataset):
     """A dataset whose random transforms are reseeded by the trainer at every epoch."""
 
     transforms: Compose | None = None
+    cache: VolumeCache
 
     def reseed(self, seed: int) -> None:
         if self.transforms is not None:
@@ -120,16 +187,26 @@ class _SeededDataset(Dataset):
     def _augment(self, sample: dict) -> dict:
         return sample if self.transforms is None else self.transforms(sample)
 
+    def _item(self, sample: dict) -> dict:
+        """Plain tensors; the teacher map as (K + 1, *spatial) probabilities."""
+        item = {"image": _plain(sample["image"]).float(), "label": _plain(sample["label"]).long()}
+        structures = self.cache.teacher_structures
+        if structures is not None and "teacher" in sample:
+            item["teacher"] = teacher_probabilities(_plain(sample["teacher"]), structures)
+        return item
+
 
 class SliceDataset(_SeededDataset):
-    """Axial slices of cached volumes: items {"image": (1, H, W), "label": (1, H, W)}."""
+    """Axial slices of cached volumes: items {"image": (1, H, W), "label": (1, H, W)} and, with
+    stored teacher outputs, "teacher": (K + 1, H, W)."""
 
     def __init__(self, cache: VolumeCache, case_ids: list[str], augment: AugmentConfig | None):
         self.cache = cache
         self.index = [
             (case_id, z) for case_id in case_ids for z in range(cache[case_id].image.shape[-1])
         ]
-        steps = augmentations(augment, (0, 1)) if augment else []
+        with_teacher = cache.teacher is not None
+        steps = augmentations(augment, (0, 1), with_teacher) if augment else []
         self.transforms = Compose(steps) if steps else None
 
     def __len__(self) -> int:
@@ -139,12 +216,14 @@ class SliceDataset(_SeededDataset):
         case_id, z = self.index[item]
         case = self.cache[case_id]
         sample = {"image": case.image[..., z], "label": case.label[..., z]}
-        sample = self._augment(sample)
-        return {"image": _plain(sample["image"]).float(), "label": _plain(sample["label"]).long()}
+        if case.teacher is not None:
+            sample["teacher"] = case.teacher[..., z]
+        return self._item(self._augment(sample))
 
 
 class PatchDataset(_SeededDataset):
-    """Label-balanced 3-D patches: items {"image": (1, *patch), "label": (1, *patch)}.
+    """Label-balanced 3-D patches: items {"image": (1, *patch), "label": (1, *patch)} and, with
+    stored teacher outputs, "teacher": (K + 1, *patch) cut at the same place.
 
     Each case yields ``patches_per_volume`` items per epoch; the patch centre is drawn with
     equal probability from every class present (background included).
@@ -162,15 +241,16 @@ class PatchDataset(_SeededDataset):
         self.cache = cache
         self.case_ids = list(case_ids)
         self.patches_per_volume = patches_per_volume
+        with_teacher = cache.teacher is not None
         crop = RandCropByLabelClassesd(
-            keys=["image", "label"],
+            keys=["image", "label", "teacher"] if with_teacher else ["image", "label"],
             label_key="label",
             spatial_size=patch_size,
             num_classes=num_classes,
             num_samples=1,
             allow_smaller=False,
         )
-        steps = [crop] + (augmentations(augment, (0, 1, 2)) if augment else [])
+        steps = [crop] + (augmentations(augment, (0, 1, 2), with_teacher) if augment else [])
         self.transforms = Compose(steps)
 
     def __len__(self) -> int:
@@ -178,10 +258,13 @@ class PatchDataset(_SeededDataset):
 
     def __getitem__(self, item: int) -> dict:
         case = self.cache[self.case_ids[item // self.patches_per_volume]]
-        sample = self.transforms({"image": case.image, "label": case.label})
+        sample = {"image": case.image, "label": case.label}
+        if case.teacher is not None:
+            sample["teacher"] = case.teacher
+        sample = self.transforms(sample)
         if isinstance(sample, list):
             sample = sample[0]
-        return {"image": _plain(sample["image"]).float(), "label": _plain(sample["label"]).long()}
+        return self._item(sample)
 
 
 def _plain(tensor: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -9,6 +9,7 @@ grid (same size, spacing, origin and direction as the input).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,15 +106,21 @@ def to_sitk(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
-def build_transforms(prep: Preprocessing, with_label: bool) -> Compose:
-    """Deterministic, invertible preprocessing of {"image", "label"?} dicts of (1, X, Y, Z).
+def build_transforms(
+    prep: Preprocessing, with_label: bool, extra: Mapping[str, str] | None = None
+) -> Compose:
+    """Deterministic, invertible preprocessing of {"image", "label"?, ...} dicts of (C, X, Y, Z).
 
-    Orientation to RAS; optional resampling to ``spacing``; HU window to 0..1; optional
-    crop to the body; for 2-D models an in-plane resize to ``slice_size``, for 3-D models
-    padding up to ``patch_size``.
+    Orientation to RAS; optional resampling to ``spacing``; HU window to 0..1 (image only);
+    optional crop to the body; for 2-D models an in-plane resize to ``slice_size``, for 3-D
+    models padding up to ``patch_size``. ``extra`` maps further keys (e.g. a stored teacher
+    map) to their interpolation mode ("nearest" or "bilinear"); they follow every spatial step.
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
+    for key, mode in (extra or {}).items():
+        keys.append(key)
+        modes.append(mode)
     low, high = prep.hu_window
     steps: list = [
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
@@ -131,9 +138,7 @@ def build_transforms(prep: Preprocessing, with_label: bool) -> Compose:
         )
     if prep.dims == 2:
         size = (*prep.slice_size, -1)
-        steps.append(
-            Resized(keys=keys, spatial_size=size, mode=["bilinear", "nearest"][: len(keys)])
-        )
+        steps.append(Resized(keys=keys, spatial_size=size, mode=modes))
     else:
         steps.append(SpatialPadd(keys=keys, spatial_size=prep.patch_size))
     return Compose(steps)

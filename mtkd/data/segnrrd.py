@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from mtkd.data.atomic import atomic_path
-from mtkd.data.image_io import itk_error_reason
+from mtkd.data.image_io import itk_error_reason, write_image
 from mtkd.data.labels import LabelTable, label_values_in
 from mtkd.data.terminology import lookup
 from mtkd.errors import MTKDError
@@ -167,3 +167,11 @@ def read_seg_nrrd(path: str | Path) -> tuple[sitk.Image, LabelTable]:
     for key in label.GetMetaDataKeys():
         label.EraseMetaData(key)
     return label, table
+
+
+def write_segmentation(labelmap: sitk.Image, table: LabelTable, path: str | Path) -> None:
+    """Write a label map as ``.seg.nrrd`` (named segments) or a plain image file, by extension."""
+    if str(path).lower().endswith(".seg.nrrd"):
+        write_seg_nrrd(labelmap, table, path)
+    else:
+        write_image(labelmap, path)

@@ -22,8 +22,9 @@ class DistillOutput:
     """One distillation forward pass.
 
     student_logits / teacher_logits: (B, C, *spatial) (the first tensor when a network returns a
-    list, e.g. deep supervision); terms: the unweighted loss of each tap pair (by pair label)
-    and of the output term (by its loss name); loss: the weighted sum of the terms (scalar);
+    list, e.g. deep supervision; for a teacher, after its ``teacher_transform``, or the stored
+    teacher logits given to ``forward``); terms: the unweighted loss of each tap pair (by pair
+    label) and of the output term (by its loss name); loss: the weighted sum of the terms (scalar);
     student_output: what the student returned, untouched (for deep-supervision losses).
     """
 
@@ -50,25 +51,44 @@ class Distiller(nn.Module):
     here, from a probe forward pass on ``example_input`` (B, C_in, *spatial); they are trained
     with the student (``trainable_parameters()``) and saved in ``state_dict()``, while
     ``self.student`` stays the plain network to export.
+
+    ``teacher_transform`` maps the teacher's output (B, C_t, *spatial) to logits comparable with
+    the student's (B, C_s, *spatial), e.g. when the teacher segments other structures;
+    ``teacher_in_channels`` repeats the CT channel of the input for a teacher that takes another
+    number of channels than the student. A teacher that is not an ``nn.Module`` (an ONNX
+    session wrapper) needs no tap pairs and is only called. ``teacher=None`` distils from stored
+    teacher outputs: no tap pairs, and ``forward`` takes the teacher logits.
     """
 
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         pairs: Sequence[TapPair],
         output: OutputTerm | None,
         example_input: torch.Tensor,
+        *,
+        teacher_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        teacher_in_channels: int | None = None,
     ):
         super().__init__()
         self.student = student
-        self._frozen: list[nn.Module] = [teacher]  # a list keeps it out of the module tree
-        teacher.eval()
-        teacher.requires_grad_(False)
+        self._frozen: list[nn.Module] = [] if teacher is None else [teacher]  # out of the tree
+        if teacher is not None:
+            teacher.eval()
+            if isinstance(teacher, nn.Module):
+                for parameter in teacher.parameters():  # (ScriptModules lack requires_grad_)
+                    parameter.requires_grad_(False)
         self.pairs = list(pairs)
         self.output = output
+        self.teacher_transform = teacher_transform
+        self.teacher_in_channels = teacher_in_channels
         self.labels = [pair.label(i) for i, pair in enumerate(self.pairs)]
         self._check_labels()
+        if self.pairs and not isinstance(teacher, nn.Module):
+            raise MTKDError(
+                f"feature-level terms ({', '.join(self.labels)}) need the teacher network"
+            )
         for label, pair in zip(self.labels, self.pairs):
             for net, tap, who in (
                 (student, pair.student, "student"),
@@ -84,9 +104,21 @@ class Distiller(nn.Module):
         self._build_connectors(example_input)
 
     @property
-    def teacher(self) -> nn.Module:
-        """The frozen teacher network."""
-        return self._frozen[0]
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher network (None when distilling from stored outputs)."""
+        return self._frozen[0] if self._frozen else None
+
+    def _teacher_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, *spatial) with its CT channel repeated to the teacher's channels."""
+        channels = self.teacher_in_channels
+        if channels is None or channels == x.shape[1]:
+            return x
+        return x[:, :1].expand(x.shape[0], channels, *x.shape[2:])
+
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for x, through ``teacher_transform`` (call under no_grad)."""
+        logits = _logits(self.teacher(self._teacher_input(x)), "teacher")
+        return logits if self.teacher_transform is None else self.teacher_transform(logits)
 
     def _check_labels(self) -> None:
         names = list(self.labels)
@@ -96,26 +128,31 @@ class Distiller(nn.Module):
         if duplicates:
             raise MTKDError(f"distillation term names must be unique, repeated: {duplicates}")
 
-    def _probe(self, example_input: torch.Tensor) -> tuple[dict, dict, torch.Size, torch.Size]:
-        """Shapes of every tap and of both outputs for ``example_input``, in eval mode."""
+    def _probe(
+        self, example_input: torch.Tensor
+    ) -> tuple[dict, dict, torch.Size, torch.Size | None]:
+        """Shapes of every tap and of both outputs for ``example_input``, in eval mode (the
+        teacher's output shape is None without a teacher network)."""
         was_training = self.student.training
         self.student.eval()
+        t_rec, t_out = None, None
         try:
             with torch.no_grad():
-                with FeatureRecorder(self.teacher, [p.teacher for p in self.pairs]) as t_rec:
-                    t_logits = _logits(self.teacher(example_input), "teacher")
+                if self.teacher is not None:
+                    with FeatureRecorder(self.teacher, [p.teacher for p in self.pairs]) as t_rec:
+                        t_out = self._teacher_logits(example_input).shape
                 with FeatureRecorder(self.student, [p.student for p in self.pairs]) as s_rec:
                     s_logits = _logits(self.student(example_input), "student")
         finally:
             self.student.train(was_training)
         self._check_fired(s_rec, t_rec)
         s_shapes = {k: v.shape for k, v in s_rec.features.items()}
-        t_shapes = {k: v.shape for k, v in t_rec.features.items()}
-        return s_shapes, t_shapes, s_logits.shape, t_logits.shape
+        t_shapes = {k: v.shape for k, v in t_rec.features.items()} if t_rec else {}
+        return s_shapes, t_shapes, s_logits.shape, t_out
 
     def _build_connectors(self, example_input: torch.Tensor) -> None:
         s_shapes, t_shapes, s_out, t_out = self._probe(example_input)
-        if self.output is not None:
+        if self.output is not None and t_out is not None:
             check_logits(s_out, t_out)
         reference = next(itertools.chain(self.student.parameters(), [example_input]))
         for label, pair in zip(self.labels, self.pairs):
@@ -128,21 +165,33 @@ class Distiller(nn.Module):
                 raise MTKDError(f"'{label}' cannot name a tap pair; choose another name") from None
 
     @staticmethod
-    def _check_fired(s_rec: FeatureRecorder, t_rec: FeatureRecorder) -> None:
+    def _check_fired(s_rec: FeatureRecorder | None, t_rec: FeatureRecorder | None) -> None:
         for who, rec in (("student", s_rec), ("teacher", t_rec)):
-            if rec.missing():
+            if rec is not None and rec.missing():
                 raise MTKDError(
                     f"{who} tap(s) {', '.join(rec.missing())} did not run during the forward "
                     f"pass; pick modules that are called (`mtkd taps` lists them)"
                 )
 
-    def forward(self, x: torch.Tensor) -> DistillOutput:
-        """Run both networks on x (B, C_in, *spatial); return logits, terms and the loss."""
-        with (
-            torch.no_grad(),
-            FeatureRecorder(self.teacher, [p.teacher for p in self.pairs]) as t_rec,
-        ):
-            teacher_logits = _logits(self.teacher(x), "teacher")
+    def forward(self, x: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> DistillOutput:
+        """Run both networks on x (B, C_in, *spatial); return logits, terms and the loss.
+
+        Without a teacher network, ``teacher_logits`` (B, C_s, *spatial) are the stored
+        teacher's (pseudo-)logits for x; with one, they must be None.
+        """
+        if self.teacher is None:
+            if teacher_logits is None:
+                raise ValueError("a Distiller without a teacher network needs teacher_logits")
+            t_rec = None
+            teacher_logits = teacher_logits.detach()
+        else:
+            if teacher_logits is not None:
+                raise ValueError("teacher_logits are computed by the teacher network")
+            with (
+                torch.no_grad(),
+                FeatureRecorder(self.teacher, [p.teacher for p in self.pairs]) as t_rec,
+            ):
+                teacher_logits = self._teacher_logits(x)
         with FeatureRecorder(self.student, [p.student for p in self.pairs]) as s_rec:
             student_output = self.student(x)
         student_logits = _logits(student_output, "student")
@@ -168,11 +217,12 @@ class Distiller(nn.Module):
     def train(self, mode: bool = True) -> Distiller:
         """Set the student and connectors to ``mode``; the teacher stays in eval mode."""
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Distiller:
-        if recurse:
+        if recurse and isinstance(self.teacher, nn.Module):
             self.teacher._apply(fn)
         return super()._apply(fn, recurse)
 

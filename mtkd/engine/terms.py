@@ -40,24 +40,55 @@ def resolve_terms(
     return pairs, output
 
 
-def _unscaled_terms(
-    config: DistillConfig, student: dict[str, Any], teacher: dict[str, Any]
-) -> tuple[list[TapPair], OutputTerm | None]:
+def feature_weights(config: DistillConfig) -> dict[str, float]:
+    """The weight (times ``config.scale``) of each feature-level term by its label
+    (``E-E``, ``pair0``, ...); needs no network, so it can vet a teacher without taps."""
+    _check_preset(config)
     if config.preset is None:
-        pairs = [
-            TapPair(p.student, p.teacher, p.loss, p.weight, p.temperature, p.name)
-            for p in config.pairs
-        ]
-        output = None
-        if config.output is not None:
-            output = OutputTerm(config.output.loss, config.output.weight, config.output.temperature)
-        return pairs, output
+        named = [(p.name or f"pair{index}", p.weight) for index, p in enumerate(config.pairs)]
+    else:
+        named = list(THESIS_PAIRS)
+    return {label: weight * config.scale for label, weight in named}
+
+
+def resolve_output_term(config: DistillConfig) -> OutputTerm | None:
+    """The output term of ``config`` (weight times ``config.scale``), without any tap pair."""
+    _check_preset(config)
+    output = _unscaled_output(config)
+    if output is not None:
+        output.weight *= config.scale
+    return output
+
+
+def _check_preset(config: DistillConfig) -> None:
+    if config.preset is None:
+        return
     if config.preset not in PRESETS:
         raise MTKDError(
             f"unknown distillation preset '{config.preset}'; known: {', '.join(PRESETS)}"
         )
     if config.pairs:
         raise MTKDError("give either distill.preset or distill.pairs, not both")
+
+
+def _unscaled_output(config: DistillConfig) -> OutputTerm | None:
+    if config.output is not None:
+        return OutputTerm(config.output.loss, config.output.weight, config.output.temperature)
+    if config.preset is not None:
+        return OutputTerm(THESIS_OUTPUT.loss, THESIS_OUTPUT.weight, THESIS_OUTPUT.temperature)
+    return None
+
+
+def _unscaled_terms(
+    config: DistillConfig, student: dict[str, Any], teacher: dict[str, Any]
+) -> tuple[list[TapPair], OutputTerm | None]:
+    _check_preset(config)
+    if config.preset is None:
+        pairs = [
+            TapPair(p.student, p.teacher, p.loss, p.weight, p.temperature, p.name)
+            for p in config.pairs
+        ]
+        return pairs, _unscaled_output(config)
     prefix = "backbone." if teacher.get("reconstruction", "none") != "none" else ""
     student_taps = scale_taps(student["name"], student.get("params"))
     teacher_taps = scale_taps(teacher["name"], teacher.get("params"))
@@ -65,7 +96,4 @@ def _unscaled_terms(
         TapPair(student_taps[name], prefix + teacher_taps[name], "infonce", weight, 0.4, name)
         for name, weight in THESIS_PAIRS
     ]
-    output = OutputTerm(THESIS_OUTPUT.loss, THESIS_OUTPUT.weight, THESIS_OUTPUT.temperature)
-    if config.output is not None:
-        output = OutputTerm(config.output.loss, config.output.weight, config.output.temperature)
-    return pairs, output
+    return pairs, _unscaled_output(config)

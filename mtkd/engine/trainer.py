@@ -7,6 +7,9 @@ The loop is the same for all three; only the per-batch loss differs:
 - plain network (``kind: train``, reconstruction none): segmentation loss;
 - distillation (``kind: distill``): segmentation loss + the Distiller's weighted terms. With
   every distillation weight at zero this is exactly the plain recipe (the no-KD baseline).
+  The teacher is a network or another tool's stored outputs (see
+  :mod:`mtkd.engine.teacher_source`); stored outputs travel with the batches, aligned with
+  the images, and feed the output term without a teacher pass.
 
 Every epoch is reseeded from (seed, epoch), so a run resumed from a checkpoint continues as if
 it had never stopped; a stop in the middle of an epoch replays the epoch's data order up to
@@ -41,7 +44,15 @@ from mtkd.engine.optim import build_optimizer, build_scheduler
 from mtkd.engine.run_dir import EventLog, RunDir
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.signals import StopRequest
-from mtkd.engine.terms import resolve_terms
+from mtkd.engine.teacher_source import (
+    TeacherSource,
+    check_feature_terms,
+    is_stored_teacher,
+    pseudo_logits,
+    resolve_teacher,
+    teacher_transform,
+)
+from mtkd.engine.terms import resolve_output_term, resolve_terms
 from mtkd.errors import MTKDError
 from mtkd.infer.inference import (
     autocast_for,
@@ -50,8 +61,9 @@ from mtkd.infer.inference import (
     probabilities_to_labels,
     repeat_channels,
 )
-from mtkd.infer.model_io import LoadedModel, build_from_spec, export_model, load_model
+from mtkd.infer.model_io import FORMAT_VERSION, LoadedModel, build_from_spec, export_model
 from mtkd.metrics import dice_per_structure, nanmean
+from mtkd.models import count_parameters
 
 CHECKPOINT_FORMAT = 1
 
@@ -68,6 +80,11 @@ class RunResult:
     best_epoch: int
     model_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _spacing(spacing: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """Spacing rounded to 1 µm for comparison (None keeps each image's own spacing)."""
+    return None if spacing is None else tuple(round(float(s), 3) for s in spacing)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -139,11 +156,31 @@ class Trainer:
                 fixed=split.fixed,
             )
             self.run_dir.write_json(self.run_dir.split, self.split.to_dict())
-        self.cache = VolumeCache(self.dataset.cases, self.dataset.labels, self.mapping, self.prep)
         train_ids = (
             self.split.train if self.config.train_on == "train" else self.split.student_train
         )
         self.train_ids = list(train_ids)
+        # Stored teacher outputs are opened here, to be cached with the cases; a teacher network
+        # is loaded after the student is built (_prepare_model), so the student's random
+        # initialisation is the same as without a teacher.
+        distill = self.config.distill
+        self.source: TeacherSource | None = None
+        if self.config.kind == "distill" and distill and is_stored_teacher(distill.teacher):
+            self.source = self._open_teacher()
+        stored = None
+        if self.source is not None and self.source.stored is not None:
+            output = resolve_output_term(self.config.distill)
+            if output is not None and output.weight > 0:  # else the baseline: no teacher data
+                stored = self.source.stored
+                stored.check_cases(self.train_ids)
+        self.cache = VolumeCache(
+            self.dataset.cases,
+            self.dataset.labels,
+            self.mapping,
+            self.prep,
+            teacher=stored,
+            teacher_cases=self.train_ids,
+        )
         if data.dims == 2:
             self.train_set = SliceDataset(self.cache, self.train_ids, data.augment)
         else:
@@ -179,6 +216,19 @@ class Trainer:
         size = self.prep.slice_size if self.prep.dims == 2 else self.prep.patch_size
         return torch.zeros(2, self.prep.in_channels, *size, device=self.device)
 
+    def _open_teacher(self) -> TeacherSource | None:
+        """The distillation teacher, checked against this run (None for a training run)."""
+        distill = self.config.distill
+        if self.config.kind != "distill" or distill is None:
+            return None
+        source = resolve_teacher(
+            distill.teacher, self.labels, self.device, labels_json=self.config.data.labels_json
+        )
+        check_feature_terms(source, distill)
+        if source.model is not None:
+            self._check_teacher(source.model)
+        return source
+
     def _prepare_model(self) -> None:
         self.spec = self._network_spec()
         spec = self.spec
@@ -186,15 +236,18 @@ class Trainer:
         self.teacher: LoadedModel | None = None
         self.distiller: Distiller | None = None
         distill = self.config.distill
-        if self.config.kind == "distill" and distill is not None:
-            self.teacher = load_model(distill.teacher, self.device)
-            self._check_teacher(self.teacher)
-            pairs, output = resolve_terms(distill, spec, self.teacher.metadata["network"])
+        if self.source is None:
+            self.source = self._open_teacher()
+        source = self.source
+        if source is not None and distill is not None:
+            self.teacher = source.model
+            if source.has_taps:
+                pairs, output = self._terms(source, spec)
+            else:
+                pairs, output = [], resolve_output_term(distill)
             weights = [pair.weight for pair in pairs] + ([output.weight] if output else [])
             if any(weight > 0 for weight in weights):
-                self.distiller = Distiller(
-                    self.network, self.teacher.network, pairs, output, self._example_input()
-                ).to(self.device)
+                self.distiller = self._distiller(source, pairs, output).to(self.device)
             # else: every weight is zero, the no-KD baseline: the same recipe, no teacher pass
         trainable = (
             self.distiller.trainable_parameters() if self.distiller else self.network.parameters()
@@ -209,22 +262,52 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.seg_loss = SegmentationLoss(self.config.train.seg_loss, self.activation)
 
+    def _terms(self, source: TeacherSource, spec: dict[str, Any]):
+        """Tap pairs and output term for a teacher network with taps."""
+        distill = self.config.distill
+        try:
+            return resolve_terms(distill, spec, source.model.metadata["network"])
+        except MTKDError as error:
+            if distill.preset is None or source.kind != "bundle":
+                raise
+            raise MTKDError(
+                f"preset '{distill.preset}' finds the E/B/D taps of registered networks only "
+                f"({error.problem}); give distill.pairs with the bundle network's module names",
+                source.path,
+            ) from None
+
+    def _distiller(self, source: TeacherSource, pairs, output) -> Distiller:
+        if source.model is None:  # stored outputs: the batches carry the teacher's maps
+            return Distiller(self.network, None, [], output, self._example_input())
+        return Distiller(
+            self.network,
+            source.model.network,
+            pairs,
+            output,
+            self._example_input(),
+            teacher_transform=teacher_transform(source.model, self.labels, self.activation),
+            teacher_in_channels=source.model.prep.in_channels,
+        )
+
     def _check_teacher(self, teacher: LoadedModel) -> None:
-        ours, theirs = list(self.labels.names), list(teacher.labels.names)
-        if ours != theirs:
-            raise MTKDError(
-                f"the teacher segments {theirs} but this run's structures are {ours}; "
-                "set data.structures to the teacher's",
-                path=teacher.folder,
-            )
-        if teacher.activation != self.activation:
-            raise MTKDError(
-                f"teacher output is {teacher.activation}, the student's {self.activation}",
-                path=teacher.folder,
-            )
+        """The teacher must segment every student structure (by name) in the student's dims."""
+        teacher_transform(teacher, self.labels, self.activation)  # MTKDError if one is missing
         if teacher.prep.dims != self.prep.dims:
             raise MTKDError(
                 f"teacher is {teacher.prep.dims}-D, the student {self.prep.dims}-D", teacher.folder
+            )
+        if _spacing(teacher.prep.spacing) != _spacing(self.prep.spacing):
+            raise MTKDError(
+                f"the teacher works at spacing {teacher.prep.spacing} mm, this run's data.spacing "
+                f"is {self.prep.spacing}: the teacher would see the wrong scale; set data.spacing "
+                "to the teacher's",
+                path=teacher.folder,
+            )
+        if tuple(teacher.prep.hu_window) != tuple(self.prep.hu_window):
+            self.log(
+                f"warning: the teacher was trained with HU window {list(teacher.prep.hu_window)}, "
+                f"this run uses {list(self.prep.hu_window)}; the teacher sees this run's input "
+                "(set data.hu_window to the teacher's to match it)"
             )
 
     # ------------------------------------------------------------- checkpoint
@@ -242,7 +325,33 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "history": self.history,
+            "model_metadata": self._model_metadata(),
         }
+
+    def _model_metadata(self) -> dict[str, Any]:
+        """What ``export_model`` writes to ``mtkd_model.json`` (less the weights' SHA-256 and
+        creation time), so that a checkpoint can be opened as a model."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.config.name,
+            "network": self.spec,
+            "parameters": count_parameters(self.network),
+            "labels": self.labels.to_dict(),
+            "activation": self.activation,
+            "preprocessing": self.prep.to_dict(),
+            "lineage": self._lineage(),
+            "metrics": {},
+        }
+
+    def _lineage(self) -> dict[str, Any]:
+        lineage: dict[str, Any] = {
+            "kind": self.config.kind,
+            "run": str(self.run_dir.root.resolve()),
+            "distilled": self.distiller is not None,  # False for the no-KD baseline
+        }
+        if self.source is not None:
+            lineage["teacher"] = self.source.lineage()
+        return lineage
 
     def _restore(self) -> tuple[int, int]:
         path = self.run_dir.last_checkpoint
@@ -271,11 +380,21 @@ class Trainer:
         return int(state["epoch"]), int(state["step_in_epoch"])
 
     # ------------------------------------------------------------------ steps
-    def _batch_loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
-        """Loss and its unweighted terms for one batch (B, C, *S), labels (B, 1, *S)."""
+    def _batch_loss(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        teacher: torch.Tensor | None = None,
+    ):
+        """Loss and its unweighted terms for one batch (B, C, *S), labels (B, 1, *S) and, from
+        stored teacher outputs, the teacher's probabilities (B, K + 1, *S)."""
         weight = self.config.train.seg_weight
         if self.distiller is not None:
-            out = self.distiller(images)
+            if self.distiller.teacher is None:
+                out = self.distiller(images, pseudo_logits(teacher, self.activation))
+            else:
+                out = self.distiller(images)
             seg = self.seg_loss(out.student_logits, labels)
             terms = {"seg": seg.detach(), **{k: v.detach() for k, v in out.terms.items()}}
             return weight * seg + out.loss, terms
@@ -323,8 +442,9 @@ class Trainer:
                 continue  # replaying the data order of an interrupted epoch
             images = repeat_channels(batch["image"], self.prep.in_channels).to(self.device)
             labels = batch["label"].to(self.device)
+            teacher = batch["teacher"].to(self.device) if "teacher" in batch else None
             with autocast_for(self.device, cfg.amp):
-                loss, terms = self._batch_loss(images, labels, mask_generator)
+                loss, terms = self._batch_loss(images, labels, mask_generator, teacher)
             if not torch.isfinite(loss):
                 raise MTKDError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}")
             self.scaler.scale(loss / cfg.grad_accum).backward()
@@ -465,18 +585,7 @@ class Trainer:
         self.events.emit("status", state="exporting")
         if self.run_dir.best_checkpoint.is_file() and self.best_epoch > 0:
             self.network.load_state_dict(load_checkpoint(self.run_dir.best_checkpoint)["model"])
-        lineage: dict[str, Any] = {
-            "kind": self.config.kind,
-            "run": str(self.run_dir.root.resolve()),
-            "distilled": self.distiller is not None,  # False for the no-KD baseline
-        }
-        if self.teacher is not None:
-            lineage["teacher"] = {
-                "path": str(self.teacher.folder.resolve()),
-                "network": self.teacher.metadata["network"]["name"],
-                "weights_sha256": self.teacher.metadata["weights_sha256"],
-                "lineage": self.teacher.metadata.get("lineage", {}),
-            }
+        lineage = self._lineage()
         metrics = {
             "best_val_dice": self.best_metric if self.best_epoch else None,
             "best_epoch": self.best_epoch,

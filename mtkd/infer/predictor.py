@@ -1,4 +1,9 @@
-"""Segment CT images with an exported model, on the input's exact grid."""
+"""Segment CT images with a loaded model, on the input's exact grid.
+
+Preprocessing and its inverse run as plain torch ops on the predictor's device
+(:mod:`mtkd.infer.resample`); the network runs on the whole volume, in sliding windows or in
+slice batches as the free memory allows (:mod:`mtkd.infer.memory`).
+"""
 
 from __future__ import annotations
 
@@ -8,54 +13,177 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
+from torch import nn
 
 from mtkd.data.preprocess import build_transforms, invert_to_original, to_metatensor, to_sitk
-from mtkd.infer.inference import predict_volume, probabilities_to_labels
+from mtkd.errors import MTKDError
+from mtkd.infer.inference import predict_planned, probabilities_to_labels
+from mtkd.infer.memory import (
+    CPU_SLICE_BATCH_BYTES,
+    InferencePlan,
+    PeakMemory,
+    activation_bytes_per_voxel,
+    configure_cpu_threads,
+    free_memory_bytes,
+    has_extent_dependent_norm,
+    plan_inference,
+)
 from mtkd.infer.model_io import LoadedModel
-
-# Above this many probability voxels (channels x voxels of the original grid) the label map,
-# not the probabilities, is mapped back (nearest neighbour) to bound memory.
-_MAX_PROBABILITY_VOXELS = 1 << 28
+from mtkd.infer.resample import DEFAULT_CHUNK_BYTES, NotSeparableError, preprocess
 
 
 @dataclass
 class Prediction:
-    """A label map on the input image's grid (values 1..K as in ``model.labels``)."""
+    """A label map on the input image's grid (values 1..K as in ``model.labels``), the
+    seconds it took, the peak memory above the starting level (bytes; GPU memory on CUDA,
+    resident memory on the CPU) and the inference plan in words."""
 
     labelmap: sitk.Image
     seconds: float
+    peak_memory_bytes: int = 0
+    plan: str = ""
+
+
+def check_network_input(model: LoadedModel) -> None:
+    """MTKDError naming the model folder when the network's first convolution does not take
+    ``prep.in_channels`` channels or is not ``prep.dims``-D (for ``nn.Module`` networks)."""
+    network = model.network
+    if not isinstance(network, nn.Module) or isinstance(network, torch.jit.ScriptModule):
+        return
+    conv = next((m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None:
+        return
+    prep = model.prep
+    if conv.in_channels != prep.in_channels:
+        raise MTKDError(
+            f"the network's first convolution takes {conv.in_channels} input channels, but "
+            f"the model's preprocessing gives {prep.in_channels}",
+            path=model.folder,
+        )
+    dims = len(conv.kernel_size)
+    if dims != prep.dims:
+        raise MTKDError(
+            f"the network is {dims}-D (its first convolution) but the model's preprocessing "
+            f"is for a {prep.dims}-D network",
+            path=model.folder,
+        )
 
 
 class Predictor:
-    """Keeps one model loaded and segments any number of images with it."""
+    """Keeps one model loaded and segments any number of images with it.
 
-    def __init__(self, model: LoadedModel, device: torch.device | str = "cpu"):
+    ``amp``: bf16 (or fp16) autocast on CUDA. The memory budget is ``memory_budget_bytes``
+    when given, else ``memory_fraction`` of the device's free memory at each prediction.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        device: torch.device | str = "cpu",
+        *,
+        amp: bool = True,
+        memory_fraction: float = 0.5,
+        memory_budget_bytes: int | None = None,
+    ):
         self.model = model
         self.device = torch.device(device)
-        self.model.network.to(self.device).eval()
-        self.transforms = build_transforms(model.prep, with_label=False)
+        self.amp = amp
+        self.memory_fraction = memory_fraction
+        self.memory_budget_bytes = memory_budget_bytes
+        network = model.network
+        if hasattr(network, "to"):
+            network.to(self.device)
+        if hasattr(network, "eval"):
+            network.eval()
+        check_network_input(model)
+        if self.device.type == "cpu":
+            configure_cpu_threads()
+        self._transforms = None  # MONAI transforms, only for sheared voxel grids
+
+    def budget_bytes(self) -> int:
+        """Memory the next prediction may use."""
+        if self.memory_budget_bytes is not None:
+            return int(self.memory_budget_bytes)
+        return int(self.memory_fraction * free_memory_bytes(self.device))
+
+    def plan(self, volume_shape: tuple[int, ...], budget: int | None = None) -> InferencePlan:
+        """The plan for a preprocessed volume of spatial shape (X, Y, Z)."""
+        model = self.model
+        per_voxel = activation_bytes_per_voxel(
+            model.network,
+            model.prep.in_channels,
+            model.prep.dims,
+            model.size_multiple,
+            self.device,
+            self.amp,
+        )
+        budget = self.budget_bytes() if budget is None else budget
+        cache = CPU_SLICE_BATCH_BYTES if self.device.type == "cpu" else None
+        return plan_inference(
+            volume_shape,
+            model.prep,
+            per_voxel,
+            budget,
+            model.size_multiple,
+            cache,
+            extent_dependent=has_extent_dependent_norm(
+                model.network, model.metadata.get("network")
+            ),
+        )
 
     def predict(self, image: sitk.Image) -> Prediction:
         """Segment a CT (any size, spacing and orientation) -> label map on its grid."""
         started = time.perf_counter()
-        data = self.transforms({"image": to_metatensor(image)})
-        preprocessed = data["image"]
-        probabilities = predict_volume(
-            self.model.network,
-            preprocessed.as_tensor(),
-            self.model.prep,
-            self.model.activation,
-            self.device,
+        with PeakMemory(self.device) as peak, torch.inference_mode():
+            labels, plan = self._segment(image)
+        labelmap = to_sitk(labels, image)
+        return Prediction(labelmap, time.perf_counter() - started, peak.peak_bytes, plan)
+
+    def _segment(self, image: sitk.Image) -> tuple[np.ndarray, str]:
+        """Label array (X, Y, Z) on ``image``'s grid, and the plan in words."""
+        model = self.model
+        budget = self.budget_bytes()
+        try:
+            volume, mapping = preprocess(image, model.prep, self.device)
+        except NotSeparableError:
+            return self._segment_with_monai(image, budget)
+        plan = self.plan(tuple(volume.shape[1:]), budget)
+        probabilities = self._run(volume, plan, budget)
+        del volume
+        chunk = int(min(DEFAULT_CHUNK_BYTES, max(budget // 8, 16 << 20)))
+        labels = mapping.to_original(
+            probabilities, model.activation, len(model.labels), chunk_bytes=chunk
         )
-        original_voxels = int(np.prod(image.GetSize())) * probabilities.shape[0]
-        if original_voxels <= _MAX_PROBABILITY_VOXELS:
-            back = invert_to_original(probabilities, preprocessed, self.transforms, nearest=False)
-            labels = probabilities_to_labels(back, self.model.activation)
-        else:
-            labels = probabilities_to_labels(probabilities, self.model.activation)[None]
-            labels = invert_to_original(
-                labels.float(), preprocessed, self.transforms, nearest=True
-            )[0]
-        array = labels.round().to(torch.uint8 if len(self.model.labels) < 256 else torch.int16)
-        labelmap = to_sitk(array.numpy(), image)
-        return Prediction(labelmap, time.perf_counter() - started)
+        return labels, plan.describe()
+
+    def _run(self, volume: torch.Tensor, plan: InferencePlan, budget: int) -> torch.Tensor:
+        """Probabilities (C, X, Y, Z): on the device when they fit half the budget."""
+        model = self.model
+        channels = 1 if model.activation == "sigmoid" else len(model.labels) + 1
+        out_bytes = 4 * channels * volume[0].numel()
+        out_device = self.device if out_bytes <= budget // 2 else torch.device("cpu")
+        return predict_planned(
+            model.network,
+            volume,
+            model.prep,
+            model.activation,
+            self.device,
+            plan,
+            amp=self.amp,
+            size_multiple=model.size_multiple,
+            out_device=out_device,
+        )
+
+    def _segment_with_monai(self, image: sitk.Image, budget: int) -> tuple[np.ndarray, str]:
+        """The MONAI transforms and their inverse, for images the torch path cannot map."""
+        model = self.model
+        if self._transforms is None:
+            self._transforms = build_transforms(model.prep, with_label=False)
+        preprocessed = self._transforms({"image": to_metatensor(image)})["image"]
+        plan = self.plan(tuple(preprocessed.shape[1:]), budget)
+        volume = preprocessed.as_tensor().to(self.device)
+        probabilities = self._run(volume, plan, budget).cpu()
+        back = invert_to_original(probabilities, preprocessed, self._transforms, nearest=False)
+        labels = probabilities_to_labels(back, model.activation)
+        dtype = torch.uint8 if len(model.labels) < 256 else torch.int16
+        return labels.to(dtype).numpy(), f"{plan.describe()} (MONAI resampling)"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, as run on the project's GPU machine (an H100/H200 with
+# PyTorch preinstalled and no network). Nothing is installed: the packages the engine needs
+# beyond that machine's image (MONAI, SimpleITK, nibabel) and the full-size CT volumes are
+# carried in .devcarry/ (see BENCHMARKS.md) and unpacked under /tmp.
+#
+#   OUT=results bash bench/gpu_run.sh
+set -uo pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+PKG=/tmp/mtkd-packages
+mkdir -p "$PKG"
+tar -xJf .devcarry/sitk.tar.xz -C "$PKG"
+for wheel in .devcarry/*.whl; do python3 -m zipfile -e "$wheel" "$PKG"; done
+export PYTHONPATH="$PKG:$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+[ -n "${SKIP_TESTS:-}" ] || timeout 100 python3 -m pytest -q -p no:cacheprovider Testing/test_gpu.py 2>&1 \
+  | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout 270 python3 bench/inference_speed.py --device cuda --repeats 3 --work /tmp/bench \
+  --student .devcarry/student_model --carry .devcarry ${BENCH_ARGS:-} --out "$OUT/inference_gpu.json" \
+  > "$OUT/inference_gpu.log" 2>&1
+tail -30 "$OUT/inference_gpu.log"
