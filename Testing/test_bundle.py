@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 import yaml
 from helpers import expect_error
@@ -156,19 +157,19 @@ def test_monai_runs_the_written_inference_config(bundles, ct, tmp_path, name):
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(DATA / "abdomen_ct.nii.gz", data)
-    monai_run(
-        config_file=str(folder / "configs" / "inference.json"),
-        bundle_root=str(folder),
-        dataset_dir=str(data),
-        output_dir=str(tmp_path / "eval"),
-        logging_file=False,
-    )
+    with torch.enable_grad():  # the bundle switches gradients off, as a bundle process does
+        monai_run(
+            config_file=str(folder / "configs" / "inference.json"),
+            bundle_root=str(folder),
+            dataset_dir=str(data),
+            output_dir=str(tmp_path / "eval"),
+            logging_file=False,
+        )
+    assert torch.is_grad_enabled()
     written = read_image(tmp_path / "eval" / "abdomen_ct_seg.nii.gz")
     assert written.GetSize() == ct.GetSize()
     assert written.GetSpacing() == pytest.approx(ct.GetSpacing())
     assert written.GetOrigin() == pytest.approx(ct.GetOrigin(), abs=1e-4)
-    import SimpleITK as sitk
-
     values = set(sitk.GetArrayViewFromImage(written).ravel().tolist())
     assert values <= set(range(len(model.labels) + 1))
 

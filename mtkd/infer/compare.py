@@ -34,16 +34,10 @@ import SimpleITK as sitk
 from torch import nn
 
 from mtkd.data.atomic import atomic_write_bytes
-from mtkd.data.image_io import (
-    IMAGE_SUFFIXES,
-    check_same_grid,
-    image_suffix,
-    itk_error_reason,
-    read_label,
-    strip_image_suffix,
-)
+from mtkd.data.image_io import check_same_grid, strip_image_suffix
 from mtkd.data.labels import LabelTable, label_values_in, remap_label_array
-from mtkd.data.segnrrd import read_seg_nrrd, segment_header
+from mtkd.data.segnrrd import segment_header
+from mtkd.data.stored_outputs import read_stored_map, stored_label_table
 from mtkd.errors import MTKDError
 from mtkd.infer.evaluate import format_score, format_table
 from mtkd.infer.picture import structure_colors
@@ -126,144 +120,38 @@ def _stored_name(path: Path) -> str:
 class StoredSegmentation:
     """Another tool's stored output (e.g. TotalSegmentator) used as a :class:`Segmenter`.
 
-    ``path`` is a label map (NIfTI, NRRD, MetaImage, ``.seg.nrrd``), a probability map (4-D
-    image with one volume per channel, or an nnU-Net ``.npz`` with ``probabilities`` of shape
-    (C, z, y, x), channel 0 the background; label = argmax) or a folder of binary masks named
-    ``<structure>.nii.gz`` (TotalSegmentator's default). ``labels`` names the label values (for
-    probabilities channel ``i`` is the ``i``-th table entry); a ``.seg.nrrd`` or a mask folder
-    may omit it. The map must lie on the image's grid.
+    ``path`` is any stored segmentation :func:`~mtkd.data.stored_outputs.read_stored_map`
+    reads (label map, ``.seg.nrrd``, probabilities, folder of ``<structure>.nii.gz`` masks);
+    probabilities become the most probable label. ``labels`` names the label values; a
+    ``.seg.nrrd`` or a mask folder may omit it. The map must lie on the image's grid.
     """
 
     def __init__(self, path: str | Path, labels: LabelTable | None = None, name: str | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise MTKDError("stored segmentation not found", self.path)
-        self._seg_nrrd: tuple[sitk.Image, LabelTable] | None = None
         if labels is None:
-            labels = self._own_labels()
+            labels = stored_label_table(self.path)
+        if labels is None:
+            raise MTKDError(
+                "a stored label or probability map needs a label table (labels JSON) naming "
+                "its values",
+                self.path,
+            )
         self.labels = labels
         self.name = name or _stored_name(self.path)
         self.parameters: int | None = None
 
-    def _own_labels(self) -> LabelTable:
-        if self.path.is_dir():
-            names = sorted(strip_image_suffix(child.name) for child in self._mask_files())
-            return LabelTable(enumerate(names, start=1), source=self.path)
-        if self.path.name.lower().endswith(".seg.nrrd"):
-            self._seg_nrrd = read_seg_nrrd(self.path)
-            return self._seg_nrrd[1]
-        raise MTKDError(
-            "a stored label or probability map needs a label table (labels JSON) naming its values",
-            self.path,
-        )
-
-    def _mask_files(self) -> list[Path]:
-        files = [
-            child
-            for child in sorted(self.path.iterdir())
-            if child.is_file() and image_suffix(child) is not None
-        ]
-        if not files:
-            raise MTKDError(f"folder holds no masks ({', '.join(IMAGE_SUFFIXES)})", self.path)
-        return files
-
     def predict(self, image: sitk.Image) -> StoredPrediction:
         """The stored map as a label map on ``image``'s grid."""
-        if self.path.is_dir():
-            labelmap = self._read_masks(image)
-        elif self.path.name.lower().endswith(".seg.nrrd"):
-            labelmap, _ = self._seg_nrrd or read_seg_nrrd(self.path)
-            check_same_grid(labelmap, image, self.path)
-        elif self.path.name.lower().endswith(".npz"):
-            labelmap = self._from_npz(image)
-        elif _channels(self.path) > 1:
-            labelmap = self._from_probability_image(image)
-        else:
-            labelmap = read_label(self.path, reference=image)
-        unknown = [v for v in label_values_in(labelmap) if v != 0 and v not in self.labels]
-        if unknown:
+        array = read_stored_map(self.path, image, self.labels).as_labelmap(self.path)
+        unknown = [v for v in label_values_in(array) if v != 0 and v not in self.labels]
+        if unknown:  # a .seg.nrrd keeps its own values
             raise MTKDError(
                 f"label values {unknown[:20]} are not in the label table given for this map",
                 self.path,
             )
-        return StoredPrediction(labelmap)
-
-    def _read_masks(self, image: sitk.Image) -> sitk.Image:
-        files = {strip_image_suffix(child.name): child for child in self._mask_files()}
-        missing = [name for name in self.labels.names if name not in files]
-        if missing:
-            raise MTKDError(f"no mask file for {', '.join(missing)}", self.path)
-        dtype = np.uint8 if max(self.labels.label_values) <= 255 else np.uint16
-        array = np.zeros(image.GetSize()[::-1], dtype=dtype)
-        for value, name in self.labels.items():  # the first listed structure keeps a voxel
-            mask = sitk.GetArrayFromImage(read_label(files[name], reference=image)) > 0
-            array[mask & (array == 0)] = value
-        return _on_grid(array, image)
-
-    def _from_npz(self, image: sitk.Image) -> sitk.Image:
-        try:
-            with np.load(self.path, allow_pickle=False) as archive:
-                key = next((k for k in ("probabilities", "softmax") if k in archive.files), None)
-                if key is None:
-                    raise MTKDError(
-                        f"no 'probabilities' array (holds {', '.join(archive.files)})", self.path
-                    )
-                probabilities = archive[key]
-        except (OSError, ValueError) as error:
-            raise MTKDError(f"cannot read probabilities ({error})", self.path) from None
-        expected = tuple(image.GetSize()[::-1])
-        if probabilities.ndim != 4 or probabilities.shape[1:] != expected:
-            raise MTKDError(
-                f"probability map grid differs from the image grid: array shape "
-                f"{probabilities.shape}, expected (C, z, y, x) with (z, y, x) = {expected}",
-                self.path,
-            )
-        return _on_grid(self._argmax(probabilities), image)
-
-    def _from_probability_image(self, image: sitk.Image) -> sitk.Image:
-        try:
-            stored = sitk.ReadImage(str(self.path))
-        except RuntimeError as error:
-            reason = itk_error_reason(error)
-            raise MTKDError(f"cannot read probabilities: {reason}", self.path) from None
-        array = sitk.GetArrayFromImage(stored)
-        if stored.GetNumberOfComponentsPerPixel() > 1:
-            array = np.moveaxis(array, -1, 0)  # (z, y, x, C) -> (C, z, y, x)
-            grid = stored
-        else:  # 4-D: (C, z, y, x); the first three axes carry the geometry
-            grid = sitk.Image(stored.GetSize()[:3], sitk.sitkUInt8)
-            grid.SetOrigin(stored.GetOrigin()[:3])
-            grid.SetSpacing(stored.GetSpacing()[:3])
-            grid.SetDirection(np.array(stored.GetDirection()).reshape(4, 4)[:3, :3].ravel())
-        labelmap = _on_grid(self._argmax(array), grid)
-        check_same_grid(labelmap, image, self.path)
-        return labelmap
-
-    def _argmax(self, probabilities: np.ndarray) -> np.ndarray:
-        channels = probabilities.shape[0]
-        if channels != len(self.labels) + 1:
-            raise MTKDError(
-                f"probability map has {channels} channels; {len(self.labels) + 1} expected "
-                f"(background, then the {len(self.labels)} structures of the label table)",
-                self.path,
-            )
-        if np.issubdtype(probabilities.dtype, np.floating) and not np.isfinite(probabilities).all():
-            raise MTKDError("probability map has NaN or infinite values", self.path)
-        lookup = np.array([0, *self.labels.label_values])
-        dtype = np.uint8 if lookup.max() <= 255 else np.uint16
-        return lookup[np.argmax(probabilities, axis=0)].astype(dtype)
-
-
-def _channels(path: Path) -> int:
-    """Volumes (4-D) or components per voxel of an image file; 1 for a plain 3-D map."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return 1  # read_label reports the problem
-    size = reader.GetSize()
-    return max(reader.GetNumberOfComponents(), size[3] if len(size) == 4 else 1)
+        return StoredPrediction(_on_grid(array, image))
 
 
 def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:

@@ -133,13 +133,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a refusal
         raise MTKDError(f"refused to load weights ({type(error).__name__})", path=weights) from None
-    network = build_from_spec(metadata["network"])
+    return model_from_state(metadata, state, folder, device, source=weights)
+
+
+def model_from_state(
+    metadata: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    folder: Path,
+    device: str | torch.device,
+    source: Path,
+) -> LoadedModel:
+    """Build the network of ``metadata`` and load ``state`` (read from ``source``) into it."""
+    spec = metadata["network"]
+    network = build_from_spec(spec)
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
-        raise MTKDError(f"weights do not fit the network ({error})", path=weights) from None
+        raise MTKDError(f"weights do not fit the network ({error})", path=source) from None
     network.to(device).eval()
-    spec = metadata["network"]
     return LoadedModel(
         network=network,
         labels=LabelTable.from_dict(metadata["labels"]),

@@ -111,30 +111,12 @@ def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> Load
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The network of a training checkpoint of ours (``RUN/checkpoints/last.pt`` or ``best.pt``)."""
-    from mtkd.data.labels import LabelTable
-    from mtkd.data.preprocess import Preprocessing
     from mtkd.engine.checkpoint import load_checkpoint
-    from mtkd.infer.model_io import build_from_spec
-    from mtkd.models import network_info
+    from mtkd.infer.model_io import model_from_state
 
     path = Path(path)
     state = load_checkpoint(path)
     metadata = state.get("model_metadata")
     if not isinstance(metadata, dict):
         raise MTKDError("this checkpoint carries no model metadata (an older mtkd wrote it)", path)
-    network = build_from_spec(metadata["network"])
-    try:
-        network.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise MTKDError(f"weights do not fit the network ({error})", path=path) from None
-    network.to(device).eval()
-    spec = metadata["network"]
-    return LoadedModel(
-        network=network,
-        labels=LabelTable.from_dict(metadata["labels"]),
-        prep=Preprocessing.from_dict(metadata["preprocessing"]),
-        activation=metadata["activation"],
-        metadata=metadata,
-        folder=path.parent,
-        size_multiple=network_info(spec["name"], **spec["params"]).size_multiple,
-    )
+    return model_from_state(metadata, state["model"], path.parent, device, source=path)
