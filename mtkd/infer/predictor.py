@@ -96,6 +96,8 @@ class Predictor:
         if hasattr(network, "eval"):
             network.eval()
         check_network_input(model)
+        # instance/group norm: whole-volume passes would change the output, so windows only
+        self.extent_dependent = has_extent_dependent_norm(network, model.metadata.get("network"))
         if self.device.type == "cpu":
             configure_cpu_threads()
         self._transforms = None  # MONAI transforms, only for sheared voxel grids
@@ -126,9 +128,7 @@ class Predictor:
             budget,
             model.size_multiple,
             cache,
-            extent_dependent=has_extent_dependent_norm(
-                model.network, model.metadata.get("network")
-            ),
+            extent_dependent=self.extent_dependent,
         )
 
     def predict(self, image: sitk.Image) -> Prediction:

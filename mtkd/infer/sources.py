@@ -19,19 +19,21 @@ from pathlib import Path
 
 import torch
 
+from mtkd.data.image_io import IMAGE_SUFFIXES
 from mtkd.errors import MTKDError
 from mtkd.infer.model_io import METADATA, LoadedModel, load_model
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz", ".npy")
+# what another tool's stored segmentation may be (mtkd.data.stored_outputs reads them)
+STORED_SUFFIXES = (*IMAGE_SUFFIXES, ".npz")
 
 
 def is_stored_output(path: str | Path) -> bool:
     """True for an image file (or a folder of them) that holds another tool's segmentation."""
     path = Path(path)
     if path.is_file():
-        return path.name.lower().endswith(IMAGE_SUFFIXES)
+        return path.name.lower().endswith(STORED_SUFFIXES)
     if path.is_dir() and not _is_model_folder(path) and not _is_bundle_folder(path):
-        return any(child.name.lower().endswith(IMAGE_SUFFIXES) for child in path.iterdir())
+        return any(child.name.lower().endswith(STORED_SUFFIXES) for child in path.iterdir())
     return False
 
 
