@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from mtkd.distill.losses.cwd import cwd_loss
+from mtkd.distill.losses.dist import dist_loss
 from mtkd.distill.losses.feature import cosine_loss, mse_loss
 from mtkd.distill.losses.infonce import infonce_loss
 from mtkd.distill.losses.output import check_logits, pmd_loss
@@ -23,7 +25,7 @@ _FEATURE: dict[str, LossFn] = {
     "mse": lambda student, teacher, _temperature: mse_loss(student, teacher),
     "cosine": lambda student, teacher, _temperature: cosine_loss(student, teacher),
 }
-_OUTPUT: dict[str, LossFn] = {"pmd": pmd_loss}
+_OUTPUT: dict[str, LossFn] = {"pmd": pmd_loss, "cwd": cwd_loss, "dist": dist_loss}
 
 FEATURE_LOSSES = frozenset(_FEATURE)
 OUTPUT_LOSSES = frozenset(_OUTPUT)
@@ -53,6 +55,8 @@ __all__ = [
     "LossFn",
     "check_logits",
     "cosine_loss",
+    "cwd_loss",
+    "dist_loss",
     "get_feature_loss",
     "get_output_loss",
     "infonce_loss",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,26 @@ def check_logits(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> 
         )
 
 
+def softened_logits(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked float32 ``(z_s / T, z_t / T)`` for an output loss called ``name``.
+
+    Raises MTKDError for incomparable shapes or a temperature that is not a finite number
+    > 0. The teacher logits are detached and resized (linear interpolation) to the student's
+    spatial size when they differ. Call it inside ``torch.autocast(..., enabled=False)``.
+    """
+    check_logits(student_logits.shape, teacher_logits.shape)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise MTKDError(f"{name} temperature must be a finite number > 0, got {temperature}")
+    z_s = student_logits.float()
+    z_t = teacher_logits.detach().float()
+    if z_t.shape[2:] != z_s.shape[2:]:
+        mode = _MODES[z_s.ndim - 2]
+        z_t = F.interpolate(z_t, size=z_s.shape[2:], mode=mode, align_corners=False)
+    return z_s / temperature, z_t / temperature
+
+
 def pmd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
 ) -> torch.Tensor:
@@ -40,17 +61,8 @@ def pmd_loss(
     averaged. The teacher logits are detached and resized (linear interpolation) to the
     student's spatial size when they differ. Computed in float32; returns a scalar.
     """
-    check_logits(student_logits.shape, teacher_logits.shape)
-    if temperature <= 0:
-        raise MTKDError(f"PMD temperature must be > 0, got {temperature}")
-    teacher_logits = teacher_logits.detach()
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        z_s = student_logits.float() / temperature
-        z_t = teacher_logits.float()
-        if z_t.shape[2:] != z_s.shape[2:]:
-            mode = _MODES[z_s.ndim - 2]
-            z_t = F.interpolate(z_t, size=z_s.shape[2:], mode=mode, align_corners=False)
-        z_t = z_t / temperature
+        z_s, z_t = softened_logits(student_logits, teacher_logits, temperature, "PMD")
         if z_s.shape[1] == 1:
             kl = _bernoulli_kl(z_t, z_s)
         else:
