@@ -194,6 +194,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mtkd.data.synth import write_cohort
+
+    path = write_cohort(
+        args.output, args.subjects, seed=args.seed, size=args.size, spacing=args.spacing
+    )
+    print(f"wrote {args.subjects} SYNTHETIC phantom(s), not patient data, to {path.parent}")
+    return 0
+
+
 MODEL_HELP = (
     "run or model folder, exported TorchScript/ONNX folder, training checkpoint, MONAI bundle "
     "(folder or .zip) or TorchScript file"
@@ -283,6 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--labels", help="its label map, TotalSegmentator ids (default: bundled)")
     sub.add_argument("--quick", action="store_true", help="a few epochs only (smoke test)")
     sub.set_defaults(func=cmd_demo)
+
+    sub = commands.add_parser(
+        "synth", help="write a cohort of synthetic abdominal CT phantoms (MSD layout)"
+    )
+    sub.add_argument("output", help="folder for dataset.json, imagesTr/ and labelsTr/")
+    sub.add_argument("--subjects", type=int, default=20, help="number of phantoms (default 20)")
+    sub.add_argument("--seed", type=int, default=0, help="same seed, identical cohort")
+    sub.add_argument(
+        "--size", type=int, nargs=3, default=[96, 96, 48], metavar=("X", "Y", "Z"), help="voxels"
+    )
+    sub.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=[3.0, 3.0, 3.0],
+        metavar=("SX", "SY", "SZ"),
+        help="voxel size in mm",
+    )
+    sub.set_defaults(func=cmd_synth)
     return parser
 
 
