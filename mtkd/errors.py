@@ -17,3 +17,9 @@ class MTKDError(ValueError):
         self.path = None if path is None else str(path)
         self.problem = message
         super().__init__(message if path is None else f"{path}: {message}")
+
+
+def error_summary(error: BaseException) -> str:
+    """``TypeName first line of the message`` of a third-party exception, for our messages."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__} {lines[0]}" if lines else type(error).__name__

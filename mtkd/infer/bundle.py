@@ -21,7 +21,6 @@ divisor is then used.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -161,14 +160,6 @@ def _bundle_prefix(names: list[str], zip_path: Path) -> str:
     raise MTKDError("zip holds no MONAI bundle (configs/metadata.json not found)", zip_path)
 
 
-def _zip_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def bundle_folder(path: str | Path, extract_to: str | Path | None = None) -> Path:
     """The bundle folder of ``path``: the folder itself, or a zip extracted with
     :func:`safe_extract` (into ``extract_to``, else the cache, reused when present)."""
@@ -184,7 +175,7 @@ def bundle_folder(path: str | Path, extract_to: str | Path | None = None) -> Pat
         raise MTKDError(f"not a bundle folder or zip ({error})", path) from None
     if extract_to is not None:
         return safe_extract(path, extract_to) / prefix
-    final = cache_root() / _zip_digest(path)[:16]
+    final = cache_root() / sha256_of(path)[:16]
     if not final.is_dir():
         staging = temporary_sibling(final)
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mtkd.errors import MTKDError
+from mtkd.errors import MTKDError, error_summary
 from mtkd.infer.model_io import LoadedModel, sha256_of
 from mtkd.infer.torchscript_model import (
     checked_export_files,
@@ -46,11 +46,8 @@ def open_session(path: Path, device: str | torch.device = "cpu") -> Any:
     try:
         return onnxruntime.InferenceSession(str(path), providers=providers_for(device))
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise MTKDError(
-            f"not a loadable ONNX model (corrupt or truncated?): {type(error).__name__} "
-            f"{reason}".rstrip(),
-            path,
+            f"not a loadable ONNX model (corrupt or truncated?): {error_summary(error)}", path
         ) from None
 
 

@@ -17,7 +17,7 @@ import torch
 
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
-from mtkd.errors import MTKDError
+from mtkd.errors import MTKDError, error_summary
 from mtkd.infer.model_io import METADATA, LoadedModel, sha256_of
 
 DEFAULT_SIZE_MULTIPLE = 16
@@ -151,10 +151,8 @@ def _jit_load(
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as error:  # noqa: BLE001 - corrupt archives fail in many ways
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise MTKDError(
-            f"not a readable TorchScript file (corrupt or truncated?): "
-            f"{type(error).__name__} {reason}".rstrip(),
+            f"not a readable TorchScript file (corrupt or truncated?): {error_summary(error)}",
             path,
         ) from None
 
