@@ -54,3 +54,16 @@ def expect_error(path: Path | str, *words: str) -> Iterator[pytest.ExceptionInfo
     assert str(path) in message, message
     for word in words:
         assert word.lower() in message.lower(), message
+
+
+def read_with_slicer(path: Path | str):
+    """A ``.seg.nrrd`` read by Slicer's own storage node (slicer-core, headless) -> its
+    vtkSegmentation; the test fails if Slicer cannot read the file."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    return node.GetSegmentation()

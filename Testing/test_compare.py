@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from helpers import expect_error
+from helpers import expect_error, read_with_slicer
 from scipy import ndimage
 
 from mtkd.data.image_io import read_image, read_label, write_image
@@ -222,17 +222,12 @@ def test_disagreement_is_teacher_xor_student(model_run, total, total_labels) -> 
 
 
 def test_slicer_reads_the_disagreement_layers(model_run) -> None:
-    slicer = pytest.importorskip("slicer")
+    pytest.importorskip("slicer")
     from vtk.util import numpy_support
 
     path = model_run["paths"]["disagreement"]
     masks = segment_masks(path)
-    scene = slicer.vtkMRMLScene()
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    segmentation = node.GetSegmentation()
+    segmentation = read_with_slicer(path)
     assert segmentation.GetNumberOfSegments() == len(masks) == 6
     assert segmentation.GetNumberOfLayers() == 2
     for index, (name, mask) in enumerate(masks.items()):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from helpers import read_with_slicer
 
 from mtkd.data.labels import LabelTable
 from mtkd.data.segnrrd import read_seg_nrrd, write_seg_nrrd
@@ -200,7 +201,7 @@ def test_generated_colours_are_deterministic_and_distinct() -> None:
 
 def test_slicer_storage_node_reads_every_segment(tmp_path: Path, labelmap, table) -> None:
     """Slicer's own reader (slicer-core, headless) sees the same segments, voxels and geometry."""
-    slicer = pytest.importorskip("slicer")
+    pytest.importorskip("slicer")
     from vtk.util import numpy_support
 
     # an absent structure first: Slicer builds the layer from the first segment's extent
@@ -210,12 +211,7 @@ def test_slicer_storage_node_reads_every_segment(tmp_path: Path, labelmap, table
     path = tmp_path / "seg.seg.nrrd"
     write_seg_nrrd(labelmap, reordered, path)
 
-    scene = slicer.vtkMRMLScene()
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    segmentation = node.GetSegmentation()
+    segmentation = read_with_slicer(path)
     assert segmentation.GetNumberOfSegments() == len(reordered)
     voxels = sitk.GetArrayFromImage(labelmap)
     for index, (value, name) in enumerate(reordered.items()):
