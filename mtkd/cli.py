@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mtkd import __version__
 from mtkd.errors import MTKDError
+from mtkd.progress import ProgressReporter
 
 
 def _run_training(args: argparse.Namespace, kind: str) -> int:
@@ -82,18 +83,26 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from mtkd.infer.predictor import Predictor
     from mtkd.infer.sources import load_any_model
 
+    progress = ProgressReporter(args.progress)
     device = resolve_device(args.device)
     images = expand_image_inputs(args.images)
     outputs = [check_writable(o) for o in _output_paths(images, args.output, args.format)]
+    progress(0.0, "loading the model")
     predictor = Predictor(load_any_model(args.model, device), device)  # loaded once
-    for image_path, output in zip(images, outputs, strict=True):
+    share = 0.9 / len(images)
+    for index, (image_path, output) in enumerate(zip(images, outputs, strict=True)):
+        start = 0.1 + index * share
+        progress(start, f"reading {image_path.name}")
         image = read_image(image_path)
         warning = ct_intensity_warning(image, image_path)
         if warning:
             print(f"mtkd: warning: {warning}", file=sys.stderr)
+        progress(start + 0.1 * share, f"segmenting {image_path.name}")
         prediction = predictor.predict(image)
+        progress(start + 0.9 * share, f"writing {output.name}")
         write_segmentation(prediction.labelmap, predictor.model.labels, output)
         print(f"{image_path} -> {output} ({prediction.seconds:.2f} s, {prediction.plan})")
+    progress(1.0, "done")
     return 0
 
 
@@ -127,28 +136,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from mtkd.data.ct_check import ct_intensity_warning
     from mtkd.data.image_io import check_writable, read_image, read_label
     from mtkd.data.labels import LabelTable
+    from mtkd.data.segnrrd import write_segmentation
     from mtkd.engine.trainer import resolve_device
     from mtkd.infer.compare import compare, format_comparison, write_comparison
 
+    progress = ProgressReporter(args.progress)
     device = resolve_device(args.device)
     output = Path(args.output)
     check_writable(output / "comparison.json")
+    progress(0.0, "reading the image")
     image = read_image(args.image)
     warning = ct_intensity_warning(image, args.image)
     if warning:
         print(f"mtkd: warning: {warning}", file=sys.stderr)
+    progress(0.05, "loading the teacher")
     teacher = _segmenter(args.teacher, args.teacher_labels, device)
+    progress(0.15, "loading the student")
     student = _segmenter(args.student, args.student_labels, device)
     reference = read_label(args.reference, reference=image) if args.reference else None
     reference_labels = None
     if args.reference_labels:
         reference_labels = LabelTable.from_json(args.reference_labels)
+    progress(0.25, "segmenting with both models and scoring")
     result = compare(
         teacher, student, image, reference, reference_labels, reference_path=args.reference
     )
     print(format_comparison(result))
-    for kind, path in write_comparison(result, output, image, png=args.png).items():
+    progress(0.9, "writing the comparison")
+    paths = write_comparison(result, output, image, png=args.png)
+    if args.save_segmentations:
+        paths["teacher"] = output / "teacher.seg.nrrd"
+        paths["student"] = output / "student.seg.nrrd"
+        write_segmentation(result.teacher_labelmap, result.labels, paths["teacher"])
+        write_segmentation(result.student_labelmap, result.labels, paths["student"])
+    for kind, path in paths.items():
         print(f"{kind}: {path}")
+    progress(1.0, "done")
     return 0
 
 
@@ -204,6 +227,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+PROGRESS_HELP = "print machine-readable MTKD-PROGRESS lines (for the Slicer modules)"
 MODEL_HELP = (
     "run or model folder, exported TorchScript/ONNX folder, training checkpoint, MONAI bundle "
     "(folder or .zip) or TorchScript file"
@@ -251,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="file type when -o is a folder (default seg.nrrd)",
     )
     sub.add_argument("--device", default="auto")
+    sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
     sub.set_defaults(func=cmd_segment)
 
     sub = commands.add_parser(
@@ -265,7 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--student-labels", help="label names (JSON) of a stored student label map")
     sub.add_argument("-o", "--output", default="comparison", help="output folder")
     sub.add_argument("--png", action="store_true", help="also draw both models' contours")
+    sub.add_argument(
+        "--save-segmentations",
+        action="store_true",
+        help="also write teacher.seg.nrrd and student.seg.nrrd (on the CT's grid)",
+    )
     sub.add_argument("--device", default="auto")
+    sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
     sub.set_defaults(func=cmd_compare)
 
     sub = commands.add_parser("export", help="export a model, checked numerically on a CT")
@@ -312,7 +343,103 @@ def build_parser() -> argparse.ArgumentParser:
         help="voxel size in mm",
     )
     sub.set_defaults(func=cmd_synth)
+
+    sub = commands.add_parser(
+        "library", help="list, import and delete the models of the model library"
+    )
+    library = sub.add_subparsers(dest="library_command", required=True)
+    root_help = "library folder (default: $MTKD_LIBRARY, else ~/.mtkd/models)"
+    item = library.add_parser("list", help="list the library's models")
+    item.add_argument("--root", help=root_help)
+    item.set_defaults(func=cmd_library_list)
+    item = library.add_parser("import", help="copy a model into the library, checked")
+    item.add_argument(
+        "source",
+        help="run or model folder, exported TorchScript/ONNX folder, MONAI bundle folder, "
+        "or a .zip of one",
+    )
+    item.add_argument("--name", help="display name (default: the model's own name)")
+    item.add_argument("--root", help=root_help)
+    item.set_defaults(func=cmd_library_import)
+    item = library.add_parser("delete", help="remove a model from the library")
+    item.add_argument("key", help="the model's key (first column of `mtkd library list`)")
+    item.add_argument("--root", help=root_help)
+    item.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    item.set_defaults(func=cmd_library_delete)
+
+    sub = commands.add_parser(
+        "env", help="Python, package, CUDA, GPU, CPU and memory report (for bug reports)"
+    )
+    sub.add_argument("--json", action="store_true", help="machine-readable JSON")
+    sub.set_defaults(func=cmd_env)
     return parser
+
+
+def _library(args: argparse.Namespace):
+    from mtkd.library import ModelLibrary, default_library_root
+
+    return ModelLibrary(args.root or default_library_root())
+
+
+def _size_text(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB" if size >= 1 << 20 else f"{size / 1024:.0f} KiB"
+
+
+def cmd_library_list(args: argparse.Namespace) -> int:
+    library = _library(args)
+    entries = library.entries()
+    if not entries:
+        print(f"no models in {library.root}")
+        return 0
+    print(f"{len(entries)} model(s) in {library.root}")
+    for entry in entries:
+        if entry.problem:
+            print(f"{entry.key:<24} PROBLEM: {entry.problem}")
+            continue
+        dice = "n/a" if entry.validation_dice is None else f"{entry.validation_dice:.3f}"
+        print(
+            f"{entry.key:<24} {entry.name}  [{entry.format}]  {_size_text(entry.size_bytes)}  "
+            f"val Dice {dice}  labels: {', '.join(entry.labels)}"
+        )
+        if entry.teacher:
+            print(f"{'':<24} teacher: {entry.teacher}")
+    return 0
+
+
+def cmd_library_import(args: argparse.Namespace) -> int:
+    library = _library(args)
+    entry = library.import_model(args.source, name=args.name)
+    print(
+        f"imported {entry.key}: {entry.name} [{entry.format}], {len(entry.labels)} label(s), "
+        f"{_size_text(entry.size_bytes)} -> {entry.path}"
+    )
+    return 0
+
+
+def cmd_library_delete(args: argparse.Namespace) -> int:
+    library = _library(args)
+    entry = library.get(args.key)
+    if not args.yes:
+        try:
+            answer = input(f"delete {entry.key} ({entry.name}) at {entry.path}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    library.delete(entry.key)
+    print(f"deleted {entry.key}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from mtkd.environment import environment_report, format_environment
+
+    report = environment_report()
+    print(json.dumps(report, indent=2) if args.json else format_environment(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

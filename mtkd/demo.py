@@ -33,20 +33,27 @@ VAL_SLABS = (5, 10)
 SEG_NAME = "abdomen_student.seg.nrrd"
 
 
+# the bundled sample: Testing/Data in a source checkout; mtkd/sample/ where the Slicer
+# extension installed the engine (its CMakeLists.txt copies the same files there)
 BUNDLED = Path(__file__).resolve().parents[1] / "Testing" / "Data"
+INSTALLED_SAMPLE = Path(__file__).resolve().parent / "sample"
+SAMPLE_FILES = ("abdomen_ct.nii.gz", "abdomen_seg_total_fast.nii.gz", "labels_total_v2.json")
 
 
 def bundled_sample() -> tuple[Path, Path, Path]:
-    """CT, label map and label names of the bundled sample (from a source checkout)."""
-    files = (
-        BUNDLED / "abdomen_ct.nii.gz",
-        BUNDLED / "abdomen_seg_total_fast.nii.gz",
-        BUNDLED / "labels_total_v2.json",
-    )
+    """CT, label map and label names of the bundled sample."""
+    folder = INSTALLED_SAMPLE if (INSTALLED_SAMPLE / SAMPLE_FILES[0]).is_file() else BUNDLED
+    files = tuple(folder / name for name in SAMPLE_FILES)
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise MTKDError("bundled sample not found; pass --ct and --labels", path=missing[0])
     return files
+
+
+def bundled_names() -> Path:
+    """TotalSegmentator's label names, bundled with the sample."""
+    folder = INSTALLED_SAMPLE if (INSTALLED_SAMPLE / SAMPLE_FILES[2]).is_file() else BUNDLED
+    return folder / SAMPLE_FILES[2]
 
 
 def write_slab_dataset(ct: Path, seg: Path, names: Path, folder: Path) -> tuple[list[str], dict]:
@@ -151,7 +158,7 @@ def run_demo(
     elif ct is None or labels is None:
         raise MTKDError("give both --ct and --labels (a label map with TotalSegmentator ids)")
     else:
-        sample_ct, sample_seg, names = Path(ct), Path(labels), BUNDLED / "labels_total_v2.json"
+        sample_ct, sample_seg, names = Path(ct), Path(labels), bundled_names()
         if not names.is_file():
             raise MTKDError("TotalSegmentator label names not found", path=names)
     output.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ A run folder can stand for its model (``RUN/model``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -25,11 +24,8 @@ from mtkd.data.image_io import atomic_path, atomic_write_bytes
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError
+from mtkd.infer.model_files import FORMAT_VERSION, METADATA, WEIGHTS, sha256_of
 from mtkd.models import build_teacher, count_parameters, network_info
-
-WEIGHTS = "model.pt"
-METADATA = "mtkd_model.json"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -50,14 +46,6 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.metadata.get("name", self.folder.name)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_from_spec(network: dict[str, Any]) -> nn.Module:

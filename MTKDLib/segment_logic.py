@@ -1,0 +1,78 @@
+"""Run a student model on a CT volume node; the result is a segmentation node (no Qt).
+
+The model runs in a separate ``mtkd segment`` process on the volume written with its exact
+geometry, so the result is voxel for voxel what the command line gives for the same file,
+the GUI thread never blocks, and cancelling leaves the scene as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from MTKDLib.mrml_io import load_segmentation, write_volume
+from MTKDLib.process import EngineTask
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_volume(volume_node: Any) -> None:
+    """ValueError unless ``volume_node`` is a scalar volume node holding an image."""
+    if volume_node is None:
+        raise ValueError("select a CT volume first")
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA(
+        "vtkMRMLLabelMapVolumeNode"
+    ):
+        raise ValueError(f"'{volume_node.GetName()}' is not a scalar (CT) volume")
+    image = volume_node.GetImageData()
+    if image is None or min(image.GetDimensions()) < 1:
+        raise ValueError(f"volume '{volume_node.GetName()}' holds no image data")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"volume '{volume_node.GetName()}' has several components; CT has one")
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
+    return device
+
+
+class SegmentLogic:
+    """Segments volume nodes of ``scene`` with a model (any source the engine opens)."""
+
+    def __init__(self, scene: Any, python: str | None = None, env: dict[str, str] | None = None):
+        self.scene = scene
+        self.python = python
+        self.env = env
+
+    def start(
+        self,
+        volume_node: Any,
+        model: str | Path,
+        device: str = "auto",
+        model_name: str | None = None,
+    ) -> EngineTask[Any]:
+        """Start segmenting; poll the returned task, whose result is the new segmentation
+        node (named ``"<volume> <model>"``, under the volume in the subject hierarchy)."""
+        check_volume(volume_node)
+        check_device(device)
+        name = f"{volume_node.GetName()} {model_name or Path(model).name}"
+
+        def prepare(workdir: Path) -> list[str]:
+            image = write_volume(volume_node, workdir / "input.nrrd")
+            output = workdir / "segmentation.seg.nrrd"
+            return ["segment", str(model), str(image), "-o", str(output), "--device", device,
+                    "--progress"]  # fmt: skip
+
+        def collect(workdir: Path) -> Any:
+            return load_segmentation(
+                self.scene, workdir / "segmentation.seg.nrrd", name, volume_node
+            )
+
+        return EngineTask(prepare, collect, python=self.python, env=self.env)
+
+    def segment(
+        self, volume_node: Any, model: str | Path, device: str = "auto", **options: Any
+    ) -> Any:
+        """Blocking :meth:`start` (for scripts and tests): the new segmentation node."""
+        return self.start(volume_node, model, device, **options).wait()

@@ -1,0 +1,442 @@
+"""MTKDSegment: run a distilled student on a loaded CT and compare it with its teacher.
+
+The widget is a thin layer: the work is done by ``MTKDLib`` (no Qt; tested against real MRML
+with ``slicer-core``), which runs the ``mtkd`` engine in a background process.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from MTKDLib.compare_logic import CompareLogic
+from MTKDLib.segment_logic import DEVICES, SegmentLogic
+
+OTHER_TEACHER = "other"  # teacher combo box item: a path outside the library
+
+
+class MTKDSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MTKD Segment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MTKD contributors"]
+        self.parent.helpText = _(
+            "Segment a CT with a small, fast student model distilled by MTKD, and compare it "
+            "with its teacher (our run, a MONAI bundle, TorchScript, or a segmentation already "
+            "in the scene such as a TotalSegmentator result). The models run in a separate "
+            "process; Slicer stays responsive and Cancel leaves the scene as it was."
+        )
+        self.parent.acknowledgementText = _(
+            "MTKD implements multi-task, multi-scale, contrastive knowledge distillation for CT "
+            "segmentation on PyTorch and MONAI."
+        )
+
+
+@parameterNodeWrapper
+class MTKDSegmentParameterNode:
+    """What the scene remembers: inputs, the chosen models (library keys or a path), device."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    studentModel: str = ""
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    teacherIsSegmentation: bool = False
+    teacherModel: str = ""
+    teacherPath: str = ""
+    teacherSegmentation: vtkMRMLSegmentationNode
+    referenceSegmentation: vtkMRMLSegmentationNode
+    comparisonTable: vtkMRMLTableNode
+    costsTable: vtkMRMLTableNode
+
+
+class MTKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        from MTKDLib.gui import TaskView, library_root
+
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MTKDSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MTKDSegmentLogic()
+
+        self.segmentView = TaskView(self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel)
+        self.compareView = TaskView(self.ui.compareButton, self.ui.progressBar, self.ui.statusLabel)
+        self.ui.libraryPathLineEdit.filters = self.ui.libraryPathLineEdit.Dirs
+        self.ui.libraryPathLineEdit.currentPath = str(library_root())
+        self.ui.teacherPathLineEdit.filters = (
+            self.ui.teacherPathLineEdit.Dirs | self.ui.teacherPathLineEdit.Files
+        )
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
+        self.ui.studentModelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
+        self.ui.teacherModelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
+        self.ui.teacherPathLineEdit.connect("currentPathChanged(QString)", self.onModelChosen)
+        self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibraryMoved)
+        self.ui.importFolderButton.connect("clicked(bool)", self.onImportFolder)
+        self.ui.importZipButton.connect("clicked(bool)", self.onImportZip)
+        self.ui.deleteModelButton.connect("clicked(bool)", self.onDeleteModel)
+        self.ui.refreshLibraryButton.connect("clicked(bool)", self.refreshLibrary)
+        self.ui.checkEnvironmentButton.connect("clicked(bool)", self.onCheckEnvironment)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+
+        self.refreshLibrary()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        for view in (self.segmentView, self.compareView):
+            view.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        for view in (self.segmentView, self.compareView):
+            view.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume and not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = volume
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+            self.updateGui()
+
+    # --- the state of the panel -------------------------------------------------------------
+
+    def updateGui(self, caller=None, event=None) -> None:
+        node = self._parameterNode
+        if node is None:
+            return
+        self._select(self.ui.studentModelComboBox, node.studentModel)
+        self._select(self.ui.teacherModelComboBox, node.teacherModel)
+        if node.teacherPath and self.ui.teacherPathLineEdit.currentPath != node.teacherPath:
+            self.ui.teacherPathLineEdit.currentPath = node.teacherPath
+        fromNode = node.teacherIsSegmentation
+        otherPath = node.teacherModel == OTHER_TEACHER
+        self.ui.teacherModelComboBox.enabled = not fromNode
+        self.ui.teacherPathLineEdit.enabled = not fromNode and otherPath
+        self.ui.teacherSegmentationSelector.enabled = fromNode
+        haveInput = bool(node.inputVolume and node.studentModel)
+        self.ui.applyButton.enabled = self.segmentView.running or (
+            haveInput and not self.compareView.running
+        )
+        teacherReady = node.teacherSegmentation if fromNode else self._teacherSource()
+        self.ui.compareButton.enabled = self.compareView.running or (
+            haveInput and bool(teacherReady) and not self.segmentView.running
+        )
+        self.ui.comparisonTableView.setMRMLTableNode(node.comparisonTable)
+        self.ui.modelCostsTableView.setMRMLTableNode(node.costsTable)
+
+    @staticmethod
+    def _select(comboBox, key: str) -> None:
+        index = comboBox.findData(key)
+        if index >= 0 and comboBox.currentIndex != index:
+            comboBox.currentIndex = index
+
+    def onModelChosen(self, *_args) -> None:
+        if self._parameterNode is None:
+            return
+        self._parameterNode.studentModel = self.ui.studentModelComboBox.currentData or ""
+        self._parameterNode.teacherModel = self.ui.teacherModelComboBox.currentData or ""
+        self._parameterNode.teacherPath = self.ui.teacherPathLineEdit.currentPath
+
+    def _teacherSource(self) -> str:
+        node = self._parameterNode
+        if node.teacherModel == OTHER_TEACHER:
+            return node.teacherPath
+        return self.logic.modelPath(node.teacherModel) if node.teacherModel else ""
+
+    # --- segment and compare -----------------------------------------------------------------
+
+    def onApplyButton(self) -> None:
+        if self.segmentView.running:
+            self.segmentView.cancel()
+            return
+        if not self.logic.ensureDependencies():
+            return
+        node = self._parameterNode
+        self.segmentView.start(
+            lambda: self.logic.segmenter.start(
+                node.inputVolume,
+                self.logic.modelPath(node.studentModel),
+                node.device,
+                model_name=self.logic.modelName(node.studentModel),
+            ),
+            self.showSegmentation,
+        )
+        self.updateGui()
+
+    def showSegmentation(self, segmentationNode) -> None:
+        segmentationNode.CreateClosedSurfaceRepresentation()
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume)
+        self.updateGui()
+
+    def onCompareButton(self) -> None:
+        if self.compareView.running:
+            self.compareView.cancel()
+            return
+        if not self.logic.ensureDependencies():
+            return
+        node = self._parameterNode
+        teacher = node.teacherSegmentation if node.teacherIsSegmentation else self._teacherSource()
+        self.compareView.start(
+            lambda: self.logic.comparer.start(
+                node.inputVolume,
+                self.logic.modelPath(node.studentModel),
+                teacher,
+                node.device,
+                reference=node.referenceSegmentation,
+            ),
+            self.showComparison,
+        )
+        self.updateGui()
+
+    def showComparison(self, nodes) -> None:
+        self._parameterNode.comparisonTable = nodes.structures
+        self._parameterNode.costsTable = nodes.models
+        for run in (nodes.summary["teacher"], nodes.summary["student"]):
+            peak = run.get("peak_memory_bytes")
+            memory = "n/a" if peak is None else f"{peak / 2**20:.0f} MB"
+            self.ui.statusLabel.text += f"\n{run['name']}: {run['seconds']:.2f} s, {memory}"
+        self.updateGui()
+
+    # --- model library ----------------------------------------------------------------------
+
+    def refreshLibrary(self) -> None:
+        from MTKDLib.library_table import COLUMNS, library_rows, model_choices
+
+        entries = self.logic.library().entries()
+        table = self.ui.libraryTableWidget
+        table.clear()
+        table.setColumnCount(len(COLUMNS))
+        table.setHorizontalHeaderLabels(list(COLUMNS))
+        rows = library_rows(entries)
+        table.setRowCount(len(rows))
+        for row, (entry, texts) in enumerate(zip(entries, rows)):
+            for column, text in enumerate(texts):
+                item = qt.QTableWidgetItem(text)
+                item.setData(qt.Qt.UserRole, entry.key)
+                table.setItem(row, column, item)
+        table.resizeColumnsToContents()
+        choices = model_choices(entries)
+        for comboBox, extra in (
+            (self.ui.studentModelComboBox, []),
+            (self.ui.teacherModelComboBox, [(_("Other file or folder..."), OTHER_TEACHER)]),
+        ):
+            wasBlocked = comboBox.blockSignals(True)
+            comboBox.clear()
+            for text, key in [*choices, *extra]:
+                comboBox.addItem(text, key)
+            comboBox.blockSignals(wasBlocked)
+        self.updateGui()
+
+    def onLibraryMoved(self, path: str) -> None:
+        from MTKDLib.gui import set_library_root
+
+        if path and Path(path).is_dir():
+            set_library_root(path)
+            self.refreshLibrary()
+
+    def _importModel(self, source: str) -> None:
+        if not source or not self.logic.ensureDependencies():  # opening a model needs torch
+            return
+        try:
+            with slicer.util.WaitCursor():
+                entry = self.logic.library().import_model(source)
+        except Exception as error:  # noqa: BLE001 - MTKDError names the file and the problem
+            slicer.util.errorDisplay(f"Import failed: {error}", windowTitle="MTKD")
+            return
+        self.ui.statusLabel.text = f"Imported '{entry.name}' into the model library."
+        self.refreshLibrary()
+
+    def onImportFolder(self) -> None:
+        self._importModel(
+            qt.QFileDialog.getExistingDirectory(
+                slicer.util.mainWindow(), _("Run, model or exported model folder")
+            )
+        )
+
+    def onImportZip(self) -> None:
+        self._importModel(
+            qt.QFileDialog.getOpenFileName(
+                slicer.util.mainWindow(), _("Zipped model"), "", "Zip archives (*.zip)"
+            )
+        )
+
+    def onDeleteModel(self) -> None:
+        item = self.ui.libraryTableWidget.currentItem()
+        if item is None:
+            return
+        key = item.data(qt.Qt.UserRole)
+        name = self.logic.library().get(key).name
+        if not slicer.util.confirmYesNoDisplay(
+            _("Delete the model '{name}' from the library? Its files are removed.").format(
+                name=name
+            ),
+            windowTitle="MTKD",
+        ):
+            return
+        self.logic.library().delete(key)
+        self.refreshLibrary()
+
+    # --- environment ------------------------------------------------------------------------
+
+    def onCheckEnvironment(self) -> None:
+        from mtkd.environment import format_environment
+        from MTKDLib.dependencies import environment_task
+
+        def show(report) -> None:
+            self.ui.environmentTextEdit.setPlainText(format_environment(report))
+
+        self.ui.environmentCollapsibleButton.collapsed = False
+        TaskView = type(self.segmentView)
+        self._environmentView = TaskView(
+            self.ui.checkEnvironmentButton, self.ui.progressBar, self.ui.statusLabel
+        )
+        self._environmentView.start(environment_task, show)
+
+    def onInstallDependencies(self) -> None:
+        if self.logic.ensureDependencies():
+            self.ui.statusLabel.text = _("All of MTKD's Python packages are installed.")
+
+
+class MTKDSegmentLogic(ScriptedLoadableModuleLogic):
+    """The module's logic for ``slicer.mrmlScene``: segment and compare (``MTKDLib``, no Qt)
+    and the model library (``mtkd.library``)."""
+
+    def __init__(self, scene=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        scene = scene or slicer.mrmlScene
+        self.segmenter = SegmentLogic(scene)
+        self.comparer = CompareLogic(scene)
+        self.libraryRoot = None  # None: the folder in the user's settings
+
+    def getParameterNode(self):
+        return MTKDSegmentParameterNode(super().getParameterNode())
+
+    def library(self):
+        from mtkd.library import ModelLibrary
+        from MTKDLib.gui import library_root
+
+        return ModelLibrary(self.libraryRoot or library_root())
+
+    def modelPath(self, key: str) -> str:
+        return str(self.library().path_of(key))
+
+    def modelName(self, key: str) -> str:
+        return self.library().get(key).name
+
+    @staticmethod
+    def ensureDependencies() -> bool:
+        from MTKDLib.slicer_setup import ensure_engine_dependencies
+
+        return ensure_engine_dependencies()
+
+
+class MTKDSegmentTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer (Developer mode > Reload and Test, or the CTest below): the same steps as
+    the pytest suite, through the module logic, with a tiny model the engine trains here."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_and_compare()
+
+    def test_segment_and_compare(self):
+        from mtkd.demo import bundled_sample
+        from MTKDLib.dependencies import missing_requirements, read_requirements
+        from MTKDLib.mrml_io import labelmap_array, load_segmentation, segment_names
+        from MTKDLib.process import EngineTask
+
+        self.assertEqual(missing_requirements(read_requirements()), [], "install dependencies")
+        self.delayDisplay("Training a tiny teacher and student on the bundled CT (mtkd demo)")
+        work = Path(tempfile.mkdtemp(prefix="mtkd-selftest-"))
+        EngineTask(
+            lambda _: ["demo", "--quick", "--output", str(work / "demo")], lambda _: None
+        ).wait(timeout=1800)
+        logic = MTKDSegmentLogic()
+        logic.libraryRoot = work / "library"
+        student = logic.library().import_model(work / "demo" / "student_kd")
+        teacher = logic.library().import_model(work / "demo" / "teacher")
+        self.assertEqual(
+            [entry.key for entry in logic.library().entries()], sorted([student.key, teacher.key])
+        )
+
+        ct, _, _ = bundled_sample()
+        volume = slicer.util.loadVolume(str(ct))
+        oblique = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASDirectionMatrix(oblique)
+        rotation = vtk.vtkTransform()
+        rotation.RotateZ(25)
+        vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), oblique, oblique)
+        volume.SetIJKToRASDirectionMatrix(oblique)
+
+        self.delayDisplay("Segmenting with the student")
+        segmentation = logic.segmenter.segment(volume, logic.modelPath(student.key), "auto")
+        self.assertEqual(segment_names(segmentation), student.labels)
+        self.assertGreater(int(labelmap_array(segmentation, volume).max()), 0)
+
+        self.delayDisplay("Comparing with the teacher, then with a segmentation node")
+        nodes = logic.comparer.compare(volume, logic.modelPath(student.key), logic.modelPath(
+            teacher.key), device="auto")  # fmt: skip
+        self.assertEqual(nodes.structures.GetNumberOfRows(), len(student.labels))
+        self.assertEqual(nodes.models.GetNumberOfRows(), 2)
+        teacherNode = load_segmentation(
+            slicer.mrmlScene, work / "demo" / "abdomen_student.seg.nrrd", "stored", volume
+        )
+        nodes = logic.comparer.compare(volume, logic.modelPath(student.key), teacherNode)
+        self.assertIsNone(nodes.teacher)
+        summary = json.dumps(nodes.summary)
+        self.assertIn("dice_teacher_student", summary)
+        self.delayDisplay("MTKDSegment test passed")

@@ -1,0 +1,102 @@
+"""What can be checked of the Slicer modules' widget layer without Qt: the ``.ui`` parses and
+holds every widget the code names, parameter names match the parameter node, and the shared
+logic imports without Qt or torch (the GUI process must open before torch is installed)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ["MTKDSegment"]
+# importable in the GUI process before any engine dependency is installed
+HEADLESS = ["compare_logic", "dependencies", "library_table", "mrml_io", "process",
+            "segment_logic"]  # fmt: skip
+APPLICATION_ONLY = {"gui", "slicer_setup"}  # dialogs, QSettings, QTimer: need the app
+
+
+def ui_widgets(module: str) -> dict[str, str]:
+    tree = ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    return {w.get("name"): w.get("class") for w in tree.iter("widget")}
+
+
+def ui_parameter_names(module: str) -> set[str]:
+    tree = ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    return {
+        p.findtext("string")
+        for p in tree.iter("property")
+        if p.get("name") == "SlicerParameterName"
+    }
+
+
+def module_source(module: str) -> str:
+    return (ROOT / module / f"{module}.py").read_text()
+
+
+def parameter_fields(module: str) -> set[str]:
+    tree = ast.parse(module_source(module))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == f"{module}ParameterNode":
+            return {
+                item.target.id
+                for item in node.body
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+            }
+    raise AssertionError(f"{module}.py has no {module}ParameterNode")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_widget_the_code_names_is_in_the_ui(module):
+    widgets = ui_widgets(module)
+    assert widgets[module] == "qMRMLWidget"
+    used = set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", module_source(module)))
+    assert used, "the widget uses no ui element?"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"{module}.py uses widgets missing from {module}.ui: {missing}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_parameter_names_are_parameter_node_fields(module):
+    names = ui_parameter_names(module)
+    assert names
+    unknown = sorted(names - parameter_fields(module))
+    assert not unknown, f"{module}.ui binds unknown parameters: {unknown}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_file_follows_the_slicer_template(module):
+    tree = ast.parse(module_source(module))
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    for suffix in ("", "Widget", "Logic", "Test", "ParameterNode"):
+        assert f"{module}{suffix}" in classes
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module)])
+    }
+    assert "torch" not in imported and "monai" not in imported  # never in the GUI process
+
+
+def test_shared_logic_imports_without_qt_or_torch():
+    names = ", ".join(f"MTKDLib.{name}" for name in HEADLESS)
+    code = (
+        f"import sys, {names}\n"
+        "heavy = sorted({'qt', 'torch', 'monai', 'ctk'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_shared_module_is_classified():
+    files = {p.stem for p in (ROOT / "MTKDLib").glob("*.py")} - {"__init__"}
+    assert files == set(HEADLESS) | APPLICATION_ONLY

@@ -1,0 +1,152 @@
+"""What mtkd runs on: Python and package versions, CUDA and its GPUs, CPUs and free memory.
+
+``environment_report`` gathers it as a JSON-ready dict (``mtkd env --json``, bug reports, the
+Slicer module's about box); ``format_environment`` writes it for people.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+import mtkd
+from mtkd.infer.memory import free_memory_bytes
+
+# (report key, distribution name, module name) of the packages whose versions are reported
+PACKAGES = (
+    ("torch", "torch", "torch"),
+    ("monai", "monai", "monai"),
+    ("simpleitk", "SimpleITK", "SimpleITK"),
+    ("onnxruntime", "onnxruntime", "onnxruntime"),
+)
+
+
+def package_version(distribution: str, module: str) -> str | None:
+    """The installed version of a package, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:  # installed without distribution metadata (e.g. bundled with an application)
+        if importlib.util.find_spec(module) is None:
+            return None
+        version = getattr(importlib.import_module(module), "__version__", None)
+    except Exception:  # noqa: BLE001 - a package that fails to import is not usable
+        return None
+    return str(version) if version is not None else None
+
+
+def _gpus() -> list[dict[str, Any]]:
+    """Name, total and free memory of each CUDA device (free is None if it cannot be read)."""
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        try:
+            free, _ = torch.cuda.mem_get_info(index)
+            free = int(free)
+        except RuntimeError:
+            free = None
+        gpus.append(
+            {
+                "index": index,
+                "name": properties.name,
+                "total_memory_bytes": int(properties.total_memory),
+                "free_memory_bytes": free,
+            }
+        )
+    return gpus
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _total_memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def environment_report(device: str | torch.device | None = None) -> dict[str, Any]:
+    """Versions, CUDA, GPUs, CPUs and memory, as a JSON-ready dict.
+
+    ``device`` (default "auto": CUDA when available, else the CPU) is the device whose free
+    memory is reported as ``device_free_memory_bytes``; MTKDError if it is not available.
+    """
+    from mtkd.engine.trainer import resolve_device
+
+    chosen = resolve_device(str(device) if device is not None else "auto")
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "platform": platform.platform(),
+        "mtkd": mtkd.__version__,
+    }
+    for key, distribution, module in PACKAGES:
+        report[key] = torch.__version__ if key == "torch" else package_version(distribution, module)
+    report.update(
+        cuda_available=torch.cuda.is_available(),
+        cuda_version=torch.version.cuda,
+        gpus=_gpus(),
+        cpu_count=os.cpu_count() or 1,
+        usable_cpus=_usable_cpus(),
+        torch_threads=torch.get_num_threads(),
+        total_memory_bytes=_total_memory_bytes(),
+        free_memory_bytes=free_memory_bytes("cpu"),
+        device=str(chosen),
+        device_free_memory_bytes=free_memory_bytes(chosen),
+    )
+    return report
+
+
+def _gib(value: int | None) -> str:
+    return "unknown" if value is None else f"{value / (1 << 30):.1f} GiB"
+
+
+def format_environment(report: dict[str, Any]) -> str:
+    """``report`` (from :func:`environment_report`) as lines of text."""
+    versions = ", ".join(
+        f"{name} {report.get(key) or 'not installed'}"
+        for key, name in (
+            ("monai", "MONAI"),
+            ("simpleitk", "SimpleITK"),
+            ("onnxruntime", "ONNX Runtime"),
+        )
+    )
+    if report.get("cuda_available"):
+        cuda = f"CUDA {report.get('cuda_version')} available"
+    elif report.get("cuda_version"):
+        cuda = f"built for CUDA {report['cuda_version']}, but no usable GPU"
+    else:
+        cuda = "CPU-only build (no CUDA)"
+    lines = [
+        f"mtkd {report.get('mtkd')} on Python {report.get('python')} ({report.get('platform')})",
+        f"torch {report.get('torch')}: {cuda}",
+        versions,
+        f"CPUs: {report.get('cpu_count')} ({report.get('usable_cpus')} usable, torch uses "
+        f"{report.get('torch_threads')} threads)",
+        f"memory: {_gib(report.get('free_memory_bytes'))} free of "
+        f"{_gib(report.get('total_memory_bytes'))}",
+    ]
+    for gpu in report.get("gpus") or []:
+        lines.append(
+            f"GPU {gpu.get('index')}: {gpu.get('name')}, {_gib(gpu.get('free_memory_bytes'))} "
+            f"free of {_gib(gpu.get('total_memory_bytes'))}"
+        )
+    lines.append(
+        f"device: {report.get('device')} ({_gib(report.get('device_free_memory_bytes'))} free)"
+    )
+    return "\n".join(lines)
