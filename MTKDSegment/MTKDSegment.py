@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import ctk
 import qt
 import slicer
 import vtk
@@ -85,11 +86,9 @@ class MTKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.segmentView = TaskView(self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel)
         self.compareView = TaskView(self.ui.compareButton, self.ui.progressBar, self.ui.statusLabel)
-        self.ui.libraryPathLineEdit.filters = self.ui.libraryPathLineEdit.Dirs
+        self.ui.libraryPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.libraryPathLineEdit.currentPath = str(library_root())
-        self.ui.teacherPathLineEdit.filters = (
-            self.ui.teacherPathLineEdit.Dirs | self.ui.teacherPathLineEdit.Files
-        )
+        self.ui.teacherPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Files
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)

@@ -66,3 +66,22 @@ def test_cli_env_json_and_text(capsys):
     assert report["torch"] == torch.__version__ and "gpus" in report
     assert main(["env"]) == 0
     assert f"torch {torch.__version__}" in capsys.readouterr().out
+
+
+def test_env_reports_a_missing_torch_instead_of_failing():
+    """As in Slicer before the PyTorch extension is installed: torch cannot be imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+        "from mtkd.cli import main\n"
+        "raise SystemExit(main(['env', '--json']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["torch"] is None and report["cuda_available"] is False
+    assert report["monai"] is None or isinstance(report["monai"], str)
+    assert "torch: not installed" in format_environment(report)

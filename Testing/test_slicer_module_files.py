@@ -39,16 +39,37 @@ def module_source(module: str) -> str:
     return (ROOT / module / f"{module}.py").read_text()
 
 
-def parameter_fields(module: str) -> set[str]:
+def parameter_fields(module: str) -> dict[str, str]:
+    """{field: its annotation as source text} of the module's parameter node wrapper."""
     tree = ast.parse(module_source(module))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == f"{module}ParameterNode":
             return {
-                item.target.id
+                item.target.id: ast.unparse(item.annotation)
                 for item in node.body
                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
             }
     raise AssertionError(f"{module}.py has no {module}ParameterNode")
+
+
+def ui_bindings(module: str) -> dict[str, str]:
+    """{parameter name: class of the widget bound to it} from the .ui file."""
+    tree = ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui")
+    bindings = {}
+    for widget in tree.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bindings[prop.findtext("string")] = widget.get("class")
+    return bindings
+
+
+# which annotation each bound widget class can show (Slicer's parameterNodeWrapper connectors)
+CONNECTABLE = {
+    "qMRMLNodeComboBox": lambda annotation: annotation.startswith("vtkMRML"),
+    "QComboBox": lambda annotation: "Choice" in annotation,
+    "QCheckBox": lambda annotation: annotation == "bool",
+    "ctkPathLineEdit": lambda annotation: "Path" in annotation,
+}
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -65,8 +86,11 @@ def test_every_widget_the_code_names_is_in_the_ui(module):
 def test_ui_parameter_names_are_parameter_node_fields(module):
     names = ui_parameter_names(module)
     assert names
-    unknown = sorted(names - parameter_fields(module))
+    fields = parameter_fields(module)
+    unknown = sorted(names - set(fields))
     assert not unknown, f"{module}.ui binds unknown parameters: {unknown}"
+    for name, widget_class in ui_bindings(module).items():
+        assert CONNECTABLE[widget_class](fields[name]), f"{widget_class} cannot show {name}"
 
 
 @pytest.mark.parametrize("module", MODULES)

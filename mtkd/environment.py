@@ -14,10 +14,7 @@ import platform
 import sys
 from typing import Any
 
-import torch
-
 import mtkd
-from mtkd.infer.memory import free_memory_bytes
 
 # (report key, distribution name, module name) of the packages whose versions are reported
 PACKAGES = (
@@ -45,6 +42,8 @@ def package_version(distribution: str, module: str) -> str | None:
 
 def _gpus() -> list[dict[str, Any]]:
     """Name, total and free memory of each CUDA device (free is None if it cannot be read)."""
+    import torch
+
     if not torch.cuda.is_available():
         return []
     gpus = []
@@ -80,15 +79,14 @@ def _total_memory_bytes() -> int | None:
         return None
 
 
-def environment_report(device: str | torch.device | None = None) -> dict[str, Any]:
+def environment_report(device: str | None = None) -> dict[str, Any]:
     """Versions, CUDA, GPUs, CPUs and memory, as a JSON-ready dict.
 
     ``device`` (default "auto": CUDA when available, else the CPU) is the device whose free
     memory is reported as ``device_free_memory_bytes``; MTKDError if it is not available.
+    Without torch (e.g. in Slicer before its PyTorch extension is installed) the report says
+    so (``torch`` is None) instead of failing.
     """
-    from mtkd.engine.trainer import resolve_device
-
-    chosen = resolve_device(str(device) if device is not None else "auto")
     report: dict[str, Any] = {
         "python": platform.python_version(),
         "python_executable": sys.executable,
@@ -96,15 +94,30 @@ def environment_report(device: str | torch.device | None = None) -> dict[str, An
         "mtkd": mtkd.__version__,
     }
     for key, distribution, module in PACKAGES:
-        report[key] = torch.__version__ if key == "torch" else package_version(distribution, module)
+        report[key] = package_version(distribution, module)
     report.update(
+        cpu_count=os.cpu_count() or 1,
+        usable_cpus=_usable_cpus(),
+        total_memory_bytes=_total_memory_bytes(),
+    )
+    try:
+        import torch
+    except ImportError:
+        unknown = ("torch", "cuda_version", "torch_threads", "free_memory_bytes", "device")
+        report.update(dict.fromkeys(unknown), device_free_memory_bytes=None)
+        report.update(cuda_available=False, gpus=[])
+        return report
+
+    from mtkd.engine.trainer import resolve_device
+    from mtkd.infer.memory import free_memory_bytes
+
+    chosen = resolve_device(str(device) if device is not None else "auto")
+    report.update(
+        torch=torch.__version__,
         cuda_available=torch.cuda.is_available(),
         cuda_version=torch.version.cuda,
         gpus=_gpus(),
-        cpu_count=os.cpu_count() or 1,
-        usable_cpus=_usable_cpus(),
         torch_threads=torch.get_num_threads(),
-        total_memory_bytes=_total_memory_bytes(),
         free_memory_bytes=free_memory_bytes("cpu"),
         device=str(chosen),
         device_free_memory_bytes=free_memory_bytes(chosen),
@@ -134,7 +147,9 @@ def format_environment(report: dict[str, Any]) -> str:
         cuda = "CPU-only build (no CUDA)"
     lines = [
         f"mtkd {report.get('mtkd')} on Python {report.get('python')} ({report.get('platform')})",
-        f"torch {report.get('torch')}: {cuda}",
+        f"torch {report.get('torch')}: {cuda}"
+        if report.get("torch")
+        else "torch: not installed (in Slicer: install the PyTorch extension)",
         versions,
         f"CPUs: {report.get('cpu_count')} ({report.get('usable_cpus')} usable, torch uses "
         f"{report.get('torch_threads')} threads)",
