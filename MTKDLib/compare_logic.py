@@ -14,7 +14,7 @@ from typing import Any
 
 from MTKDLib.mrml_io import labels_file, load_segmentation, table_node, write_labelmap
 from MTKDLib.mrml_io import write_volume as write_volume_file
-from MTKDLib.process import EngineTask
+from MTKDLib.process import EngineLogic, EngineTask
 from MTKDLib.segment_logic import check_device, check_volume
 
 STRUCTURE_COLUMNS = [
@@ -70,13 +70,8 @@ def _model_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-class CompareLogic:
+class CompareLogic(EngineLogic):
     """Compares a teacher with a student on volume nodes of ``scene``."""
-
-    def __init__(self, scene: Any, python: str | None = None, env: dict[str, str] | None = None):
-        self.scene = scene
-        self.python = python
-        self.env = env
 
     def start(
         self,
@@ -118,7 +113,7 @@ class CompareLogic:
             summary = json.loads((out / "comparison.json").read_text())
             return self._add_nodes(out, summary, volume_node, volume_name, teacher_is_node)
 
-        return EngineTask(prepare, collect, python=self.python, env=self.env)
+        return self.task(prepare, collect)
 
     def compare(self, volume_node: Any, student: str | Path, teacher: Any, **options: Any):
         """Blocking :meth:`start` (for scripts and tests): the :class:`ComparisonNodes`."""

@@ -19,7 +19,8 @@ import vtk
 
 
 def write_volume(volume_node: Any, path: str | Path) -> Path:
-    """Write a scalar volume node to ``path`` (``.nrrd``, uncompressed) with its geometry."""
+    """Write a volume node (scalar or labelmap) to ``path`` (``.nrrd``, uncompressed) with its
+    geometry, through Slicer's own volume storage node."""
     path = Path(path)
     scene = volume_node.GetScene()
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
@@ -110,18 +111,13 @@ def write_labelmap(
     array = labelmap_array(segmentation_node, reference_volume, names)
     scene = segmentation_node.GetScene()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     try:
         matrix = vtk.vtkMatrix4x4()
         reference_volume.GetIJKToRASMatrix(matrix)
         labelmap.SetIJKToRASMatrix(matrix)
         slicer.util.updateVolumeFromArray(labelmap, array.astype(np.uint16))
-        storage.SetFileName(str(path))
-        storage.SetUseCompression(False)
-        if not storage.WriteData(labelmap):
-            raise OSError(f"Slicer could not write the label map {path}")
+        write_volume(labelmap, path)
     finally:
-        scene.RemoveNode(storage)
         scene.RemoveNode(labelmap)
     labels = {index + 1: name for index, name in enumerate(names)}
     labels_path = labels_file(path)

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mtkd.progress import parse_progress
 
@@ -285,3 +285,22 @@ class EngineTask(Generic[T]):
     def _cleanup(self) -> None:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class EngineLogic:
+    """Base of the module logics that run engine jobs for the nodes of one MRML ``scene``.
+
+    ``python``/``env``: the interpreter and environment of the engine process (default:
+    ``PythonSlicer`` in Slicer, this interpreter elsewhere, with the engine on PYTHONPATH).
+    """
+
+    def __init__(self, scene: Any, python: str | None = None, env: dict[str, str] | None = None):
+        self.scene = scene
+        self.python = python
+        self.env = env
+
+    def task(
+        self, prepare: Callable[[Path], Sequence[str]], collect: Callable[[Path], T]
+    ) -> EngineTask[T]:
+        """An :class:`EngineTask` in this logic's engine process settings."""
+        return EngineTask(prepare, collect, python=self.python, env=self.env)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from MTKDLib.mrml_io import load_segmentation, write_volume
-from MTKDLib.process import EngineTask
+from MTKDLib.process import EngineLogic, EngineTask
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -37,13 +37,8 @@ def check_device(device: str) -> str:
     return device
 
 
-class SegmentLogic:
+class SegmentLogic(EngineLogic):
     """Segments volume nodes of ``scene`` with a model (any source the engine opens)."""
-
-    def __init__(self, scene: Any, python: str | None = None, env: dict[str, str] | None = None):
-        self.scene = scene
-        self.python = python
-        self.env = env
 
     def start(
         self,
@@ -69,7 +64,7 @@ class SegmentLogic:
                 self.scene, workdir / "segmentation.seg.nrrd", name, volume_node
             )
 
-        return EngineTask(prepare, collect, python=self.python, env=self.env)
+        return self.task(prepare, collect)
 
     def segment(
         self, volume_node: Any, model: str | Path, device: str = "auto", **options: Any

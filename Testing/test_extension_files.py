@@ -95,17 +95,12 @@ class Command:
 def parse_cmake(text: str) -> list[Command]:
     commands: list[Command] = []
     i, n, line = 0, len(text), 1
-    while i < n:
+    while True:
+        i, line = _skip_blanks(text, i, line)
+        if i >= n:
+            return commands
         c = text[i]
-        if c == "\n":
-            line += 1
-            i += 1
-        elif c.isspace():
-            i += 1
-        elif c == "#":
-            while i < n and text[i] != "\n":
-                i += 1
-        elif c.isalpha() or c == "_":
+        if c.isalpha() or c == "_":
             start = i
             while i < n and (text[i].isalnum() or text[i] == "_"):
                 i += 1
@@ -119,24 +114,34 @@ def parse_cmake(text: str) -> list[Command]:
             line = end_line
         else:
             raise ValueError(f"line {line}: unexpected character {c!r}")
-    return commands
+
+
+def _skip_blanks(text: str, i: int, line: int) -> tuple[int, int]:
+    """Past whitespace and line comments from ``i``; the new position and line number."""
+    n = len(text)
+    while i < n:
+        if text[i] == "\n":
+            line += 1
+        elif text[i] == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        elif not text[i].isspace():
+            break
+        i += 1
+    return i, line
 
 
 def _parse_args(text: str, i: int, line: int) -> tuple[list[str], int, int]:
     args: list[str] = []
     depth = 0
     n = len(text)
-    while i < n:
+    while True:
+        i, line = _skip_blanks(text, i, line)
+        if i >= n:
+            break
         c = text[i]
-        if c == "\n":
-            line += 1
-            i += 1
-        elif c.isspace():
-            i += 1
-        elif c == "#":
-            while i < n and text[i] != "\n":
-                i += 1
-        elif c == "(":
+        if c == "(":
             depth += 1
             args.append("(")
             i += 1
