@@ -6,7 +6,16 @@ from collections.abc import Sequence
 
 from mtkd.library import LibraryEntry
 
-COLUMNS = ("Name", "Structures", "Format", "Size", "Created", "Teacher", "Validation Dice")
+COLUMNS = (
+    "Name",
+    "Structures",
+    "Format",
+    "Size",
+    "Created",
+    "Teacher",
+    "Validation Dice",
+    "Version",
+)
 
 
 def format_size(size_bytes: int) -> str:
@@ -17,6 +26,24 @@ def format_size(size_bytes: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def version_text(history: dict) -> str:
+    """The annotate-then-distill lineage of an entry, e.g. ``v2 of abdomen-student (+3 cases,
+    Dice 0.712 -> 0.768)``; empty for a model that is not a loop version."""
+    if not history.get("version"):
+        return ""
+    text = f"v{history['version']}"
+    if history.get("previous"):
+        text += f" of {history['previous']}"
+    details = []
+    if history.get("cases_added") is not None:
+        count = len(history["cases_added"])
+        details.append(f"+{count} case{'s' if count != 1 else ''}")
+    before, after = history.get("val_dice_before"), history.get("val_dice_after")
+    if before is not None and after is not None:
+        details.append(f"Dice {before:.3f} -> {after:.3f}")
+    return text + (f" ({', '.join(details)})" if details else "")
 
 
 def library_rows(entries: Sequence[LibraryEntry]) -> list[list[str]]:
@@ -34,6 +61,7 @@ def library_rows(entries: Sequence[LibraryEntry]) -> list[list[str]]:
                 entry.created[:10],
                 entry.teacher,
                 dice,
+                version_text(entry.history),
             ]
         )
     return rows

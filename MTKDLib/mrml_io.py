@@ -18,15 +18,15 @@ import slicer
 import vtk
 
 
-def write_volume(volume_node: Any, path: str | Path) -> Path:
-    """Write a volume node (scalar or labelmap) to ``path`` (``.nrrd``, uncompressed) with its
-    geometry, through Slicer's own volume storage node."""
+def write_volume(volume_node: Any, path: str | Path, compress: bool = False) -> Path:
+    """Write a volume node (scalar or labelmap) to ``path`` (``.nrrd``, ``.nii.gz``, ...) with
+    its geometry, through Slicer's own volume storage node."""
     path = Path(path)
     scene = volume_node.GetScene()
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     try:
         storage.SetFileName(str(path))
-        storage.SetUseCompression(False)
+        storage.SetUseCompression(compress)
         if not storage.WriteData(volume_node):
             raise OSError(f"Slicer could not write volume '{volume_node.GetName()}' to {path}")
     finally:

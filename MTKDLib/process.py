@@ -11,6 +11,7 @@ Both Slicer modules use this: the GUI thread never runs torch; it starts a proce
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import queue
@@ -145,18 +146,28 @@ class BackgroundProcess:
         self._reader.join(timeout)
         return self._process.returncode
 
-    def cancel(self, grace_seconds: float = 10.0) -> None:
+    def request_stop(self) -> None:
         """Ask the process tree to stop (SIGTERM / CTRL_BREAK: a training run saves a
-        checkpoint first), and kill the whole tree if it has not ended after ``grace_seconds``."""
+        checkpoint first); returns at once."""
+        if self._process.poll() is None:
+            self._signal_tree(soft=True)
+
+    def kill(self) -> None:
+        """Kill the whole process tree now (also children left behind by an ended leader)
+        and wait for it."""
+        self._signal_tree(soft=False)
+        self._process.wait()
+        self._reader.join(5)
+
+    def cancel(self, grace_seconds: float = 10.0) -> None:
+        """:meth:`request_stop`, then :meth:`kill` if the process has not ended after
+        ``grace_seconds`` (blocks up to that long)."""
         if self._process.poll() is not None:
             return
-        self._signal_tree(soft=True)
-        try:
+        self.request_stop()
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self._process.wait(grace_seconds)
-        except subprocess.TimeoutExpired:
-            self._signal_tree(soft=False)
-            self._process.wait()
-        self._reader.join(5)
+        self.kill()
 
     def _signal_tree(self, soft: bool) -> None:
         try:

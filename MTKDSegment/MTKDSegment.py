@@ -412,7 +412,7 @@ class MTKDSegmentTest(ScriptedLoadableModuleTest):
             [entry.key for entry in logic.library().entries()], sorted([student.key, teacher.key])
         )
 
-        ct, _, _ = bundled_sample()
+        ct = bundled_sample()[0]
         volume = slicer.util.loadVolume(str(ct))
         oblique = vtk.vtkMatrix4x4()
         volume.GetIJKToRASDirectionMatrix(oblique)

@@ -14,10 +14,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["MTKDSegment"]
+MODULES = ["MTKDSegment", "MTKDTrain"]
 # importable in the GUI process before any engine dependency is installed
-HEADLESS = ["compare_logic", "dependencies", "library_table", "mrml_io", "process",
-            "segment_logic"]  # fmt: skip
+HEADLESS = [
+    "compare_logic",
+    "dependencies",
+    "distill_loop",
+    "library_table",
+    "mrml_io",
+    "process",
+    "run_monitor",
+    "segment_logic",
+    "train_config",
+    "train_logic",
+    "training_set",
+]
 APPLICATION_ONLY = {"gui", "slicer_setup"}  # dialogs, QSettings, QTimer: need the app
 
 
@@ -69,6 +80,9 @@ CONNECTABLE = {
     "QComboBox": lambda annotation: "Choice" in annotation,
     "QCheckBox": lambda annotation: annotation == "bool",
     "ctkPathLineEdit": lambda annotation: "Path" in annotation,
+    "QSpinBox": lambda annotation: annotation == "int",
+    "QDoubleSpinBox": lambda annotation: annotation == "float",
+    "QLineEdit": lambda annotation: annotation == "str",
 }
 
 

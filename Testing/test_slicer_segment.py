@@ -22,7 +22,7 @@ from mtkd.data.terminology import lookup
 from mtkd.infer.model_io import load_model
 from mtkd.library import ModelLibrary
 from MTKDLib.compare_logic import CompareLogic
-from MTKDLib.library_table import format_size, library_rows, model_choices
+from MTKDLib.library_table import format_size, library_rows, model_choices, version_text
 from MTKDLib.mrml_io import labelmap_array, load_segmentation, segment_names
 from MTKDLib.segment_logic import SegmentLogic
 
@@ -246,7 +246,7 @@ def test_library_rows_show_what_the_panel_lists(teacher_run, tmp_path):
     (broken.path / "library_entry.json").write_text("{ not json")
     entries = library.entries()
     rows = dict(zip([e.key for e in entries], library_rows(entries), strict=True))
-    name, structures, fmt, size, created, _teacher, dice = rows[entry.key]
+    name, structures, fmt, size, created, _teacher, dice, version = rows[entry.key]
     assert name == "Abdomen teacher" and fmt == "pytorch"
     assert structures == ", ".join(load_model(teacher_run).labels.names)
     assert size.endswith(("KB", "MB")) and float(size.split()[0]) > 0
@@ -254,6 +254,10 @@ def test_library_rows_show_what_the_panel_lists(teacher_run, tmp_path):
     metrics = json.loads((teacher_run / "model" / "mtkd_model.json").read_text())["metrics"]
     assert dice == f"{metrics['best_val_dice']:.3f}"
     assert "unusable" in rows[broken.key][0]
+    assert version == ""  # not a loop version
+    history = {"version": 2, "previous": "abdomen-teacher", "cases_added": ["a", "b"],
+               "val_dice_before": 0.5, "val_dice_after": 0.625}  # fmt: skip
+    assert version_text(history) == "v2 of abdomen-teacher (+2 cases, Dice 0.500 -> 0.625)"
     assert model_choices(entries) == [(f"Abdomen teacher ({len(entry.labels)} structures)",
                                        entry.key)]  # fmt: skip
     assert format_size(1536) == "1.5 KB" and format_size(3 * 2**30) == "3.0 GB"

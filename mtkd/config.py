@@ -8,6 +8,7 @@ Unknown keys, wrong types and unknown names are errors that name the key and the
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class NetworkConfig:
 
     name: str = "thesis_s1"
     params: dict[str, Any] = field(default_factory=dict)
+    # Fine-tune: a model or run folder of ours whose weights start a NEW run (a resumed run
+    # continues from its checkpoint). Its network (name, params) and labels (names, in order)
+    # must equal this run's; it is validated once before the first epoch (initial_val_dice).
+    init_from: str | None = None
 
 
 @dataclass
@@ -133,13 +138,25 @@ class OutputTermConfig:
 
 @dataclass
 class DistillConfig:
-    """Teacher and terms. ``preset: thesis`` fills pairs/output/seg weight as in the paper."""
+    """Teacher and terms. A preset fills the tap pairs and the output term:
+
+    - ``thesis``: the paper's E-E (encoder level 2), B-B and D-D pairs, weights 0.1/0.2/0.1;
+    - ``all_scales``: every encoder level both networks have (E1-E1 .. En-En, matched from the
+      shallowest; 0.1 each) plus B-B (0.2) and D-D (0.1).
+
+    Both use InfoNCE (tau 0.4), and PMD (T 4, weight 0.2) unless ``output`` is given.
+    ``feature_loss`` and ``scale_weights`` change a preset's pairs (not explicit ``pairs``).
+    """
 
     teacher: str = ""  # run/model folder, checkpoint, bundle, TorchScript/ONNX, stored outputs
-    preset: str | None = None
+    preset: str | None = None  # thesis | all_scales (null: explicit pairs)
     pairs: list[TapPairConfig] = field(default_factory=list)
     output: OutputTermConfig | None = None
     scale: float = 1.0  # multiplies every distillation weight; 0 is the no-KD baseline
+    feature_loss: str | None = None  # replaces the preset's InfoNCE: infonce, mse, cosine
+    # weight per pair label (thesis: E-E, B-B, D-D; all_scales: E1-E1 .. En-En, B-B, D-D),
+    # replacing the preset's before ``scale``; 0 drops the pair
+    scale_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -211,6 +228,36 @@ class RunConfig:
                 fail(f"distill.pairs[{index}]", "needs both 'student' and 'teacher' tap names")
             if pair.weight < 0 or pair.temperature <= 0:
                 fail(f"distill.pairs[{index}]", "weight must be >= 0 and temperature > 0")
+        if self.distill is not None:
+            self._validate_overrides(self.distill, fail)
+        if self.model.init_from is not None and not self.model.init_from.strip():
+            fail("model.init_from", "must be a model or run folder (or null)")
+
+    @staticmethod
+    def _validate_overrides(distill: DistillConfig, fail: typing.Callable) -> None:
+        """``feature_loss`` and ``scale_weights`` change a preset's pairs; their names are
+        checked against the preset (and the networks) when the terms are resolved."""
+        for key in ("feature_loss", "scale_weights"):
+            if getattr(distill, key) is None:
+                continue
+            if distill.pairs:
+                fail(
+                    f"distill.{key}",
+                    "applies to a preset's pairs; explicit distill.pairs carry their own "
+                    "loss and weight",
+                )
+            if distill.preset is None:
+                fail(f"distill.{key}", "applies to a preset's pairs; set distill.preset")
+        if distill.feature_loss is not None and not distill.feature_loss:
+            fail("distill.feature_loss", "must name a feature loss (infonce, mse, cosine)")
+        for label, weight in (distill.scale_weights or {}).items():
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
+                fail(f"distill.scale_weights.{label}", f"must be a number >= 0, got {weight!r}")
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -25,7 +25,7 @@ import shutil
 import time
 import unicodedata
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ class LibraryEntry:
     imported_at: str
     sha256: str = ""  # of the weights file
     problem: str | None = None  # why the entry cannot be used; None when it is fine
+    history: dict[str, Any] = field(default_factory=dict)  # e.g. the loop's version lineage
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -344,6 +345,8 @@ class ModelLibrary:
         entry.imported_from = _text(record.get("imported_from"))
         entry.imported_at = _text(record.get("imported_at"))
         entry.sha256 = _text(record.get("sha256"))
+        history = record.get("history")
+        entry.history = history if isinstance(history, dict) else {}
         weights = record.get("weights_file")
         if not entry.format:
             entry.problem = f"{ENTRY_FILE} names no known format"
@@ -353,12 +356,16 @@ class ModelLibrary:
 
     # --- changing --------------------------------------------------------------------------
 
-    def import_model(self, source: str | Path, name: str | None = None) -> LibraryEntry:
+    def import_model(
+        self, source: str | Path, name: str | None = None, history: dict[str, Any] | None = None
+    ) -> LibraryEntry:
         """Copy the model at ``source`` into the library, checked, and return its entry.
 
         ``source``: a run folder (its ``model/``), a model folder, an exported TorchScript or
         ONNX folder, a MONAI bundle folder, or a ``.zip`` of one of those. ``name`` defaults to
-        the model's own name. MTKDError naming the path for missing metadata, a weights SHA-256
+        the model's own name. ``history`` (JSON-ready) is kept with the entry, e.g. the
+        version lineage of the annotate-then-distill loop (previous version, cases added,
+        Dice before and after). MTKDError naming the path for missing metadata, a weights SHA-256
         that differs from the metadata's, a zip member escaping the folder, or no model at all.
         """
         source = Path(source).expanduser()
@@ -382,6 +389,7 @@ class ModelLibrary:
                 **description,
                 "imported_from": str(source.resolve()),
                 "imported_at": _now(),
+                "history": history or {},
             }
             record["created"] = record["created"] or record["imported_at"]
             text = json.dumps(record, indent=2) + "\n"

@@ -14,13 +14,20 @@ The loop is the same for all three; only the per-batch loss differs:
 Every epoch is reseeded from (seed, epoch), so a run resumed from a checkpoint continues as if
 it had never stopped; a stop in the middle of an epoch replays the epoch's data order up to
 the step it had reached.
+
+``model.init_from`` starts a new run from a previous model's weights (same network and labels):
+they are validated once before the first epoch (``initial_val_dice`` in the "initial_validation"
+status event, the final metrics and ``lineage.previous``); a resumed run takes its weights,
+that Dice and the lineage from its checkpoint, not from the previous model.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,9 +68,15 @@ from mtkd.infer.inference import (
     probabilities_to_labels,
     repeat_channels,
 )
-from mtkd.infer.model_io import FORMAT_VERSION, LoadedModel, build_from_spec, export_model
+from mtkd.infer.model_io import (
+    FORMAT_VERSION,
+    LoadedModel,
+    build_from_spec,
+    export_model,
+    load_model,
+)
 from mtkd.metrics import dice_per_structure, nanmean
-from mtkd.models import count_parameters
+from mtkd.models import count_parameters, network_info
 
 CHECKPOINT_FORMAT = 1
 
@@ -80,6 +93,8 @@ class RunResult:
     best_epoch: int
     model_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    # validation Dice of the model.init_from weights before the first epoch (None without)
+    initial_val_dice: float | None = None
 
 
 def _spacing(spacing: tuple[float, ...] | None) -> tuple[float, ...] | None:
@@ -233,6 +248,12 @@ class Trainer:
         self.spec = self._network_spec()
         spec = self.spec
         self.network = build_from_spec(spec).to(self.device)
+        # model.init_from: its weights start a new run; a resumed run has them in its checkpoint
+        # (and the lineage and initial Dice in its state, see _restore).
+        self.previous: dict[str, Any] | None = None
+        self.initial_val_dice: float | None = None
+        if self.config.model.init_from and not self.resume:
+            self.previous = self._init_from(self.config.model.init_from)
         self.teacher: LoadedModel | None = None
         self.distiller: Distiller | None = None
         distill = self.config.distill
@@ -261,6 +282,60 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.seg_loss = SegmentationLoss(self.config.train.seg_loss, self.activation)
+
+    def _init_from(self, path: str) -> dict[str, Any]:
+        """Load the weights of the previous model at ``path`` into the new network; its network
+        (name, params) and labels must be this run's. Returns its lineage record."""
+        previous = load_model(path)  # SHA-256 checked, weights_only
+        theirs, ours = previous.metadata.get("network", {}), self.spec
+        differences = _network_differences(theirs, ours)
+        if differences:
+            raise MTKDError(
+                "model.init_from: the previous model's network differs from this run's "
+                f"({'; '.join(differences)}; previous vs this run)",
+                previous.folder,
+            )
+        if list(previous.labels.names) != list(self.labels.names):
+            raise MTKDError(
+                "model.init_from: the previous model's labels differ from this run's "
+                f"(previous {list(previous.labels.names)}, this run {list(self.labels.names)})",
+                previous.folder,
+            )
+        try:
+            self.network.load_state_dict(previous.network.state_dict())
+        except RuntimeError as error:
+            raise MTKDError(
+                f"model.init_from: weights do not fit this run's network ({error})",
+                previous.folder,
+            ) from None
+        for what, a, b in (
+            ("HU window", list(previous.prep.hu_window), list(self.prep.hu_window)),
+            ("spacing", _spacing(previous.prep.spacing), _spacing(self.prep.spacing)),
+        ):
+            if a != b:
+                self.log(
+                    f"warning: the previous model (model.init_from) was trained with {what} "
+                    f"{a}, this run uses {b}"
+                )
+        return {
+            "path": str(previous.folder.resolve()),
+            "name": previous.name,
+            "weights_sha256": previous.metadata.get("weights_sha256"),
+            "val_dice_on_this_run": None,
+        }
+
+    def _initial_validation(self) -> None:
+        """Validate the previous model's weights once before the first epoch of a new run."""
+        if self.previous is None or not self.split.val:
+            return
+        scores = self.validate()
+        self.initial_val_dice = scores["val_dice"]
+        self.previous["val_dice_on_this_run"] = self.initial_val_dice
+        self.events.emit("status", state="initial_validation", **scores)
+        self.log(
+            f"[{self.config.name}] initial val_dice={self.initial_val_dice:.4f} "
+            "(model.init_from, before training)"
+        )
 
     def _terms(self, source: TeacherSource, spec: dict[str, Any]):
         """Tap pairs and output term for a teacher network with taps."""
@@ -325,6 +400,8 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "history": self.history,
+            "previous": self.previous,
+            "initial_val_dice": self.initial_val_dice,
             "model_metadata": self._model_metadata(),
         }
 
@@ -351,6 +428,8 @@ class Trainer:
         }
         if self.source is not None:
             lineage["teacher"] = self.source.lineage()
+        if self.previous is not None:
+            lineage["previous"] = dict(self.previous)
         return lineage
 
     def _restore(self) -> tuple[int, int]:
@@ -377,6 +456,8 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
         self.history = list(state.get("history", []))
+        self.previous = state.get("previous")
+        self.initial_val_dice = state.get("initial_val_dice")
         return int(state["epoch"]), int(state["step_in_epoch"])
 
     # ------------------------------------------------------------------ steps
@@ -438,8 +519,11 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(batches):
-            if step < skip_steps:
-                continue  # replaying the data order of an interrupted epoch
+            if step < skip_steps:  # replaying the data order of an interrupted epoch
+                if self.distiller is None and self.spec["reconstruction"] == "masked":
+                    # and the mask draws of its steps, so that later masks are the same
+                    self.network.mask_patches(batch["image"], generator=mask_generator)
+                continue
             images = repeat_channels(batch["image"], self.prep.in_channels).to(self.device)
             labels = batch["label"].to(self.device)
             teacher = batch["teacher"].to(self.device) if "teacher" in batch else None
@@ -515,13 +599,23 @@ class Trainer:
                 )
         else:
             self.run_dir.create(cfg)
-        self.events.emit("status", state="preparing", kind=cfg.kind, resume=self.resume)
+        self.events.emit(
+            "status",
+            state="preparing",
+            kind=cfg.kind,
+            resume=self.resume,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            argv=list(sys.argv),
+        )
         seed_everything(cfg.train.seed)
         self._prepare_data()
         self.cache.warm(self.train_ids + self.split.val)
         self._prepare_model()
         self.best_metric, self.best_epoch, self.history = -math.inf, 0, []
         start_epoch, skip_steps = self._restore() if self.resume else (0, 0)
+        if not self.resume:
+            self._initial_validation()
         self.events.emit(
             "status",
             state="training",
@@ -589,6 +683,7 @@ class Trainer:
         metrics = {
             "best_val_dice": self.best_metric if self.best_epoch else None,
             "best_epoch": self.best_epoch,
+            "initial_val_dice": self.initial_val_dice,
         }
         export_model(
             self.network,
@@ -610,7 +705,34 @@ class Trainer:
             self.best_epoch,
             self.run_dir.model,
             self.history,
+            self.initial_val_dice,
         )
+
+
+def _network_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """What differs between two network specs: the name, each parameter (defaults filled in,
+    so that an explicit default equals an omitted one) and whether there is a reconstruction
+    decoder (its weights are part of the network)."""
+    if theirs.get("name") != ours.get("name"):
+        return [f"network {theirs.get('name')!r} vs {ours.get('name')!r}"]
+    try:
+        a = network_info(theirs["name"], **theirs.get("params", {})).params
+        b = network_info(ours["name"], **ours.get("params", {})).params
+    except MTKDError as error:
+        return [error.problem]
+    a, b = json.loads(json.dumps(a, default=str)), json.loads(json.dumps(b, default=str))
+    differences = [
+        f"{key} {a.get(key)!r} vs {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
+    multitask = [spec.get("reconstruction", "none") != "none" for spec in (theirs, ours)]
+    if multitask[0] != multitask[1]:
+        differences.append(
+            f"reconstruction {theirs.get('reconstruction', 'none')!r} vs "
+            f"{ours.get('reconstruction', 'none')!r}"
+        )
+    return differences
 
 
 def train_run(config: RunConfig, run_dir: str | Path, **options: Any) -> RunResult:

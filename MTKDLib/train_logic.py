@@ -1,0 +1,116 @@
+"""Distillation runs started, stopped, resumed and followed from Slicer (no Qt).
+
+A run is ``mtkd distill`` in its own process (never in Slicer's GUI thread) writing a run
+folder; :class:`TrainingRun` follows the folder's ``events.jsonl`` (and the process's output
+when this session started it) into a :class:`~MTKDLib.run_monitor.RunState` and, when given a
+scene, into table and plot nodes. Stop asks the process to stop (it saves a checkpoint first);
+Resume continues from that checkpoint; a run folder can be attached to at any time, e.g. after
+Slicer restarted or on a shared path where a GPU server writes it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from MTKDLib.process import (
+    BackgroundProcess,
+    EngineLogic,
+    engine_command,
+    engine_environment,
+    error_message,
+)
+from MTKDLib.run_monitor import RunMonitor, RunPlots, RunState
+from MTKDLib.train_config import TrainingOptions, distill_arguments, write_config
+
+
+class TrainingRun:
+    """One run folder, followed; ``process`` is set when this session runs it."""
+
+    def __init__(self, run_dir: Path, process: BackgroundProcess | None, plots: Any = None):
+        self.run_dir = Path(run_dir)
+        self.process = process
+        self.plots = plots
+        self.monitor = RunMonitor(self.run_dir)
+        self.state = RunState()
+
+    def poll(self) -> RunState:
+        """Read what is new (events, process output); update the plots. Never blocks."""
+        process = self.process
+        if process is not None:
+            self.monitor.add_output_lines(process.read_lines())
+        state = self.monitor.update()
+        if process is not None and process.running and state.ended:
+            # a resumed run's process has not written its first event yet: the end read is
+            # the previous session's
+            state.state, state.phase = "preparing", "resuming"
+        if process is not None and process.returncode not in (None, 0) and not state.ended:
+            # ended without saying so (killed, crashed before its first event): say why
+            state.state = "failed"
+            state.error = error_message(process.tail(50), process.returncode)
+        if self.plots is not None:
+            self.plots.update(state)
+        self.state = state
+        return state
+
+    @property
+    def running(self) -> bool | None:
+        """Whether the training process runs (None: unknown, a run on another machine)."""
+        if self.process is not None:
+            return self.process.running
+        return self.monitor.process_alive()
+
+    def stop(self) -> None:
+        """Ask the run to stop at its next safe point; it saves a checkpoint first."""
+        if self.process is not None:
+            self.process.request_stop()
+            return
+        state = self.poll()
+        if self.monitor.process_alive() and state.pid:  # attached, same machine
+            soft = signal.CTRL_BREAK_EVENT if sys.platform == "win32" else signal.SIGTERM
+            os.kill(state.pid, soft)
+        else:
+            raise RuntimeError(
+                f"this run's process is not running on this machine ({socket.gethostname()})"
+            )
+
+    def kill(self) -> None:
+        """End the process tree now (the last checkpoint on disk stays)."""
+        if self.process is not None:
+            self.process.kill()
+
+
+class TrainLogic(EngineLogic):
+    """Starts, resumes and attaches to distillation runs for ``scene``'s plots."""
+
+    def _plots(self, run_dir: Path) -> Any:
+        return RunPlots(self.scene, run_dir.name) if self.scene is not None else None
+
+    def _spawn(self, run_dir: Path, resume: bool) -> TrainingRun:
+        command = engine_command(distill_arguments(run_dir, resume), self.python)
+        process = BackgroundProcess(command, env=self.env or engine_environment())
+        return TrainingRun(run_dir, process, self._plots(run_dir))
+
+    def start(self, options: TrainingOptions, run_dir: str | Path) -> TrainingRun:
+        """Write ``RUN/config.yaml`` from ``options`` and start ``mtkd distill`` on it."""
+        run_dir = Path(run_dir)
+        write_config(options, run_dir)
+        return self._spawn(run_dir, resume=False)
+
+    def resume(self, run_dir: str | Path) -> TrainingRun:
+        """Continue a stopped or interrupted run from its last checkpoint."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise ValueError(f"{run_dir}: no checkpoint to resume from (checkpoints/last.pt)")
+        return self._spawn(run_dir, resume=True)
+
+    def attach(self, run_dir: str | Path) -> TrainingRun:
+        """Follow a run folder this session did not start (running, stopped or finished)."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file() and not (run_dir / "events.jsonl").is_file():
+            raise ValueError(f"{run_dir}: not a run folder (no config.yaml or events.jsonl)")
+        return TrainingRun(run_dir, None, self._plots(run_dir))

@@ -1,0 +1,252 @@
+"""A training set from what the user has in the scene, written as a dataset the engine reads
+(no Qt).
+
+Pairs of a CT volume node and a segmentation node become an MSD-layout folder::
+
+    DATASET/dataset.json          labels {"0": "background", "1": ...}, training image/label pairs
+    DATASET/imagesTr/<case>.nii.gz
+    DATASET/labelsTr/<case>.nii.gz
+    DATASET/mtkd_cases.json       where each case came from, who added it and when
+
+so the same run can be repeated from the command line (``mtkd distill`` with
+``data.source: DATASET``). Segment names are matched across cases by
+:func:`mtkd.data.terminology.normalize_name` (case, spaces and hyphens do not matter); a case
+that misses a structure, or names one differently, is reported before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+
+from mtkd.data.atomic import atomic_write_bytes
+from mtkd.data.terminology import normalize_name
+from MTKDLib.mrml_io import labelmap_array, segment_names, write_volume
+
+DATASET_JSON = "dataset.json"
+CASES_JSON = "mtkd_cases.json"
+
+
+@dataclass
+class SceneCase:
+    """One training case in the scene: a CT volume and its segmentation."""
+
+    volume: Any  # vtkMRMLScalarVolumeNode
+    segmentation: Any  # vtkMRMLSegmentationNode
+    case_id: str | None = None  # default: from the volume's name
+
+    @property
+    def name(self) -> str:
+        return self.case_id or self.volume.GetName()
+
+
+@dataclass
+class LabelPlan:
+    """One label table for all cases, and what does not fit it.
+
+    ``structures``: the label names, value = position + 1. ``missing``: case name -> the
+    structures it lacks. ``renamed``: messages about names that look like another case's name
+    for the same structure. ``common``: the structures every case has.
+    """
+
+    structures: list[str]
+    common: list[str]
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    renamed: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem as a sentence naming the case (empty when all cases agree)."""
+        lines = [
+            f"case '{case}' has no segment for: {', '.join(names)}"
+            for case, names in self.missing.items()
+        ]
+        return lines + self.renamed
+
+
+def _case_names(case: SceneCase) -> dict[str, str]:
+    """{normalised name: name as written} of a case's segments."""
+    return {normalize_name(name): name for name in segment_names(case.segmentation)}
+
+
+def plan_labels(cases: Sequence[SceneCase], structures: Sequence[str] | None = None) -> LabelPlan:
+    """The label table for ``cases``: ``structures`` when given, else every name any case has
+    (in first-seen order); with the cases that miss one and the names that look misspelt."""
+    if not cases:
+        raise ValueError("add at least one case (a CT volume and its segmentation)")
+    per_case = {case.name: _case_names(case) for case in cases}
+    if structures is None:
+        seen: dict[str, str] = {}
+        for names in per_case.values():
+            for key, name in names.items():
+                seen.setdefault(key, name)
+        wanted = list(seen.values())
+    else:
+        wanted = list(structures)
+    keys = [normalize_name(name) for name in wanted]
+    missing = {
+        case: [name for name, key in zip(wanted, keys, strict=True) if key not in names]
+        for case, names in per_case.items()
+    }
+    missing = {case: names for case, names in missing.items() if names}
+    common = [name for name, key in zip(wanted, keys, strict=True)
+              if all(key in names for names in per_case.values())]  # fmt: skip
+    renamed = []
+    for case, names in per_case.items():
+        for name, key in zip(wanted, keys, strict=True):
+            if key in names:
+                continue
+            close = difflib.get_close_matches(key, [k for k in names if k not in keys], 1, 0.75)
+            if close:
+                renamed.append(
+                    f"case '{case}' has a segment '{names[close[0]]}' but no '{name}': "
+                    f"if they are the same structure, rename the segment to '{name}'"
+                )
+    return LabelPlan(wanted, common, missing, renamed)
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+    return slug or "case"
+
+
+def _labelmap_node(case: SceneCase, structures: Sequence[str]) -> Any:
+    """A temporary labelmap node on the CT's grid: value k+1 = ``structures[k]``."""
+    by_key = _case_names(case)
+    names = [by_key[normalize_name(name)] for name in structures]
+    array = labelmap_array(case.segmentation, case.volume, names).astype(np.uint16)
+    scene = case.volume.GetScene()
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    matrix = vtk.vtkMatrix4x4()
+    case.volume.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
+    slicer.util.updateVolumeFromArray(node, array)
+    return node
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable ({error})") from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+class TrainingSet:
+    """An MSD-layout dataset folder that grows case by case (see the module docstring)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @property
+    def exists(self) -> bool:
+        return (self.folder / DATASET_JSON).is_file()
+
+    def structures(self) -> list[str]:
+        """The label names, in label-value order."""
+        labels = _read_json(self.folder / DATASET_JSON)["labels"]
+        pairs = sorted((int(value), name) for value, name in labels.items() if int(value) != 0)
+        return [name for _, name in pairs]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Where each case came from, who added it and when (``mtkd_cases.json``)."""
+        path = self.folder / CASES_JSON
+        return _read_json(path)["cases"] if path.is_file() else []
+
+    def case_ids(self) -> list[str]:
+        return [record["case"] for record in self.records()]
+
+    def create(self, structures: Sequence[str], name: str = "MTKD training set") -> None:
+        """Start an empty dataset with these label names (refuses to overwrite one)."""
+        if self.exists:
+            raise ValueError(f"{self.folder}: a training set is already there")
+        if not structures:
+            raise ValueError("a training set needs at least one structure")
+        for sub in ("imagesTr", "labelsTr"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        labels = {"0": "background", **{str(i + 1): s for i, s in enumerate(structures)}}
+        dataset = {"name": name, "description": "written by MTKD from 3D Slicer",
+                   "modality": {"0": "CT"}, "labels": labels, "numTraining": 0,
+                   "training": []}  # fmt: skip
+        _write_json(self.folder / DATASET_JSON, dataset)
+        _write_json(self.folder / CASES_JSON, {"cases": []})
+
+    def add(self, case: SceneCase, added_by: str | None = None, note: str = "") -> str:
+        """Write ``case`` (CT and label map on its grid) into the dataset; returns its case id.
+
+        The case must have a segment for every structure of the dataset (ValueError naming
+        the case and what is missing or misnamed otherwise). ``dataset.json`` and the record
+        are rewritten atomically after the image files, so a failure never lists a half case.
+        """
+        structures = self.structures()
+        plan = plan_labels([case], structures)
+        if plan.problems:
+            raise ValueError("; ".join(plan.problems))
+        taken = set(self.case_ids())
+        base = _slug(case.name)
+        case_id, number = base, 2
+        while case_id in taken:
+            case_id, number = f"{base}_{number}", number + 1
+        image = self.folder / "imagesTr" / f"{case_id}.nii.gz"
+        label = self.folder / "labelsTr" / f"{case_id}.nii.gz"
+        write_volume(case.volume, image, compress=True)
+        labelmap = _labelmap_node(case, structures)
+        try:
+            write_volume(labelmap, label, compress=True)
+        finally:
+            labelmap.GetScene().RemoveNode(labelmap)
+        dataset = _read_json(self.folder / DATASET_JSON)
+        dataset["training"].append(
+            {"image": f"./imagesTr/{image.name}", "label": f"./labelsTr/{label.name}"}
+        )
+        dataset["numTraining"] = len(dataset["training"])
+        records = self.records()
+        records.append(
+            {
+                "case": case_id,
+                "volume": case.volume.GetName(),
+                "segmentation": case.segmentation.GetName(),
+                "added_by": added_by or getpass.getuser(),
+                "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "note": note,
+            }
+        )
+        _write_json(self.folder / DATASET_JSON, dataset)
+        _write_json(self.folder / CASES_JSON, {"cases": records})
+        return case_id
+
+
+def export_training_set(
+    cases: Sequence[SceneCase],
+    folder: str | Path,
+    structures: Sequence[str] | None = None,
+    added_by: str | None = None,
+) -> TrainingSet:
+    """Write ``cases`` as a new dataset in ``folder`` with one label table.
+
+    ``structures`` default: every structure of any case. ValueError before anything is written
+    when a case misses one of them or names one differently (the message lists each problem;
+    pass ``plan_labels(cases).common`` to keep only what every case has).
+    """
+    plan = plan_labels(cases, structures)
+    if plan.problems:
+        raise ValueError("the cases do not agree on their structures:\n" + "\n".join(plan.problems))
+    training_set = TrainingSet(folder)
+    training_set.create(plan.structures)
+    for case in cases:
+        training_set.add(case, added_by=added_by, note="exported from the scene")
+    return training_set

@@ -1,0 +1,297 @@
+"""MTKDTrain's logic against real MRML (``slicer-core``) and real background runs: a training
+set exported from scene nodes, the configuration panel's config, a distillation started,
+stopped (checkpoint kept), resumed and re-attached, and the annotate-then-distill loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+from slicer_scene import load_volume, new_scene
+
+from mtkd.config import RunConfig
+from mtkd.data.datasets import load_dataset
+from mtkd.data.labels import LabelTable, remap_label_array
+from mtkd.data.segnrrd import write_segmentation
+from mtkd.engine.run_dir import read_events
+from mtkd.infer.model_io import load_model
+from mtkd.library import ModelLibrary
+from MTKDLib.distill_loop import DistillLoop
+from MTKDLib.mrml_io import labelmap_array, load_segmentation
+from MTKDLib.train_config import (
+    TrainingOptions,
+    build_config,
+    server_commands,
+    write_config,
+)
+from MTKDLib.train_logic import TrainLogic
+from MTKDLib.training_set import SceneCase, TrainingSet, export_training_set, plan_labels
+
+PYTHON = sys.executable
+STRUCTURES = ["liver", "spleen", "kidney_right"]
+SLABS = 6  # cases cut from the real CT along z
+
+
+@pytest.fixture(scope="module")
+def case_files(data_dir, tmp_path_factory):
+    """Six 6-slice slabs of the real abdomen CT (NRRD) with their labels as ``.seg.nrrd``
+    (the structures the tiny teacher knows, named as TotalSegmentator names them)."""
+    folder = tmp_path_factory.mktemp("slabs")
+    image = sitk.ReadImage(str(data_dir / "abdomen_ct.nii.gz"))
+    labels = sitk.ReadImage(str(data_dir / "abdomen_seg_total_fast.nii.gz"))
+    table, mapping = LabelTable.from_json(data_dir / "labels_total_v2.json").select(STRUCTURES)
+    files = []
+    for index in range(SLABS):
+        start = [0, 0, 70 + 6 * index]  # slices 70..105 hold the three structures
+        size = [image.GetSize()[0], image.GetSize()[1], 6]
+        ct = sitk.RegionOfInterest(image, size, start)
+        seg = sitk.RegionOfInterest(labels, size, start)
+        array = remap_label_array(sitk.GetArrayFromImage(seg), mapping)
+        seg_image = sitk.GetImageFromArray(array)
+        seg_image.CopyInformation(seg)
+        ct_path, seg_path = folder / f"slab{index}.nrrd", folder / f"slab{index}.seg.nrrd"
+        sitk.WriteImage(ct, str(ct_path))
+        write_segmentation(seg_image, table, seg_path)
+        files.append((ct_path, seg_path))
+    return files
+
+
+def scene_cases(scene, files) -> list[SceneCase]:
+    cases = []
+    for ct_path, seg_path in files:
+        volume = load_volume(scene, ct_path, ct_path.stem)
+        segmentation = load_segmentation(scene, seg_path, f"{ct_path.stem} labels", volume)
+        cases.append(SceneCase(volume, segmentation))
+    return cases
+
+
+def rename(case: SceneCase, old: str, new: str) -> None:
+    segmentation = case.segmentation.GetSegmentation()
+    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(old)).SetName(new)
+
+
+def test_training_set_from_scene_nodes_has_one_label_table(case_files, tmp_path):
+    scene, _ = new_scene()
+    cases = scene_cases(scene, case_files[:3])
+    rename(cases[1], "liver", "Liver")  # same structure, other spelling: matched
+    folder = tmp_path / "dataset"
+    export_training_set(cases, folder, added_by="dr-test")
+
+    dataset = load_dataset(folder)  # what the engine reads
+    assert dataset.layout == "msd"
+    assert dataset.labels.names == STRUCTURES
+    assert [case.case_id for case in dataset.cases] == ["slab0", "slab1", "slab2"]
+    for case, scene_case in zip(dataset.cases, cases, strict=True):
+        written = sitk.ReadImage(str(case.label))
+        expected = labelmap_array(scene_case.segmentation, scene_case.volume)
+        assert np.array_equal(sitk.GetArrayFromImage(written), expected)
+        source = sitk.ReadImage(str(case_files[int(case.case_id[-1])][0]))
+        image = sitk.ReadImage(str(case.image))
+        assert np.allclose(image.GetOrigin(), source.GetOrigin(), atol=1e-4)
+        assert np.allclose(image.GetDirection(), source.GetDirection(), atol=1e-6)
+        assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(source))
+    records = TrainingSet(folder).records()
+    assert [r["added_by"] for r in records] == ["dr-test"] * 3
+    assert all(r["added_at"] for r in records)
+
+
+def test_cases_that_disagree_are_reported_and_nothing_is_written(case_files, tmp_path):
+    scene, _ = new_scene()
+    cases = scene_cases(scene, case_files[:3])
+    rename(cases[1], "spleen", "splen")  # a typo
+    segmentation = cases[2].segmentation.GetSegmentation()
+    segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName("kidney_right"))
+    plan = plan_labels(cases, STRUCTURES)
+    assert plan.missing == {"slab1": ["spleen"], "slab2": ["kidney_right"]}
+    assert any("'splen'" in line and "'spleen'" in line for line in plan.renamed)
+    assert plan.common == ["liver"]
+    folder = tmp_path / "dataset"
+    with pytest.raises(ValueError) as info:
+        export_training_set(cases, folder, STRUCTURES)
+    message = str(info.value)
+    assert "slab2" in message and "kidney_right" in message and "splen" in message
+    assert not folder.exists()
+    export_training_set(cases, folder, plan.common)  # what every case has
+    assert load_dataset(folder).labels.names == ["liver"]
+
+
+def test_panel_options_become_a_valid_config(teacher_run, tmp_path):
+    options = TrainingOptions(dataset=str(tmp_path), teacher=str(teacher_run), name="s1",
+                              taps="all_scales", feature_loss="mse",
+                              scale_weights={"B-B": 0.3}, output_loss="cwd",
+                              epochs=7, student_fraction=0.5)  # fmt: skip
+    config = build_config(options)
+    prep = load_model(teacher_run).prep
+    assert config["data"]["slice_size"] == list(prep.slice_size)
+    assert config["data"]["hu_window"] == list(prep.hu_window)
+    assert config["data"]["structures"] == load_model(teacher_run).labels.names
+    assert config["distill"]["preset"] == "all_scales"
+    assert config["distill"]["feature_loss"] == "mse"
+    assert config["distill"]["output"] == {"loss": "cwd", "weight": 0.2}
+    assert config["split"]["student_fraction"] == 0.5 and config["train"]["epochs"] == 7
+    assert RunConfig.from_dict(config).distill.scale_weights == {"B-B": 0.3}
+
+    custom = build_config(
+        TrainingOptions(
+            dataset=str(tmp_path),
+            teacher=str(teacher_run),
+            taps=None,
+            custom_pairs=[("enc.1", "backbone.enc.1")],
+        )  # fmt: skip
+    )
+    assert custom["distill"]["pairs"][0]["student"] == "enc.1"
+    with pytest.raises(ValueError, match="custom tap pairs"):
+        build_config(TrainingOptions(dataset="d", teacher=str(teacher_run), taps=None))
+    with pytest.raises(ValueError, match="distill"):
+        build_config(TrainingOptions(dataset="d", teacher=str(teacher_run), taps="none",
+                                     output_loss="none"))  # fmt: skip
+    with pytest.raises(ValueError, match="not an MTKD run"):
+        build_config(TrainingOptions(dataset="d", teacher=str(tmp_path)))
+
+    run = tmp_path / "run"
+    path = write_config(options, run)
+    assert yaml.safe_load(path.read_text()) == config
+    commands = server_commands(run)
+    assert f"mtkd distill {run / 'config.yaml'} --run-dir {run}" in commands
+    assert f"mtkd distill --resume {run}" in commands
+
+
+def wait_for(run, condition, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = run.poll()
+        if condition(state):
+            return state
+        assert not (state.ended and not condition(state)), (state.state, state.error, state.log)
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; last state {run.state.state}: {run.state.log[-5:]}")
+
+
+@pytest.fixture(scope="module")
+def training_set(case_files, tmp_path_factory):
+    """The first five slabs, exported from scene nodes (the sixth is the loop's new case)."""
+    scene, _ = new_scene()
+    folder = tmp_path_factory.mktemp("set") / "dataset"
+    export_training_set(scene_cases(scene, case_files[:5]), folder)
+    return folder
+
+
+def tiny_options(training_set, teacher_run, **changes) -> TrainingOptions:
+    values = dict(dataset=str(training_set), teacher=str(teacher_run), name="student",
+                  student="thesis_s1", epochs=2, batch_size=4, learning_rate=1e-2,
+                  student_fraction=1.0, device="cpu")  # fmt: skip
+    values.update(changes)
+    return TrainingOptions(**values)
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(training_set, teacher_run, tmp_path_factory):
+    """A run stopped after its first epoch (SIGTERM: checkpoint) and then resumed to the end;
+    the states seen along the way."""
+    scene, _ = new_scene()
+    logic = TrainLogic(scene, python=PYTHON)
+    run_dir = tmp_path_factory.mktemp("runs") / "student"
+    options = tiny_options(training_set, teacher_run, epochs=40)
+    run = logic.start(options, run_dir)
+    first = wait_for(run, lambda s: s.epoch >= 1)
+    run.stop()
+    stopped = wait_for(run, lambda s: s.ended)
+    stopped_run = run.process.wait(60)
+    checkpoint = (run_dir / "checkpoints" / "last.pt").is_file()
+    resumed = logic.resume(run_dir)
+    finished = wait_for(resumed, lambda s: s.state == "finished", timeout=600)
+    return {"dir": run_dir, "first": first, "stopped": stopped, "code": stopped_run,
+            "checkpoint": checkpoint, "finished": finished, "scene": scene,
+            "plots": resumed.plots}  # fmt: skip
+
+
+def test_stop_keeps_the_checkpoint_and_resume_continues(stopped_and_resumed):
+    result = stopped_and_resumed
+    stopped, finished = result["stopped"], result["finished"]
+    assert result["first"].state == "training" and result["first"].pid
+    assert stopped.state == "interrupted" and result["checkpoint"]
+    assert result["code"] == 130  # the engine's exit status for a stop request
+    assert 1 <= stopped.epoch < 40
+    events = read_events(result["dir"] / "events.jsonl")
+    resumed_from = [e for e in events if e.get("state") == "training"][-1]["start_epoch"]
+    assert resumed_from == stopped.epoch  # continued from the checkpoint's epoch
+    epochs = [e["epoch"] for e in events if e["type"] == "metrics"]
+    assert epochs == list(range(1, 41))  # each epoch exactly once across stop and resume
+    assert finished.epoch == 40 and finished.model
+    assert (result["dir"] / "model" / "mtkd_model.json").is_file()
+
+
+def test_training_curves_become_table_and_plot_nodes(stopped_and_resumed):
+    table, losses, validation = stopped_and_resumed["plots"].nodes()
+    events = read_events(stopped_and_resumed["dir"] / "events.jsonl")
+    metrics = [e for e in events if e["type"] == "metrics"]
+    assert table.GetNumberOfRows() == len(metrics) == 40  # the whole run, across the stop
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    loss = table.GetTable().GetColumn(columns.index("loss"))
+    assert [loss.GetValue(r) for r in range(40)] == pytest.approx([m["loss"] for m in metrics])
+    assert losses.GetNumberOfPlotSeriesNodes() >= 2 and validation.GetNumberOfPlotSeriesNodes()
+
+
+def test_reattach_to_a_finished_run(stopped_and_resumed):
+    scene, _ = new_scene()
+    run = TrainLogic(scene, python=PYTHON).attach(stopped_and_resumed["dir"])
+    state = run.poll()
+    assert state.state == "finished" and state.epoch == 40
+    assert len(state.history) == 40 and state.best_val_dice is not None
+    assert run.running is False  # its process has ended
+    table, _, _ = run.plots.nodes()
+    assert table.GetNumberOfRows() == 40
+
+
+def test_a_crashing_run_shows_its_error(training_set, teacher_run, tmp_path):
+    broken = tmp_path / "not-a-dataset"
+    broken.mkdir()
+    run = TrainLogic(None, python=PYTHON).start(tiny_options(broken, teacher_run), tmp_path / "run")
+    state = wait_for(run, lambda s: s.state == "failed", timeout=120)
+    assert state.error and str(broken) in state.error
+
+
+def test_annotate_then_distill_loop(stopped_and_resumed, training_set, teacher_run,
+                                    case_files, tmp_path):  # fmt: skip
+    library = ModelLibrary(tmp_path / "library")
+    first = library.import_model(stopped_and_resumed["dir"], name="abdomen student")
+    loop_set = tmp_path / "loop-set"
+    shutil.copytree(training_set, loop_set)  # the loop grows its own copy of the set
+    loop = DistillLoop(loop_set, library)
+    loop.begin(first.key, teacher_run)
+
+    # 3. a corrected case is added, with who and when
+    scene, _ = new_scene()
+    (new_case,) = scene_cases(scene, case_files[5:6])
+    case_id = loop.add_case(new_case, added_by="dr-test")
+    record = loop.training_set.records()[-1]
+    assert record["case"] == case_id and record["added_by"] == "dr-test"
+    assert "abdomen student" in record["note"]
+
+    # 4. distill again: fine-tuned from the current version, on the enlarged set
+    options = loop.next_options(tiny_options(training_set, teacher_run))
+    assert options.init_from == str(library.path_of(first.key))
+    assert options.dataset == str(loop_set) and options.name == "abdomen student v2"
+    run = TrainLogic(None, python=PYTHON).start(options, tmp_path / "v2")
+    wait_for(run, lambda s: s.state == "finished", timeout=600)
+
+    # 5. the new version in the library, with its lineage; switch and roll back
+    version = loop.record(tmp_path / "v2")
+    assert version.number == 2 and version.previous == first.key
+    assert version.cases_added == [case_id]
+    assert version.val_dice_before is not None and version.val_dice_after is not None
+    entry = library.get(version.key)
+    assert entry.history["previous"] == first.key
+    assert entry.history["cases_added"] == [case_id]
+    assert loop.current().key == version.key
+    assert loop.rollback().key == first.key and loop.current().key == first.key
+    assert loop.switch(version.key).key == version.key
+    metadata = json.loads((Path(entry.path) / "mtkd_model.json").read_text())
+    assert metadata["lineage"]["previous"]["path"] == str(library.path_of(first.key).resolve())
