@@ -21,12 +21,12 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
 from MTKDLib.compare_logic import CompareLogic
+from MTKDLib.gui import ModuleWidget, TaskView, library_root, model_library, set_library_root
 from MTKDLib.segment_logic import DEVICES, SegmentLogic
+from MTKDLib.slicer_setup import ensure_engine_dependencies
 
 OTHER_TEACHER = "other"  # teacher combo box item: a path outside the library
 
@@ -66,88 +66,46 @@ class MTKDSegmentParameterNode:
     costsTable: vtkMRMLTableNode
 
 
-class MTKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-
+class MTKDSegmentWidget(ModuleWidget):
     def setup(self) -> None:
-        from MTKDLib.gui import TaskView, library_root
-
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MTKDSegment.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MTKDSegmentLogic()
-
+        self.setupModule(
+            "MTKDSegment",
+            {
+                "applyButton": self.onApplyButton,
+                "compareButton": self.onCompareButton,
+                "importFolderButton": self.onImportFolder,
+                "importZipButton": self.onImportZip,
+                "deleteModelButton": self.onDeleteModel,
+                "refreshLibraryButton": self.refreshLibrary,
+                "checkEnvironmentButton": self.onCheckEnvironment,
+                "installDependenciesButton": self.onInstallDependencies,
+            },
+        )
         self.segmentView = TaskView(self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel)
         self.compareView = TaskView(self.ui.compareButton, self.ui.progressBar, self.ui.statusLabel)
+        self.environmentView = TaskView(
+            self.ui.checkEnvironmentButton, self.ui.progressBar, self.ui.statusLabel
+        )
         self.ui.libraryPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.libraryPathLineEdit.currentPath = str(library_root())
         self.ui.teacherPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Files
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.studentModelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
         self.ui.teacherModelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
         self.ui.teacherPathLineEdit.connect("currentPathChanged(QString)", self.onModelChosen)
         self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibraryMoved)
-        self.ui.importFolderButton.connect("clicked(bool)", self.onImportFolder)
-        self.ui.importZipButton.connect("clicked(bool)", self.onImportZip)
-        self.ui.deleteModelButton.connect("clicked(bool)", self.onDeleteModel)
-        self.ui.refreshLibraryButton.connect("clicked(bool)", self.refreshLibrary)
-        self.ui.checkEnvironmentButton.connect("clicked(bool)", self.onCheckEnvironment)
-        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
-
         self.refreshLibrary()
         self.initializeParameterNode()
 
-    def cleanup(self) -> None:
-        for view in (self.segmentView, self.compareView):
+    def stopWork(self) -> None:
+        for view in (self.segmentView, self.compareView, self.environmentView):
             view.cancel()
-        self.removeObservers()
 
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        for view in (self.segmentView, self.compareView):
-            view.cancel()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+    def onParameterNode(self) -> None:
         if not self._parameterNode.inputVolume:
             volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if volume and not volume.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = volume
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
-            self.updateGui()
 
     # --- the state of the panel -------------------------------------------------------------
 
@@ -279,8 +237,6 @@ class MTKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGui()
 
     def onLibraryMoved(self, path: str) -> None:
-        from MTKDLib.gui import set_library_root
-
         if path and Path(path).is_dir():
             set_library_root(path)
             self.refreshLibrary()
@@ -337,11 +293,10 @@ class MTKDSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.environmentTextEdit.setPlainText(format_environment(report))
 
         self.ui.environmentCollapsibleButton.collapsed = False
-        TaskView = type(self.segmentView)
-        self._environmentView = TaskView(
-            self.ui.checkEnvironmentButton, self.ui.progressBar, self.ui.statusLabel
-        )
-        self._environmentView.start(environment_task, show)
+        if self.environmentView.running:
+            self.environmentView.cancel()
+        else:
+            self.environmentView.start(environment_task, show)
 
     def onInstallDependencies(self) -> None:
         if self.logic.ensureDependencies():
@@ -363,10 +318,7 @@ class MTKDSegmentLogic(ScriptedLoadableModuleLogic):
         return MTKDSegmentParameterNode(super().getParameterNode())
 
     def library(self):
-        from mtkd.library import ModelLibrary
-        from MTKDLib.gui import library_root
-
-        return ModelLibrary(self.libraryRoot or library_root())
+        return model_library(self.libraryRoot)
 
     def modelPath(self, key: str) -> str:
         return str(self.library().path_of(key))
@@ -376,8 +328,6 @@ class MTKDSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def ensureDependencies() -> bool:
-        from MTKDLib.slicer_setup import ensure_engine_dependencies
-
         return ensure_engine_dependencies()
 
 

@@ -14,7 +14,6 @@ from typing import Annotated
 import ctk
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -23,10 +22,10 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
+from MTKDLib.gui import ModuleWidget, model_library
+from MTKDLib.slicer_setup import ensure_engine_dependencies
 from MTKDLib.train_config import (
     DEVICES,
     FEATURE_LOSSES,
@@ -87,91 +86,54 @@ class MTKDTrainParameterNode:
     correctedSegmentation: vtkMRMLSegmentationNode
 
 
-class MTKDTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class MTKDTrainWidget(ModuleWidget):
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
+        ModuleWidget.__init__(self, parent)
         self.run = None  # the followed TrainingRun
         self.cases = []  # (volume, segmentation) pairs to export
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
 
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MTKDTrain.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MTKDTrainLogic()
+        self.setupModule(
+            "MTKDTrain",
+            {
+                "addPairButton": self.onAddPair,
+                "removePairButton": self.onRemovePair,
+                "exportButton": self.onExport,
+                "startButton": self.onStart,
+                "stopButton": self.onStop,
+                "resumeButton": self.onResume,
+                "attachButton": self.onAttach,
+                "addToLibraryButton": self.onAddToLibrary,
+                "beginLoopButton": self.onBeginLoop,
+                "addCaseButton": self.onAddCase,
+                "distillAgainButton": self.onDistillAgain,
+                "switchVersionButton": self.onSwitchVersion,
+                "rollbackButton": self.onRollback,
+            },
+        )
         for pathEdit in (self.ui.datasetPathLineEdit, self.ui.runsFolderPathLineEdit):
             pathEdit.filters = ctk.ctkPathLineEdit.Dirs
-
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MILLISECONDS)
         self.timer.timeout.connect(self.pollRun)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        for button, slot in (
-            (self.ui.addPairButton, self.onAddPair),
-            (self.ui.removePairButton, self.onRemovePair),
-            (self.ui.exportButton, self.onExport),
-            (self.ui.startButton, self.onStart),
-            (self.ui.stopButton, self.onStop),
-            (self.ui.resumeButton, self.onResume),
-            (self.ui.attachButton, self.onAttach),
-            (self.ui.addToLibraryButton, self.onAddToLibrary),
-            (self.ui.beginLoopButton, self.onBeginLoop),
-            (self.ui.addCaseButton, self.onAddCase),
-            (self.ui.distillAgainButton, self.onDistillAgain),
-            (self.ui.switchVersionButton, self.onSwitchVersion),
-            (self.ui.rollbackButton, self.onRollback),
-        ):
-            button.connect("clicked(bool)", slot)
         self.refreshLibraryChoices()
         self.initializeParameterNode()
 
-    def cleanup(self) -> None:
+    def stopWork(self) -> None:
         self.timer.stop()  # a run keeps going in its process; Attach follows it again
-        self.removeObservers()
+        self.run = None
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        ModuleWidget.enter(self)
         self.refreshLibraryChoices()
 
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.timer.stop()
-        self.run = None
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+    def onParameterNode(self) -> None:
         node = self._parameterNode
         if not node.runsFolder or str(node.runsFolder) == ".":
             node.runsFolder = Path.home() / "mtkd-runs"
         if node.runFolder and self.run is None and Path(node.runFolder).is_dir():
             self.follow(self.logic.trainer.attach(node.runFolder))  # re-attach after a reload
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
-            self.updateGui()
 
     def updateGui(self, caller=None, event=None) -> None:
         node = self._parameterNode
@@ -460,10 +422,7 @@ class MTKDTrainLogic(ScriptedLoadableModuleLogic):
         return MTKDTrainParameterNode(super().getParameterNode())
 
     def library(self):
-        from mtkd.library import ModelLibrary
-        from MTKDLib.gui import library_root
-
-        return ModelLibrary(self.libraryRoot or library_root())
+        return model_library(self.libraryRoot)
 
     def loop(self, datasetFolder):
         """The loop of this training set, or None where none was started."""
@@ -481,8 +440,6 @@ class MTKDTrainLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def ensureDependencies() -> bool:
-        from MTKDLib.slicer_setup import ensure_engine_dependencies
-
         return ensure_engine_dependencies()
 
 

@@ -86,12 +86,29 @@ CONNECTABLE = {
 }
 
 
+def setup_module_buttons(module: str) -> list[str]:
+    """The widget names given to ``self.setupModule(ui, {name: slot})`` (the buttons it
+    connects by name)."""
+    names = []
+    for node in ast.walk(ast.parse(module_source(module))):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "setupModule"
+        ):
+            assert node.args[0].value == module  # loads its own .ui
+            names += [key.value for key in node.args[1].keys]
+    assert names, f"{module}.py does not connect its buttons through setupModule"
+    return names
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_every_widget_the_code_names_is_in_the_ui(module):
     widgets = ui_widgets(module)
     assert widgets[module] == "qMRMLWidget"
     used = set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", module_source(module)))
     assert used, "the widget uses no ui element?"
+    used |= set(setup_module_buttons(module))
     missing = sorted(used - set(widgets))
     assert not missing, f"{module}.py uses widgets missing from {module}.ui: {missing}"
 
