@@ -230,6 +230,23 @@ class TrainingSet:
         return case_id
 
 
+def dataset_summary(folder: str | Path) -> str:
+    """One line on a dataset folder as the engine reads it (layout, cases, structures), or
+    what is wrong with it."""
+    from mtkd.data.datasets import load_dataset
+    from mtkd.errors import MTKDError
+
+    try:
+        dataset = load_dataset(folder)
+    except MTKDError as error:
+        return f"not a dataset the engine reads: {error}"
+    labelled = sum(case.label is not None for case in dataset.cases)
+    return (
+        f"{dataset.layout} dataset: {len(dataset.cases)} cases ({labelled} labelled); "
+        f"structures: {', '.join(dataset.labels.names)}"
+    )
+
+
 def export_training_set(
     cases: Sequence[SceneCase],
     folder: str | Path,

@@ -114,6 +114,7 @@ class MTKDTrainWidget(ModuleWidget):
         )
         for pathEdit in (self.ui.datasetPathLineEdit, self.ui.runsFolderPathLineEdit):
             pathEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetChosen)
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MILLISECONDS)
         self.timer.timeout.connect(self.pollRun)
@@ -192,6 +193,14 @@ class MTKDTrainWidget(ModuleWidget):
                 names=", ".join(plan.common) or "-"
             )
         self.ui.datasetSummaryLabel.text = text
+
+    def onDatasetChosen(self, path: str) -> None:
+        """A folder the engine reads is used as it is; say what it holds."""
+        from MTKDLib.training_set import dataset_summary
+
+        if path and Path(path).is_dir() and any(Path(path).iterdir()):
+            self.ui.datasetSummaryLabel.text = dataset_summary(path)
+        self.updateGui()
 
     def onExport(self) -> None:
         from MTKDLib.training_set import SceneCase, export_training_set, plan_labels

@@ -32,7 +32,13 @@ from MTKDLib.train_config import (
     write_config,
 )
 from MTKDLib.train_logic import TrainLogic
-from MTKDLib.training_set import SceneCase, TrainingSet, export_training_set, plan_labels
+from MTKDLib.training_set import (
+    SceneCase,
+    TrainingSet,
+    dataset_summary,
+    export_training_set,
+    plan_labels,
+)
 
 PYTHON = sys.executable
 STRUCTURES = ["liver", "spleen", "kidney_right"]
@@ -99,6 +105,11 @@ def test_training_set_from_scene_nodes_has_one_label_table(case_files, tmp_path)
         assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(source))
     records = TrainingSet(folder).records()
     assert [r["added_by"] for r in records] == ["dr-test"] * 3
+    summary = dataset_summary(folder)
+    assert summary == "msd dataset: 3 cases (3 labelled); structures: liver, spleen, kidney_right"
+    assert "not a dataset" in dataset_summary(tmp_path) and str(tmp_path) in dataset_summary(
+        tmp_path
+    )
     assert all(r["added_at"] for r in records)
 
 
