@@ -31,7 +31,7 @@ TAP_PRESETS = {
     "Custom pairs": None,
     "No feature terms (output only)": "none",
 }
-FEATURE_LOSSES = ("infonce", "mse", "cosine")
+FEATURE_LOSSES = ("infonce", "mse", "cosine", "supcon")
 OUTPUT_LOSSES = ("pmd", "cwd", "dist", "none")
 DEVICES = ("auto", "cpu", "cuda")
 

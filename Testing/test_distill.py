@@ -169,7 +169,7 @@ def test_spec_round_trip_and_defaults() -> None:
     term = OutputTerm()
     assert (term.loss, term.weight, term.temperature) == ("pmd", 0.2, 4.0)
     assert OutputTerm.from_dict(term.to_dict()) == term
-    assert set(FEATURE_LOSSES) == {"infonce", "mse", "cosine"}
+    assert set(FEATURE_LOSSES) == {"infonce", "mse", "cosine", "supcon"}
     assert set(OUTPUT_LOSSES) == {"pmd", "cwd", "dist"}
 
 

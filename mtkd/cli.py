@@ -227,6 +227,64 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_protocol(args: argparse.Namespace) -> int:
+    from mtkd.engine.trainer import TrainingInterrupted
+    from mtkd.protocols import available_protocols, load_protocol, run_protocol, write_configs
+
+    if args.name is None:
+        print("protocols: " + ", ".join(available_protocols()))
+        return 0
+    runs = args.runs
+    if runs is None and not args.write_configs:
+        runs = str(Path("runs") / Path(args.name).stem)
+    protocol = load_protocol(
+        args.name,
+        data=args.data,
+        runs=runs,
+        overrides=args.set or [],
+        epochs=args.epochs,
+        slice_size=args.slice_size,
+        patch_size=args.patch_size,
+        device=args.device,
+    )
+    if args.write_configs:
+        for path in write_configs(protocol, args.write_configs):
+            print(f"wrote {path}")
+        return 0
+    try:
+        run_protocol(protocol, runs, args.stage, device=args.device or "auto")
+    except TrainingInterrupted as stop:
+        print(f"mtkd: {stop}; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from mtkd.ablate import load_ablation, run_ablation
+    from mtkd.engine.trainer import TrainingInterrupted
+
+    ablation = load_ablation(args.config, seeds=args.seeds, device=args.device)
+    output = Path(args.output or Path("runs") / f"ablation-{ablation.name}")
+    runs = len(ablation.cells) * len(ablation.seeds)
+    print(
+        f"ablation {ablation.name}: {len(ablation.cells)} cell(s) x {len(ablation.seeds)} "
+        f"seed(s) = {runs} run(s){' + the teacher' if ablation.teacher_row else ''} in {output}"
+    )
+    try:
+        result = run_ablation(ablation, output, tensorboard=args.tensorboard)
+    except TrainingInterrupted as stop:
+        print(f"mtkd: {stop}", file=sys.stderr)
+        return 130
+    print()
+    print(result.table)
+    print()
+    for kind, path in result.files.items():
+        print(f"{kind}: {path}")
+    if args.tensorboard:
+        print(f"tensorboard: tensorboard --logdir {output / 'tensorboard'}")
+    return 0
+
+
 PROGRESS_HELP = "print machine-readable MTKD-PROGRESS lines (for the Slicer modules)"
 MODEL_HELP = (
     "run or model folder, exported TorchScript/ONNX folder, training checkpoint, MONAI bundle "
@@ -343,6 +401,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="voxel size in mm",
     )
     sub.set_defaults(func=cmd_synth)
+
+    sub = commands.add_parser(
+        "protocol",
+        help="run a whole experiment preset: teacher, students, no-KD twins, test report",
+        description="Run a protocol (mtkd/presets/NAME.yaml or a protocol file): each stage "
+        "in order, skipping finished ones and resuming stopped ones, then evaluate every "
+        "model on the test patients (RUNS/report.md, RUNS/report.json). Without NAME: list "
+        "the shipped protocols.",
+    )
+    sub.add_argument("name", nargs="?", help="thesis-2d-spleen, 3d-multiorgan, or a file")
+    sub.add_argument("--data", help="the dataset folder (fills ${DATA})")
+    sub.add_argument("--runs", help="folder for the stages' runs (default runs/NAME)")
+    sub.add_argument(
+        "--stage",
+        action="append",
+        help="all (default), teacher, students, or a stage name; repeatable",
+    )
+    sub.add_argument("--device", help="override train.device and evaluate there")
+    sub.add_argument("--epochs", type=int, help="override train.epochs of every stage")
+    sub.add_argument("--slice-size", type=int, nargs=2, metavar=("X", "Y"))
+    sub.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    sub.add_argument(
+        "--set",
+        action="append",
+        metavar="[STAGE:]KEY=VALUE",
+        help="override a config key (YAML value) in every stage, one stage (and its no-KD "
+        "twin) or 'students:'; repeatable, e.g. teacher:model.params.init_filters=4",
+    )
+    sub.add_argument(
+        "--write-configs",
+        metavar="DIR",
+        help="write the filled stage configs and a protocol.yaml to DIR instead of running",
+    )
+    sub.set_defaults(func=cmd_protocol)
+
+    sub = commands.add_parser(
+        "ablate",
+        help="a grid of KD variants (pairs x feature loss x output loss), no KD and the "
+        "teacher, over seeds: CSV, Markdown table and plots",
+        description="Train and score every cell of an ablation grid (a distill config with an "
+        "'ablation:' section) with the same data, split, recipe and epochs; write "
+        "results.csv, summary.csv, summary.md and plots/ to the output folder. Run it again "
+        "to continue an interrupted grid.",
+    )
+    sub.add_argument("config", help="ablation configuration (YAML)")
+    sub.add_argument("-o", "--output", help="output folder (default runs/ablation-<name>)")
+    sub.add_argument("--seeds", type=int, nargs="+", help="replace ablation.seeds")
+    sub.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="mirror each run's events to OUTPUT/tensorboard (needs the tensorboard package)",
+    )
+    sub.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:1)")
+    sub.set_defaults(func=cmd_ablate)
 
     sub = commands.add_parser(
         "library", help="list, import and delete the models of the model library"

@@ -121,9 +121,9 @@ class TapPairConfig:
 
     student: str = ""
     teacher: str = ""
-    loss: str = "infonce"  # infonce, mse, cosine
+    loss: str = "infonce"  # infonce, mse, cosine, supcon (supervised voxel contrast)
     weight: float = 0.1
-    temperature: float = 0.4
+    temperature: float | None = None  # None: the loss's default (infonce 0.4, supcon 0.1)
     name: str | None = None
 
 
@@ -145,7 +145,8 @@ class DistillConfig:
       shallowest; 0.1 each) plus B-B (0.2) and D-D (0.1).
 
     Both use InfoNCE (tau 0.4), and PMD (T 4, weight 0.2) unless ``output`` is given.
-    ``feature_loss`` and ``scale_weights`` change a preset's pairs (not explicit ``pairs``).
+    ``feature_loss`` and ``scale_weights`` change a preset's pairs (not explicit ``pairs``); with
+    ``feature_loss: supcon`` (supervised voxel contrast) the pairs' temperature is 0.1.
     """
 
     teacher: str = ""  # run/model folder, checkpoint, bundle, TorchScript/ONNX, stored outputs
@@ -153,7 +154,8 @@ class DistillConfig:
     pairs: list[TapPairConfig] = field(default_factory=list)
     output: OutputTermConfig | None = None
     scale: float = 1.0  # multiplies every distillation weight; 0 is the no-KD baseline
-    feature_loss: str | None = None  # replaces the preset's InfoNCE: infonce, mse, cosine
+    # replaces the preset's InfoNCE: infonce, mse, cosine, supcon
+    feature_loss: str | None = None
     # weight per pair label (thesis: E-E, B-B, D-D; all_scales: E1-E1 .. En-En, B-B, D-D),
     # replacing the preset's before ``scale``; 0 drops the pair
     scale_weights: dict[str, float] | None = None
@@ -226,7 +228,7 @@ class RunConfig:
         for index, pair in enumerate(self.distill.pairs if self.distill else []):
             if not pair.student or not pair.teacher:
                 fail(f"distill.pairs[{index}]", "needs both 'student' and 'teacher' tap names")
-            if pair.weight < 0 or pair.temperature <= 0:
+            if pair.weight < 0 or (pair.temperature is not None and pair.temperature <= 0):
                 fail(f"distill.pairs[{index}]", "weight must be >= 0 and temperature > 0")
         if self.distill is not None:
             self._validate_overrides(self.distill, fail)
@@ -249,7 +251,7 @@ class RunConfig:
             if distill.preset is None:
                 fail(f"distill.{key}", "applies to a preset's pairs; set distill.preset")
         if distill.feature_loss is not None and not distill.feature_loss:
-            fail("distill.feature_loss", "must name a feature loss (infonce, mse, cosine)")
+            fail("distill.feature_loss", "must name a feature loss (infonce, mse, cosine, supcon)")
         for label, weight in (distill.scale_weights or {}).items():
             if (
                 isinstance(weight, bool)

@@ -10,8 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtkd.distill.connectors import Connector, check_alignable
-from mtkd.distill.losses import check_logits, get_feature_loss, get_output_loss
+from mtkd.distill.connectors import Connector, ContrastConnector, check_alignable
+from mtkd.distill.losses import (
+    SUPERVISED_FEATURE_LOSSES,
+    check_logits,
+    get_feature_loss,
+    get_output_loss,
+)
 from mtkd.distill.spec import OutputTerm, TapPair
 from mtkd.errors import MTKDError
 from mtkd.models.taps import FeatureRecorder, first_tensor, resolve_module
@@ -58,6 +63,13 @@ class Distiller(nn.Module):
     number of channels than the student. A teacher that is not an ``nn.Module`` (an ONNX
     session wrapper) needs no tap pairs and is only called. ``teacher=None`` distils from stored
     teacher outputs: no tap pairs, and ``forward`` takes the teacher logits.
+
+    A pair with the supervised voxel contrast (loss ``supcon``) gets a
+    :class:`ContrastConnector` instead: a student and a teacher projection head (both trained,
+    both in the connectors) and the loss with its memory of teacher embeddings per class; its
+    classes are the student's output channels (2 for a one-channel sigmoid output), and
+    ``forward`` then needs the batch's ground-truth ``labels``, in which the value
+    ``ignore_index`` (if given) marks voxels never sampled.
     """
 
     def __init__(
@@ -70,6 +82,7 @@ class Distiller(nn.Module):
         *,
         teacher_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         teacher_in_channels: int | None = None,
+        ignore_index: int | None = None,
     ):
         super().__init__()
         self.student = student
@@ -83,6 +96,7 @@ class Distiller(nn.Module):
         self.output = output
         self.teacher_transform = teacher_transform
         self.teacher_in_channels = teacher_in_channels
+        self.ignore_index = ignore_index
         self.labels = [pair.label(i) for i, pair in enumerate(self.pairs)]
         self._check_labels()
         if self.pairs and not isinstance(teacher, nn.Module):
@@ -98,7 +112,10 @@ class Distiller(nn.Module):
                     resolve_module(net, tap)
                 except MTKDError as err:
                     raise MTKDError(f"tap pair '{label}', {who}: {err.problem}") from None
-        self._feature_losses = [get_feature_loss(pair.loss) for pair in self.pairs]
+        self._feature_losses = [  # None: a supervised loss, owned by the pair's connector
+            None if pair.loss in SUPERVISED_FEATURE_LOSSES else get_feature_loss(pair.loss)
+            for pair in self.pairs
+        ]
         self._output_loss = get_output_loss(output.loss) if output is not None else None
         self.connectors = nn.ModuleDict()
         self._build_connectors(example_input)
@@ -155,10 +172,21 @@ class Distiller(nn.Module):
         if self.output is not None and t_out is not None:
             check_logits(s_out, t_out)
         reference = next(itertools.chain(self.student.parameters(), [example_input]))
-        for label, pair in zip(self.labels, self.pairs):
+        num_classes = max(2, int(s_out[1]))  # one sigmoid channel: background and foreground
+        for index, (label, pair) in enumerate(zip(self.labels, self.pairs)):
             s_shape, t_shape = s_shapes[pair.student], t_shapes[pair.teacher]
             check_alignable(s_shape, t_shape, pair)
-            connector = Connector.for_shapes(s_shape, t_shape)
+            if pair.loss in SUPERVISED_FEATURE_LOSSES:
+                connector = ContrastConnector.for_shapes(
+                    s_shape,
+                    t_shape,
+                    num_classes,
+                    temperature=pair.temperature,
+                    ignore_index=self.ignore_index,
+                    seed=torch.initial_seed() + index,
+                )
+            else:
+                connector = Connector.for_shapes(s_shape, t_shape)
             try:
                 self.connectors[label] = connector.to(reference.device, reference.dtype)
             except KeyError:
@@ -173,12 +201,20 @@ class Distiller(nn.Module):
                     f"pass; pick modules that are called (`mtkd taps` lists them)"
                 )
 
-    def forward(self, x: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> DistillOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> DistillOutput:
         """Run both networks on x (B, C_in, *spatial); return logits, terms and the loss.
 
         Without a teacher network, ``teacher_logits`` (B, C_s, *spatial) are the stored
-        teacher's (pseudo-)logits for x; with one, they must be None.
+        teacher's (pseudo-)logits for x; with one, they must be None. ``labels`` (B, *spatial)
+        or (B, 1, *spatial), the class index of every voxel of x, are needed by ``supcon``
+        pairs (each resizes them to its tap by nearest neighbour) and unused otherwise.
         """
+        self._check_labels_given(x, labels)
         if self.teacher is None:
             if teacher_logits is None:
                 raise ValueError("a Distiller without a teacher network needs teacher_logits")
@@ -199,10 +235,13 @@ class Distiller(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         for label, pair, loss_fn in zip(self.labels, self.pairs, self._feature_losses):
-            projected, aligned = self.connectors[label](
-                s_rec.features[pair.student], t_rec.features[pair.teacher].detach()
-            )
-            terms[label] = loss_fn(projected, aligned, pair.temperature)
+            student_map = s_rec.features[pair.student]
+            teacher_map = t_rec.features[pair.teacher].detach()
+            if loss_fn is None:
+                terms[label] = self.connectors[label].loss(student_map, teacher_map, labels)
+            else:
+                projected, aligned = self.connectors[label](student_map, teacher_map)
+                terms[label] = loss_fn(projected, aligned, pair.temperature)
             weights[label] = pair.weight
         if self.output is not None and self._output_loss is not None:
             terms[self.output.loss] = self._output_loss(
@@ -213,6 +252,27 @@ class Distiller(nn.Module):
         for name, value in terms.items():
             loss = loss + weights[name] * value
         return DistillOutput(student_logits, teacher_logits, terms, loss, student_output)
+
+    def _check_labels_given(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+        supervised = [
+            label
+            for label, pair in zip(self.labels, self.pairs)
+            if pair.loss in SUPERVISED_FEATURE_LOSSES
+        ]
+        if not supervised:
+            return
+        if labels is None:
+            raise MTKDError(
+                f"tap pair(s) {', '.join(supervised)} use the supervised voxel contrast "
+                f"('supcon'), which needs the batch's ground-truth labels: "
+                f"call the distiller with labels=(B, *spatial) class indices"
+            )
+        spatial = tuple(x.shape[2:])
+        if tuple(labels.shape) not in ((x.shape[0], *spatial), (x.shape[0], 1, *spatial)):
+            raise MTKDError(
+                f"labels must be class indices (B, *spatial) or (B, 1, *spatial) matching the "
+                f"input {tuple(x.shape)}, got {tuple(labels.shape)}"
+            )
 
     def train(self, mode: bool = True) -> Distiller:
         """Set the student and connectors to ``mode``; the teacher stays in eval mode."""
@@ -227,11 +287,14 @@ class Distiller(nn.Module):
         return super()._apply(fn, recurse)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters to optimise: the student's, then the connectors'."""
+        """The parameters to optimise: the student's, then the connectors' (with the
+        projection heads of ``supcon`` pairs)."""
         return [*self.student.parameters(), *self.connectors.parameters()]
 
     def connector_state_dict(self) -> dict[str, torch.Tensor]:
-        """The connectors' weights, keyed ``<pair label>.proj.weight`` etc."""
+        """The connectors' weights, keyed ``<pair label>.proj.weight`` etc.; for a ``supcon``
+        pair ``<label>.student_head.*``, ``<label>.teacher_head.*`` and the memory and
+        sampling state ``<label>.criterion.*``."""
         return self.connectors.state_dict()
 
     def load_connector_state_dict(self, state: dict[str, torch.Tensor]) -> None:

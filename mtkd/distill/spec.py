@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from mtkd.distill.losses import FEATURE_LOSSES, OUTPUT_LOSSES
+from mtkd.distill.losses import FEATURE_LOSSES, OUTPUT_LOSSES, default_temperature
 from mtkd.errors import MTKDError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -51,14 +51,17 @@ class TapPair:
 
     ``student``/``teacher`` are module names (``model.get_submodule(name)``); ``name`` labels
     the term in logs and keys its connector (letters, digits, ``_`` and ``-``; default
-    ``pair<i>``). ``temperature`` is used by InfoNCE and ignored by mse/cosine.
+    ``pair<i>``). ``temperature`` is used by InfoNCE and supcon and ignored by mse/cosine;
+    None (the default) becomes the loss's default: 0.4 for InfoNCE (the paper), 0.1 for supcon
+    (``default_temperature``). ``supcon``, the supervised voxel contrast, needs the batch's
+    labels (``Distiller.forward(x, labels=...)``).
     """
 
     student: str
     teacher: str
     loss: str = "infonce"
     weight: float = 0.1
-    temperature: float = 0.4
+    temperature: float | None = None
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class TapPair:
                 f"tap pair name {self.name!r} may hold only letters, digits, '_' and '-'"
             )
         _check_loss(self.loss, FEATURE_LOSSES, "feature")
+        if self.temperature is None:
+            self.temperature = default_temperature(self.loss)
         _check_number(self.weight, f"tap pair {self.label()}: weight", positive=False)
         _check_number(self.temperature, f"tap pair {self.label()}: temperature", positive=True)
 

@@ -7,7 +7,9 @@ Presets (``distill.preset``) pair taps of registered networks by scale:
   (E1-E1 .. En-En, n the smaller encoder depth), plus B-B and D-D.
 
 ``distill.feature_loss`` replaces the presets' InfoNCE, ``distill.scale_weights`` their weights
-by pair label (before ``distill.scale``; 0 drops the pair).
+by pair label (before ``distill.scale``; 0 drops the pair). A preset's pairs take the feature
+loss's default temperature: 0.4 for InfoNCE (the paper), 0.1 for ``supcon`` (the supervised
+voxel contrast); mse and cosine have none.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ THESIS_OUTPUT = OutputTerm(loss="pmd", weight=0.2, temperature=4.0)
 ALL_SCALES_ENCODER_WEIGHT = 0.1
 ALL_SCALES_PAIRS = (("B-B", 0.2), ("D-D", 0.1))
 PRESET_FEATURE_LOSS = "infonce"
-PRESET_TEMPERATURE = 0.4
+PRESET_TEMPERATURE = 0.4  # InfoNCE's; each loss's: mtkd.distill.losses.DEFAULT_TEMPERATURES
 PRESETS = ("thesis", "all_scales")
 # The label feature_weights gives the all_scales encoder levels that scale_weights does not
 # name when it cannot know the networks' depth.
@@ -216,8 +218,8 @@ def _unscaled_terms(
         taps = all_scale_taps(student, teacher)
     loss = config.feature_loss or PRESET_FEATURE_LOSS
     named = _with_overrides(config, _preset_weights(config.preset, student, teacher))
-    pairs = [
-        TapPair(taps[label][0], prefix + taps[label][1], loss, weight, PRESET_TEMPERATURE, label)
+    pairs = [  # temperature None: the loss's default (0.4 InfoNCE, 0.1 supcon)
+        TapPair(taps[label][0], prefix + taps[label][1], loss, weight, None, label)
         for label, weight in named
     ]
     return pairs, _unscaled_output(config)

@@ -469,13 +469,14 @@ class Trainer:
         teacher: torch.Tensor | None = None,
     ):
         """Loss and its unweighted terms for one batch (B, C, *S), labels (B, 1, *S) and, from
-        stored teacher outputs, the teacher's probabilities (B, K + 1, *S)."""
+        stored teacher outputs, the teacher's probabilities (B, K + 1, *S). The labels (class
+        indices 0..K) also go to the distiller, for its supervised (``supcon``) terms."""
         weight = self.config.train.seg_weight
         if self.distiller is not None:
             if self.distiller.teacher is None:
-                out = self.distiller(images, pseudo_logits(teacher, self.activation))
+                out = self.distiller(images, pseudo_logits(teacher, self.activation), labels=labels)
             else:
-                out = self.distiller(images)
+                out = self.distiller(images, labels=labels)
             seg = self.seg_loss(out.student_logits, labels)
             terms = {"seg": seg.detach(), **{k: v.detach() for k, v in out.terms.items()}}
             return weight * seg + out.loss, terms

@@ -1,0 +1,334 @@
+"""`mtkd ablate`: a tiny grid (tiny nets, 32x32 slices of the real CT, the session's tiny
+teacher) trained, scored, tabulated and plotted end to end; continued without redoing finished
+runs, resumed after an interruption; the grid's configuration errors."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import sys
+
+import pytest
+import yaml
+from conftest import tiny_config
+from helpers import expect_error
+
+from mtkd.ablate import ablation_from_dict, load_ablation, run_ablation
+from mtkd.ablation.grid import cell_name
+from mtkd.ablation.report import mean_std, write_plots
+from mtkd.ablation.tensorboard import event_scalars, mirror_run, summary_writer_class
+from mtkd.cli import main
+from mtkd.config import load_config
+from mtkd.engine.run_dir import read_events
+from mtkd.engine.trainer import Trainer, TrainingInterrupted
+from mtkd.errors import MTKDError
+
+STUDENT = {"name": "thesis_unet", "params": {"channels": [4, 8], "bottleneck": 8}}
+GRID = {
+    "seeds": [5],  # replaced by --seeds 0 1 below
+    "cells": [
+        {"pairs": ["E-E", "B-B", "D-D"], "feature_loss": "infonce", "output_loss": "pmd"},
+        {"pairs": ["B"], "feature_loss": "mse", "output_loss": "cwd"},
+    ],
+    "include": ["no_kd", "teacher"],
+}
+CELLS = ["no_kd", "EBD-infonce-pmd", "B-mse-cwd"]
+RUNS = [(cell, seed) for cell in CELLS for seed in (0, 1)]
+STOPPED = 3  # the 4th run (EBD-infonce-pmd, seed 1) is stopped at its first batch
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def ablation_config(dataset, teacher_run, section, epochs=1) -> dict:
+    config = tiny_config(
+        dataset,
+        "distill",
+        name="tiny-ablation",
+        model=STUDENT,
+        train_on="student_train",
+        distill={"teacher": str(teacher_run), "preset": "thesis"},
+    )
+    config["train"]["epochs"] = epochs
+    config["ablation"] = section
+    return config
+
+
+@pytest.fixture(scope="module")
+def grid(slab_dataset, teacher_run, tmp_path_factory):
+    """A grid of 2 KD cells and no KD x 2 seeds, and the teacher: stopped (as by SIGTERM)
+    inside its 4th run, then completed by the CLI. Returns the folder, what the CLI printed,
+    the config file and the events of the runs finished before the stop."""
+    folder = tmp_path_factory.mktemp("ablation")
+    config = folder / "ablation_config.yaml"
+    config.write_text(yaml.safe_dump(ablation_config(slab_dataset, teacher_run, GRID)))
+    output = folder / "ABL"
+    stopped_run = f"{RUNS[STOPPED][0]}-seed{RUNS[STOPPED][1]}"
+    original = Trainer._batch_loss
+
+    def stopping(self, *args):
+        if self.config.name == stopped_run:
+            self.stop.request("SIGTERM")
+        return original(self, *args)
+
+    ablation = ablation_from_dict(yaml.safe_load(config.read_text()), seeds=[0, 1], device="cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_batch_loss", stopping)
+        with pytest.raises(TrainingInterrupted, match="again to continue"):
+            run_ablation(ablation, output, log=quiet, progress=False)
+    runs = [output / "cells" / cell / f"seed{seed}" for cell, seed in RUNS]
+    assert all((run / "model").is_dir() for run in runs[:STOPPED])
+    assert (runs[STOPPED] / "checkpoints" / "last.pt").is_file()
+    assert not (runs[STOPPED] / "model").exists()
+    assert not any(run.exists() for run in runs[STOPPED + 1 :])
+    finished = {run: (run / "events.jsonl").read_bytes() for run in runs[:STOPPED]}
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        args = ["ablate", str(config), "-o", str(output), "--seeds", "0", "1", "--device", "cpu"]
+        assert main(args) == 0
+    return output, printed.getvalue(), config, finished
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_grid_writes_results_summary_and_plots(grid):
+    output, printed, _, _ = grid
+    rows = read_csv(output / "results.csv")
+    assert [(r["cell"], r["seed"]) for r in rows] == [("teacher", "")] + [
+        (cell, seed) for cell in CELLS for seed in ("0", "1")
+    ]
+    students = [r for r in rows if r["role"] != "teacher"]
+    assert len({r["parameters"] for r in students}) == 1  # one student network for all
+    assert int(rows[0]["parameters"]) > int(students[0]["parameters"])
+    for row in rows:
+        assert 0.0 <= float(row["dice"]) <= 1.0
+        assert {"dice_liver", "dice_spleen", "dice_kidney_right"} <= set(row)
+    for row in students:
+        assert row["epochs"] == "1" and float(row["train_seconds"]) > 0
+        assert (output / row["run"] / "report" / "test_scores.csv").is_file()
+    b_rows = [r for r in students if r["cell"] == "B-mse-cwd"]
+    assert [(r["pairs"], r["feature_loss"], r["output_loss"]) for r in b_rows] == [
+        ("B-B", "mse", "cwd")
+    ] * 2
+
+    summary = read_csv(output / "summary.csv")
+    assert [r["cell"] for r in summary] == ["teacher", *CELLS]
+    assert [r["seeds"] for r in summary] == ["1", "2", "2", "2"]
+    for row in summary[1:]:
+        dice = [float(r["dice"]) for r in rows if r["cell"] == row["cell"]]
+        mean, std = mean_std(dice)
+        assert float(row["dice_mean"]) == pytest.approx(mean, abs=1e-5)
+        assert float(row["dice_std"]) == pytest.approx(std, abs=1e-5)
+    assert summary[0]["dice_std"] == "nan"  # one teacher, no spread
+
+    markdown = (output / "summary.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| cell | role | pairs |")
+    assert len(table) == 1 + 4
+    assert "**teacher**" in table[1] and "**no KD**" in table[2]
+    assert all(" ± " in line for line in table[2:])
+    assert "E-E+B-B+D-D" in table[3]
+    assert table[0] in printed and table[3] in printed  # the CLI prints the table
+    for name in ("dice.png", "curves.png"):
+        data = (output / "plots" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+    image = pytest.importorskip("matplotlib.image").imread(output / "plots" / "dice.png")
+    assert image.ndim == 3 and image.shape[0] > 300
+
+
+@pytest.mark.slow
+def test_interrupted_grid_was_continued_not_redone(grid):
+    """The CLI run after the stop: the 3 finished runs were not rerun (their events are
+    unchanged), the stopped one was resumed from its checkpoint, the rest trained."""
+    output, printed, _, finished = grid
+    states = {}
+    for line in printed.splitlines():
+        if line.startswith("[") and "/6] " in line:
+            run, _, rest = line.partition(": ")
+            states[run.split("] ")[1]] = rest.split(";")[0]
+    expected = ["finished"] * STOPPED + ["resumed"] + ["trained"] * (len(RUNS) - STOPPED - 1)
+    assert states == {f"{cell} seed {seed}": e for (cell, seed), e in zip(RUNS, expected)}
+    for run, events in finished.items():
+        assert (run / "events.jsonl").read_bytes() == events
+    cell, seed = RUNS[STOPPED]
+    events = read_events(output / "cells" / cell / f"seed{seed}" / "events.jsonl")
+    assert [e["resume"] for e in events if e.get("state") == "preparing"] == [False, True]
+    assert [e["state"] for e in events if e.get("state") == "interrupted"] == ["interrupted"]
+
+
+@pytest.mark.slow
+def test_cells_share_data_split_recipe_and_epochs(grid):
+    output, _, _, _ = grid
+    recipes, splits = [], []
+    for cell in CELLS:
+        for seed in (0, 1):
+            run = output / "cells" / cell / f"seed{seed}"
+            config = load_config(run / "config.yaml").to_dict()
+            assert config["train"]["seed"] == seed
+            distill = config.pop("distill")
+            if cell == "no_kd":
+                assert distill["scale"] == 0.0  # the same recipe with zero KD weight
+                meta = json.loads((run / "model" / "mtkd_model.json").read_text())
+                assert meta["lineage"]["distilled"] is False
+            else:
+                assert distill["preset"] == "thesis" and distill["output"]["weight"] == 0.2
+            if cell == "EBD-infonce-pmd":
+                assert distill["feature_loss"] == "infonce" and distill["output"]["loss"] == "pmd"
+                assert distill["scale_weights"] == {"E-E": 0.1, "B-B": 0.2, "D-D": 0.1}
+            if cell == "B-mse-cwd":
+                assert distill["feature_loss"] == "mse" and distill["output"]["loss"] == "cwd"
+                assert distill["scale_weights"] == {"E-E": 0.0, "B-B": 0.2, "D-D": 0.0}
+                terms = [e for e in read_events(run / "events.jsonl") if e["type"] == "metrics"]
+                assert "B-B" in terms[0] and "E-E" not in terms[0] and "cwd" in terms[0]
+            config.pop("name")
+            config["train"].pop("seed")
+            recipes.append(config)
+            splits.append((run / "split.json").read_text())
+    assert all(recipe == recipes[0] for recipe in recipes)
+    assert all(split == splits[0] for split in splits)
+    assert recipes[0]["train"]["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_running_again_redoes_nothing_and_a_changed_grid_is_refused(grid, capsys):
+    output, _, config, _ = grid
+    runs = sorted((output / "cells").glob("*/seed*"))
+    before = {run: (run / "events.jsonl").read_bytes() for run in runs}
+    result = run_ablation(
+        ablation_from_dict(yaml.safe_load(config.read_text()), seeds=[0, 1]), output, log=quiet
+    )
+    assert set(result.states.values()) == {"finished"} and len(result.states) == 6
+    assert {run: (run / "events.jsonl").read_bytes() for run in runs} == before
+    assert [r["cell"] for r in result.summary] == ["teacher", *CELLS]
+
+    assert main(["ablate", str(config), "-o", str(output), "--seeds", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "another ablation grid" in error and "seeds" in error
+
+
+@pytest.mark.slow
+def test_tensorboard_mirror_of_a_finished_run(grid, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output, _, _, _ = grid
+    run = output / "cells" / "EBD-infonce-pmd" / "seed0"
+    assert mirror_run(run, tmp_path / "tb") > 0
+    assert mirror_run(run, tmp_path / "tb") > 0  # again: replaced, not appended
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss/loss", "loss/seg", "loss/B-B", "loss/pmd", "val/dice"} <= tags
+    assert [s.step for s in accumulator.Scalars("val/dice")] == [1]
+
+
+def test_event_scalars_and_a_missing_tensorboard(monkeypatch):
+    events = [
+        {"type": "status", "state": "initial_validation", "val_dice": 0.5},
+        {"type": "metrics", "epoch": 1, "epochs": 2, "loss": 1.0, "B-B": 0.3, "lr": 0.01},
+        {"type": "metrics", "epoch": 1, "loss": 0.9, "val_dice_per_structure": {"liver": 0.7}},
+    ]
+    scalars = event_scalars(events)
+    assert scalars[0] == {"val/dice": 0.5}
+    assert scalars[1] == {"loss/loss": 0.9, "val/dice_liver": 0.7}  # the last record wins
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(MTKDError, match="pip install tensorboard"):
+        summary_writer_class()
+
+
+def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path):
+    import mtkd.ablation.report as report
+
+    monkeypatch.setattr(report, "_matplotlib", lambda: None)
+    notes = []
+    assert write_plots(tmp_path, [], {}, notes.append) == {}
+    assert "matplotlib is not installed" in notes[0]
+
+
+def test_grid_product_names_and_deduplication(slab_dataset, teacher_run):
+    section = {
+        "seeds": [0, 1, 2],
+        "pairs": [["E-E", "B-B", "D-D"], ["D-D", "B"], []],
+        "feature_losses": ["infonce", "mse"],
+        "output_losses": ["pmd", "none"],
+        "include": ["teacher"],
+    }
+    ablation = ablation_from_dict(ablation_config(slab_dataset, teacher_run, section))
+    names = [cell.name for cell in ablation.cells]
+    assert names == [
+        "no_kd",  # [] x none: the no-KD student, once, first
+        "EBD-infonce-pmd",
+        "EBD-infonce-none",
+        "EBD-mse-pmd",
+        "EBD-mse-none",
+        "BD-infonce-pmd",
+        "BD-infonce-none",
+        "BD-mse-pmd",
+        "BD-mse-none",
+        "pmd-only",  # [] x pmd: one cell whatever the feature loss
+    ]
+    assert ablation.teacher_row
+    no_kd = ablation.run_config(ablation.cells[0], 2)
+    assert no_kd.distill.scale == 0.0 and no_kd.train.seed == 2
+    assert no_kd.name == "no_kd-seed2"
+    assert cell_name(("B-B",), "mse", None) == "B-mse-none"
+    without_output = ablation.run_config(ablation.cells[2], 0).distill  # EBD-infonce-none
+    assert without_output.output.weight == 0.0 and without_output.scale == 1.0
+    assert without_output.scale_weights == {"E-E": 0.1, "B-B": 0.2, "D-D": 0.1}
+    output_only = ablation.run_config(ablation.cells[-1], 0).distill  # pmd-only
+    assert output_only.scale_weights == {"E-E": 0.0, "B-B": 0.0, "D-D": 0.0}
+    assert output_only.feature_loss is None and output_only.output.weight == 0.2
+    default = ablation_from_dict(ablation_config(slab_dataset, teacher_run, {}))
+    assert [c.name for c in default.cells] == ["no_kd", "EBD-infonce-pmd"]
+    assert default.seeds == [0, 1, 2] and default.teacher_row
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda c: c.pop("ablation"), "'ablation:' section"),
+        (lambda c: c["ablation"].update(seed=[1]), "unknown config key(s) seed in 'ablation'"),
+        (lambda c: c["ablation"].update(seeds=[0, "1"]), "config key 'ablation.seeds[1]'"),
+        (lambda c: c["ablation"].update(seeds=[1, 1]), "config key 'ablation.seeds'"),
+        (lambda c: c["ablation"].update(pairs=[["E-E", "X-X"]]), "'ablation.pairs[0][1]'"),
+        (lambda c: c["ablation"].update(feature_losses=["nce"]), "'ablation.feature_losses'"),
+        (lambda c: c["ablation"].update(output_losses=["kl"]), "'ablation.output_losses'"),
+        (lambda c: c["ablation"].update(include=["student"]), "'ablation.include[0]'"),
+        (lambda c: c["ablation"].update(cells=[{"pairs": []}], pairs=[[]]), "'ablation.pairs'"),
+        (lambda c: c["ablation"].update(cells=[{"loss": "mse"}]), "'ablation.cells[0]'"),
+        (lambda c: c["ablation"].update(cells=[{"name": "teacher"}]), "'ablation.cells[0].name'"),
+        (lambda c: c["ablation"].update(cells=[{"name": "a/b"}]), "'ablation.cells[0].name'"),
+        (lambda c: c["ablation"].update(cells=[{}, {}]), "'ablation.cells[1].name'"),
+        (lambda c: c.update(kind="train"), "config key 'kind'"),
+        (lambda c: c["distill"].update(preset="all_scales"), "config key 'distill.preset'"),
+        (lambda c: c["distill"].update(feature_loss="mse"), "'distill.feature_loss'"),
+        (lambda c: c["distill"].update(scale_weights={"B-B": 0}), "'distill.scale_weights.B-B'"),
+        (lambda c: c["split"]["fixed"].pop("test"), "config key 'split.fixed.test'"),
+        (lambda c: c["train"].update(epochs=0), "config key 'train.epochs'"),
+    ],
+)
+def test_config_errors_name_the_key(slab_dataset, teacher_run, tmp_path, change, key):
+    config = ablation_config(slab_dataset, teacher_run, {"seeds": [0]})
+    config["split"]["fixed"] = dict(config["split"]["fixed"])
+    change(config)
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with expect_error(path, key):
+        load_ablation(path)
+
+
+def test_an_unrelated_output_folder_is_refused(slab_dataset, teacher_run, tmp_path):
+    ablation = ablation_from_dict(ablation_config(slab_dataset, teacher_run, {"seeds": [0]}))
+    (tmp_path / "other.txt").write_text("not an ablation")
+    with pytest.raises(MTKDError, match="no ablation.yaml"):
+        run_ablation(ablation, tmp_path, log=quiet)

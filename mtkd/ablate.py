@@ -1,0 +1,413 @@
+"""``mtkd ablate``: a grid of distillation variants, trained and scored alike.
+
+The configuration (see :mod:`mtkd.ablation.grid`) is a distillation run config, the recipe every
+cell shares, plus an ``ablation:`` section: subsets of the thesis pairs (E-E, B-B, D-D) x feature
+losses x output losses (or an explicit list of cells), the no-KD student and the teacher, over
+several seeds. Every run has the same data, split, recipe and epochs; the seed sets
+``train.seed``. Each run is scored on the split's test cases (per-volume Dice and HD95 on the
+original grid, as ``mtkd evaluate``)::
+
+    ABL/ablation.yaml              the resolved grid (a different grid is refused here)
+    ABL/cells/<cell>/seed<k>/      a normal run folder per cell and seed; its report/ holds
+                                   test_scores.csv (per volume) and ablation_result.json
+    ABL/teacher/                   the teacher's test scores (the teacher is not retrained)
+    ABL/results.csv                one row per run (cell x seed, and the teacher)
+    ABL/summary.csv, summary.md    one row per cell: mean ± sample std over seeds
+    ABL/plots/dice.png             Dice and HD95 per cell with error bars (needs matplotlib)
+    ABL/plots/curves.png           validation Dice and training loss per epoch, one line a cell
+    ABL/tensorboard/<cell>/seed<k> the runs' events as TensorBoard scalars (--tensorboard)
+
+Running it again continues: a finished run (its model exported) is scored from its cached
+result, a run with a checkpoint is resumed exactly, the others are started. Ctrl-C or SIGTERM
+stops the run in progress at a safe point (its checkpoint saved) and ends the grid.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtkd.ablation.grid import (
+    NO_KD,
+    NO_OUTPUT,
+    TEACHER,
+    Ablation,
+    Cell,
+    ablation_from_dict,
+    grid_differences,
+    load_ablation,
+)
+from mtkd.ablation.report import (
+    markdown_report,
+    markdown_table,
+    result_rows,
+    summarise_cells,
+    write_csv,
+    write_plots,
+)
+from mtkd.ablation.tensorboard import mirror_run, summary_writer_class
+from mtkd.config import RunConfig
+from mtkd.data.atomic import atomic_write_bytes
+from mtkd.data.datasets import DatasetIndex, load_dataset
+from mtkd.data.splits import split_cases
+from mtkd.engine.run_dir import RunDir, read_events
+from mtkd.engine.signals import StopRequest
+from mtkd.engine.trainer import Trainer, TrainingInterrupted, resolve_device, resume_run
+from mtkd.errors import MTKDError
+from mtkd.infer.evaluate import evaluate, summarise, write_scores_csv
+from mtkd.infer.model_files import METADATA
+from mtkd.infer.model_io import LoadedModel, load_model
+from mtkd.infer.predictor import Predictor
+
+RESULT_FORMAT = 1
+RESULT_FILE = "ablation_result.json"  # in each run's report/
+
+
+@dataclass
+class AblationResult:
+    folder: Path
+    results: list[dict[str, Any]]  # one per run (the teacher first), as in results.csv
+    summary: list[dict[str, Any]]  # one per cell, as in summary.csv
+    table: str  # the Markdown table of summary.md
+    files: dict[str, Path] = field(default_factory=dict)
+    # run folder (relative to ``folder``) -> "trained", "resumed" or "finished" (earlier)
+    states: dict[str, str] = field(default_factory=dict)
+
+
+def run_ablation(
+    ablation: Ablation,
+    output: str | Path,
+    *,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+    tensorboard: bool = False,
+) -> AblationResult:
+    """Train and score every cell x seed of ``ablation`` in ``output`` (continuing what an
+    earlier call left there), then write the tables and plots."""
+    root = Path(output)
+    if tensorboard:
+        summary_writer_class()  # no tensorboard: say so before any training
+    _claim_folder(root, ablation)
+    base = ablation.base
+    dataset = load_dataset(base.data.source, labels_json=base.data.labels_json)
+    test = _test_cases(base, dataset)
+    device = resolve_device(base.train.device)
+    plan = [(cell, seed) for cell in ablation.cells for seed in ablation.seeds]
+    results: list[dict[str, Any]] = []
+    histories: dict[str, list[list[dict[str, Any]]]] = {}
+    states: dict[str, str] = {}
+    with StopRequest() as stop:
+        if ablation.teacher_row:
+            results.append(_teacher_result(base.distill.teacher, root, dataset, test, device, log))
+        for index, (cell, seed) in enumerate(plan, start=1):
+            label = f"[{index}/{len(plan)}] {cell.name} seed {seed}"
+            run_dir = root / "cells" / cell.name / f"seed{seed}"
+            relative = run_dir.relative_to(root).as_posix()
+            if stop.requested:
+                raise TrainingInterrupted(_stopped(cell, seed, index - 1, len(plan), root))
+            try:
+                states[relative] = _train(ablation.run_config(cell, seed), run_dir, progress, log)
+            except TrainingInterrupted:
+                raise TrainingInterrupted(
+                    _stopped(cell, seed, index - 1, len(plan), root)
+                ) from None
+            result = _run_result(ablation, cell, seed, run_dir, relative, dataset, test, device)
+            results.append(result)
+            histories.setdefault(cell.name, []).append(_history(RunDir(run_dir)))
+            log(
+                f"{label}: {states[relative]}; test Dice {result['dice']:.3f}, "
+                f"HD95 {result['hd95_mm']:.2f} mm"
+            )
+            if tensorboard:
+                mirror_run(run_dir, root / "tensorboard" / cell.name / f"seed{seed}")
+    return _write_reports(ablation, root, results, histories, states, test, log)
+
+
+def _stopped(cell: Cell, seed: int, done: int, total: int, root: Path) -> str:
+    return (
+        f"the ablation stopped at {cell.name} seed {seed} ({done} of {total} runs finished); "
+        f"run the same `mtkd ablate` command (-o {root}) again to continue"
+    )
+
+
+def _claim_folder(root: Path, ablation: Ablation) -> None:
+    """Write ``ablation.yaml`` into a new or empty folder; refuse one holding another grid."""
+    grid = ablation.to_dict()
+    path = root / "ablation.yaml"
+    if path.is_file():
+        try:
+            stored = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise MTKDError(f"not valid YAML ({error})", path=path) from None
+        differences = grid_differences(stored if isinstance(stored, dict) else {}, grid)
+        if differences:
+            raise MTKDError(
+                "this folder holds another ablation grid (it differs in "
+                f"{', '.join(differences)}); continue it with the same configuration and "
+                "options, or choose another output folder",
+                path=root,
+            )
+        return
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise MTKDError(
+            "not an ablation folder (no ablation.yaml) and not empty; choose another output folder",
+            path=root,
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, yaml.safe_dump(grid, sort_keys=False).encode())
+
+
+def _test_cases(base: RunConfig, dataset: DatasetIndex) -> list[str]:
+    """The test cases of the split every run uses (computed as the trainer does)."""
+    split = base.split
+    test = split_cases(
+        dataset.cases,
+        val_fraction=split.val_fraction,
+        test_fraction=split.test_fraction,
+        seed=split.seed,
+        student_fraction=split.student_fraction,
+        fixed=split.fixed,
+    ).test
+    if not test:
+        raise MTKDError("the split has no test cases to score the runs on", path=dataset.root)
+    return list(test)
+
+
+def _without_device(config: RunConfig) -> dict[str, Any]:
+    data = config.to_dict()
+    data["train"].pop("device")
+    return data
+
+
+def _check_same(folder: RunDir, config: RunConfig) -> None:
+    stored, expected = _without_device(folder.load_config()), _without_device(config)
+    differences = [key for key in expected if stored.get(key) != expected.get(key)]
+    if differences:
+        raise MTKDError(
+            "this run folder holds a run of another configuration (it differs in "
+            f"{', '.join(differences)}); delete it to run this cell afresh",
+            path=folder.root,
+        )
+
+
+def _train(
+    config: RunConfig, run_dir: Path, progress: bool | None, log: Callable[[str], None]
+) -> str:
+    """Run, resume or skip one run folder; return what was done."""
+    folder = RunDir(run_dir)
+    if (folder.model / METADATA).is_file():
+        _check_same(folder, config)
+        return "finished"
+    if folder.last_checkpoint.is_file():
+        _check_same(folder, config)
+        resume_run(run_dir, progress=progress, log=log)
+        return "resumed"
+    Trainer(config, run_dir, progress=progress, log=log).run()
+    return "trained"
+
+
+def _score(
+    model: LoadedModel, dataset: DatasetIndex, test: list[str], device, csv_path: Path
+) -> dict[str, Any]:
+    """Per-volume Dice and HD95 on ``test``, averaged over volumes then structures."""
+    scores = evaluate(Predictor(model, device), dataset, test)
+    write_scores_csv(scores, csv_path)
+    summary = summarise(scores)
+    mean = summary.pop("mean")
+    return {"dice": mean["dice"], "hd95_mm": mean["hd95_mm"], "per_structure": summary}
+
+
+def _cached(path: Path, sha256: str | None, test: list[str]) -> dict[str, Any] | None:
+    if sha256 is None or not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    valid = (
+        cached.get("format") == RESULT_FORMAT
+        and cached.get("weights_sha256") == sha256
+        and cached.get("test_cases") == test
+    )
+    return cached if valid else None
+
+
+def _run_result(
+    ablation: Ablation,
+    cell: Cell,
+    seed: int,
+    run_dir: Path,
+    relative: str,
+    dataset: DatasetIndex,
+    test: list[str],
+    device,
+) -> dict[str, Any]:
+    """The run's test scores and training record (from its cache while its weights are the
+    same)."""
+    folder = RunDir(run_dir)
+    run_test = json.loads(folder.split.read_text()).get("test")
+    if run_test != test:
+        raise MTKDError(
+            f"this run's test cases ({run_test}) are not the grid's ({test})", path=run_dir
+        )
+    metadata = json.loads((folder.model / METADATA).read_text())
+    sha256 = metadata.get("weights_sha256")
+    cache = folder.report / RESULT_FILE
+    cached = _cached(cache, sha256, test)
+    if cached is not None:
+        return cached
+    model = load_model(folder.root, device)
+    scores = _score(model, dataset, test, device, folder.report / "test_scores.csv")
+    metrics = metadata.get("metrics") or {}
+    history = _history(folder)
+    result = {
+        "format": RESULT_FORMAT,
+        "cell": cell.name,
+        "role": cell.role,
+        "seed": seed,
+        "pairs": list(cell.pairs),
+        "feature_loss": cell.feature_loss or "",
+        "output_loss": cell.output_loss or ("" if cell.is_no_kd else NO_OUTPUT),
+        "parameters": metadata.get("parameters"),
+        **scores,
+        "best_val_dice": metrics.get("best_val_dice"),
+        "best_epoch": metrics.get("best_epoch"),
+        "epochs": ablation.base.train.epochs,
+        "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 3),
+        "run": relative,
+        "weights_sha256": sha256,
+        "test_cases": test,
+    }
+    folder.write_json(cache, result)
+    return result
+
+
+def _teacher_result(
+    teacher: str,
+    root: Path,
+    dataset: DatasetIndex,
+    test: list[str],
+    device,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The teacher's row: its test scores (cached in ABL/teacher/result.json)."""
+    from mtkd.infer.sources import is_stored_output, load_any_model
+
+    if is_stored_output(teacher):
+        raise MTKDError(
+            "the teacher row needs a teacher model, and these are stored outputs; remove "
+            "'teacher' from ablation.include",
+            path=teacher,
+        )
+    model = load_any_model(teacher, device)
+    sha256 = model.metadata.get("weights_sha256")
+    cache = root / TEACHER / "result.json"
+    cached = _cached(cache, sha256, test)
+    if cached is not None:
+        return cached
+    _warn_teacher_overlap(Path(teacher), test, log)
+    log(f"teacher: scoring {teacher} on the {len(test)} test case(s)")
+    scores = _score(model, dataset, test, device, root / TEACHER / "test_scores.csv")
+    metrics = model.metadata.get("metrics") or {}
+    parameters = model.metadata.get("parameters")
+    if parameters is None and hasattr(model.network, "parameters"):
+        parameters = sum(p.numel() for p in model.network.parameters())
+    result = {
+        "format": RESULT_FORMAT,
+        "cell": TEACHER,
+        "role": TEACHER,
+        "seed": None,
+        "pairs": [],
+        "feature_loss": "",
+        "output_loss": "",
+        "parameters": parameters,
+        **scores,
+        "best_val_dice": metrics.get("best_val_dice"),
+        "best_epoch": metrics.get("best_epoch"),
+        "epochs": None,
+        "train_seconds": None,
+        "run": str(teacher),
+        "weights_sha256": sha256,
+        "test_cases": test,
+    }
+    RunDir(root).write_json(cache, result)
+    return result
+
+
+def _warn_teacher_overlap(teacher: Path, test: list[str], log: Callable[[str], None]) -> None:
+    """Warn when the teacher's own run trained or validated on the grid's test cases."""
+    for split_file in (teacher / "split.json", teacher.parent / "split.json"):
+        if split_file.is_file():
+            try:
+                split = json.loads(split_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                return
+            seen = set(split.get("train", [])) | set(split.get("val", []))
+            overlap = sorted(seen & set(test))
+            if overlap:
+                log(
+                    f"warning: the teacher trained or validated on test case(s) "
+                    f"{', '.join(overlap)} (its split.json); its row and the distilled students "
+                    "are scored on cases the teacher has seen"
+                )
+            return
+
+
+def _history(folder: RunDir) -> list[dict[str, Any]]:
+    """The run's per-epoch records (report/history.json, else the metrics events)."""
+    path = folder.report / "history.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    by_epoch = {e["epoch"]: e for e in read_events(folder.events) if e.get("type") == "metrics"}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _write_reports(
+    ablation: Ablation,
+    root: Path,
+    results: list[dict[str, Any]],
+    histories: dict[str, list[list[dict[str, Any]]]],
+    states: dict[str, str],
+    test: list[str],
+    log: Callable[[str], None],
+) -> AblationResult:
+    structures = list(
+        dict.fromkeys(name for result in results for name in result.get("per_structure") or {})
+    )
+    files = {"results": root / "results.csv", "summary_csv": root / "summary.csv"}
+    write_csv(files["results"], result_rows(results, structures))
+    summary = summarise_cells(results, structures)
+    write_csv(files["summary_csv"], summary)
+    files["summary_md"] = root / "summary.md"
+    text = markdown_report(
+        ablation.name,
+        summary,
+        test_cases=test,
+        structures=structures,
+        seeds=ablation.seeds,
+        epochs=ablation.base.train.epochs,
+    )
+    atomic_write_bytes(files["summary_md"], text.encode())
+    files.update(write_plots(root / "plots", summary, histories, log))
+    return AblationResult(root, results, summary, markdown_table(summary), files, states)
+
+
+__all__ = [
+    "NO_KD",
+    "TEACHER",
+    "Ablation",
+    "AblationResult",
+    "Cell",
+    "ablation_from_dict",
+    "load_ablation",
+    "mirror_run",
+    "run_ablation",
+]
