@@ -262,15 +262,33 @@ class RunConfig:
                 fail(f"distill.scale_weights.{label}", f"must be a number >= 0, got {weight!r}")
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML run configuration; errors name the file and the key."""
+def read_yaml(path: str | Path) -> Any:
+    """The content of a YAML configuration file (``{}`` when empty); MTKDError naming the file
+    when it is missing or not valid YAML."""
     path = Path(path)
     if not path.is_file():
         raise MTKDError("configuration file not found", path=path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise MTKDError(f"cannot read ({error.strerror})", path=path) from None
     except yaml.YAMLError as error:
         raise MTKDError(f"not valid YAML ({error})", path=path) from None
+
+
+def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys (``train.epochs``) in which two nested mappings differ, sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = []
+        for key in sorted(set(a) | set(b), key=str):
+            found += differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return found
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run configuration; errors name the file and the key."""
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise MTKDError("a configuration must be a mapping of keys to values", path=path)
     return RunConfig.from_dict(data, source=path)

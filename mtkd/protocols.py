@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from mtkd.config import RunConfig, dump_config
+from mtkd.config import RunConfig, differing_keys, dump_config, read_yaml
 from mtkd.data.atomic import atomic_write_bytes
 from mtkd.errors import MTKDError
 
@@ -119,12 +119,7 @@ def protocol_file(name: str | Path) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise MTKDError(f"cannot read ({error.strerror})", path) from None
-    except yaml.YAMLError as error:
-        raise MTKDError(f"not valid YAML ({error})", path) from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise MTKDError("must be a mapping of keys to values", path)
     return data
@@ -196,15 +191,6 @@ def _set(data: dict[str, Any], path: list[str], value: Any) -> None:
             data[key] = {}
         data = data[key]
     data[path[-1]] = copy.deepcopy(value)
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        found = []
-        for key in sorted(set(a) | set(b)):
-            found += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
-        return found
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def load_protocol(
@@ -347,7 +333,7 @@ def _check_twins(protocol: Protocol) -> None:
         for config in (kd, twin):
             config["name"] = None
             config["distill"]["scale"] = None
-        differing = _differences(kd, twin)
+        differing = differing_keys(kd, twin)
         if differing:
             raise MTKDError(
                 f"stage '{stage.name}' must be '{stage.baseline_of}' with distill.scale 0 (the "
@@ -498,7 +484,7 @@ def run_protocol(
         state = stage_state(run_dir)
         if state != "new":
             stored = RunDir(run_dir).load_config()
-            differing = _differences(_comparable(stored), _comparable(stage.config))
+            differing = differing_keys(_comparable(stored), _comparable(stage.config))
             if differing:
                 raise MTKDError(
                     f"stage '{stage.name}': this run folder was made with another "

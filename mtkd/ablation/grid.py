@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mtkd.config import OutputTermConfig, RunConfig
+from mtkd.config import OutputTermConfig, RunConfig, differing_keys, read_yaml
 from mtkd.distill.losses import get_output_loss
 from mtkd.engine.terms import THESIS_PAIRS, feature_weights
 from mtkd.errors import MTKDError
@@ -169,18 +167,7 @@ def grid_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[st
         grid["recipe"] = recipe
         return grid
 
-    a, b = without_device(stored), without_device(current)
-    differences = []
-    for key in sorted(set(a) | set(b)):
-        if key == "recipe" and isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            differences += [
-                f"recipe.{sub}"
-                for sub in sorted(set(a[key]) | set(b[key]))
-                if a[key].get(sub) != b[key].get(sub)
-            ]
-        elif a.get(key) != b.get(key):
-            differences.append(key)
-    return differences
+    return differing_keys(without_device(stored), without_device(current))
 
 
 def load_ablation(
@@ -188,14 +175,7 @@ def load_ablation(
 ) -> Ablation:
     """Read an ablation config (YAML); errors name the key and the file. ``seeds`` replaces
     ``ablation.seeds``, ``device`` the recipe's ``train.device``."""
-    path = Path(path)
-    if not path.is_file():
-        raise MTKDError("configuration file not found", path=path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise MTKDError(f"not valid YAML ({error})", path=path) from None
-    return ablation_from_dict(data, source=path, seeds=seeds, device=device)
+    return ablation_from_dict(read_yaml(path), source=Path(path), seeds=seeds, device=device)
 
 
 def ablation_from_dict(
