@@ -8,6 +8,7 @@ slice batches as the free memory allows (:mod:`mtkd.infer.memory`).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,12 @@ from torch import nn
 
 from mtkd.data.preprocess import build_transforms, invert_to_original, to_metatensor, to_sitk
 from mtkd.errors import MTKDError
+from mtkd.infer.fallback import (
+    FallbackStep,
+    InferenceFallbackWarning,
+    fallback_steps,
+    is_out_of_memory,
+)
 from mtkd.infer.inference import predict_planned, probabilities_to_labels
 from mtkd.infer.memory import (
     CPU_SLICE_BATCH_BYTES,
@@ -30,6 +37,17 @@ from mtkd.infer.memory import (
 )
 from mtkd.infer.model_io import LoadedModel
 from mtkd.infer.resample import DEFAULT_CHUNK_BYTES, NotSeparableError, preprocess
+
+
+def describe_step(step: FallbackStep) -> str:
+    """The plan in words, with the out-of-memory fallback that led to it, if any."""
+    text = step.plan.describe()
+    if step.device.type == "cpu" and step.reason:
+        return f"{text} on the CPU (after running out of memory)"
+    if step.reason:
+        where = ", output in CPU memory" if step.out_device else ""
+        return f"{text} (after running out of memory{where})"
+    return text
 
 
 @dataclass
@@ -148,30 +166,58 @@ class Predictor:
         except NotSeparableError:
             return self._segment_with_monai(image, budget)
         plan = self.plan(tuple(volume.shape[1:]), budget)
-        probabilities = self._run(volume, plan, budget)
+        probabilities, used = self._run(volume, plan, budget)
         del volume
+        probabilities = (
+            probabilities.to(self.device) if used.device != self.device else probabilities
+        )
         chunk = int(min(DEFAULT_CHUNK_BYTES, max(budget // 8, 16 << 20)))
         labels = mapping.to_original(
             probabilities, model.activation, len(model.labels), chunk_bytes=chunk
         )
-        return labels, plan.describe()
+        return labels, describe_step(used)
 
-    def _run(self, volume: torch.Tensor, plan: InferencePlan, budget: int) -> torch.Tensor:
-        """Probabilities (C, X, Y, Z): on the device when they fit half the budget."""
+    def _run(
+        self, volume: torch.Tensor, plan: InferencePlan, budget: int
+    ) -> tuple[torch.Tensor, FallbackStep]:
+        """Probabilities (C, X, Y, Z) (on the device when they fit half the budget) and the
+        step that produced them: ``plan``, or a fallback after running out of memory
+        (:mod:`mtkd.infer.fallback`, each announced by an ``InferenceFallbackWarning``)."""
         model = self.model
         channels = 1 if model.activation == "sigmoid" else len(model.labels) + 1
         out_bytes = 4 * channels * volume[0].numel()
-        out_device = self.device if out_bytes <= budget // 2 else torch.device("cpu")
-        return predict_planned(
-            model.network,
-            volume,
-            model.prep,
-            model.activation,
-            self.device,
-            plan,
-            amp=self.amp,
-            size_multiple=model.size_multiple,
-            out_device=out_device,
+        default_out = self.device if out_bytes <= budget // 2 else torch.device("cpu")
+        error: BaseException | None = None
+        for step in fallback_steps(plan, model.prep, self.device):
+            if step.reason:
+                warnings.warn(step.reason, InferenceFallbackWarning, stacklevel=4)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            moved = step.device != self.device and hasattr(model.network, "to")
+            try:
+                if moved:
+                    model.network.to(step.device)
+                result = predict_planned(
+                    model.network,
+                    volume.to(step.device),
+                    model.prep,
+                    model.activation,
+                    step.device,
+                    step.plan,
+                    amp=self.amp,
+                    size_multiple=model.size_multiple,
+                    out_device=step.out_device or default_out,
+                )
+                return result, step
+            except Exception as caught:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_out_of_memory(caught):
+                    raise
+                error = caught
+            finally:
+                if moved:
+                    model.network.to(self.device)
+        raise MTKDError(
+            f"out of memory even with one window or slice per batch on the CPU ({error})"
         )
 
     def _segment_with_monai(self, image: sitk.Image, budget: int) -> tuple[np.ndarray, str]:
@@ -182,8 +228,10 @@ class Predictor:
         preprocessed = self._transforms({"image": to_metatensor(image)})["image"]
         plan = self.plan(tuple(preprocessed.shape[1:]), budget)
         volume = preprocessed.as_tensor().to(self.device)
-        probabilities = self._run(volume, plan, budget).cpu()
-        back = invert_to_original(probabilities, preprocessed, self._transforms, nearest=False)
+        probabilities, used = self._run(volume, plan, budget)
+        back = invert_to_original(
+            probabilities.cpu(), preprocessed, self._transforms, nearest=False
+        )
         labels = probabilities_to_labels(back, model.activation)
         dtype = torch.uint8 if len(model.labels) < 256 else torch.int16
-        return labels.to(dtype).numpy(), f"{plan.describe()} (MONAI resampling)"
+        return labels.to(dtype).numpy(), f"{describe_step(used)} (MONAI resampling)"
