@@ -222,7 +222,6 @@ def test_disagreement_is_teacher_xor_student(model_run, total, total_labels) -> 
 
 
 def test_slicer_reads_the_disagreement_layers(model_run) -> None:
-    pytest.importorskip("slicer")
     from vtk.util import numpy_support
 
     path = model_run["paths"]["disagreement"]

@@ -297,7 +297,6 @@ class _Segmentation(nn.Module):
 def test_torchscript_teacher_with_embedded_metadata(teacher_run, make_config, tmp_path):
     """(c) A traced TorchScript teacher (metadata as an extra file): the output term trains and
     gives the weights of the same distillation from the run folder; feature terms are refused."""
-    pytest.importorskip("mtkd.infer.torchscript_model")
     teacher = load_model(teacher_run)
     example = torch.rand(2, teacher.prep.in_channels, 32, 32)
     with torch.no_grad():
