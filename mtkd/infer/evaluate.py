@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from mtkd.data.datasets import Case, DatasetIndex
@@ -40,10 +42,19 @@ def label_mapping_for(model_names: list[str], dataset: DatasetIndex) -> dict[int
     return {by_name[name]: index for index, name in enumerate(model_names, start=1)}
 
 
+# called with (case id, predicted labels (z, y, x), reference labels (z, y, x), image)
+CaseArrays = Callable[[str, np.ndarray, np.ndarray, sitk.Image], None]
+
+
 def score_case(
-    predictor: Predictor, case: Case, dataset: DatasetIndex, mapping: dict[int, int]
+    predictor: Predictor,
+    case: Case,
+    dataset: DatasetIndex,
+    mapping: dict[int, int],
+    on_arrays: CaseArrays | None = None,
 ) -> list[CaseScore]:
-    """Segment one case and compare it with its reference on the original grid."""
+    """Segment one case and compare it with its reference on the original grid; ``on_arrays``
+    also sees the two label arrays (e.g. for slice-level metrics)."""
     if case.label is None:
         raise MTKDError(f"case {case.case_id} has no reference label map", path=case.image)
     image = read_image(case.image)
@@ -56,14 +67,21 @@ def score_case(
     spacing = tuple(reversed(image.GetSpacing()))  # array axes are (z, y, x)
     dice = dice_per_structure(pred, ref, len(names))
     hd95 = hd95_per_structure(pred, ref, len(names), spacing)
+    if on_arrays is not None:
+        on_arrays(case.case_id, np.asarray(pred), np.asarray(ref), image)
     return [
         CaseScore(case.case_id, name, d, h, prediction.seconds)
         for name, d, h in zip(names, dice, hd95, strict=True)
     ]
 
 
-def evaluate(predictor: Predictor, dataset: DatasetIndex, case_ids: list[str]) -> list[CaseScore]:
-    """Scores of every (case, structure) for the given cases."""
+def evaluate(
+    predictor: Predictor,
+    dataset: DatasetIndex,
+    case_ids: list[str],
+    on_arrays: CaseArrays | None = None,
+) -> list[CaseScore]:
+    """Scores of every (case, structure) for the given cases (each segmented once)."""
     mapping = label_mapping_for(list(predictor.model.labels.names), dataset)
     cases = {case.case_id: case for case in dataset.cases}
     unknown = [case_id for case_id in case_ids if case_id not in cases]
@@ -71,7 +89,7 @@ def evaluate(predictor: Predictor, dataset: DatasetIndex, case_ids: list[str]) -
         raise MTKDError(f"unknown case id(s) {', '.join(unknown)}", path=dataset.root)
     scores: list[CaseScore] = []
     for case_id in case_ids:
-        scores.extend(score_case(predictor, cases[case_id], dataset, mapping))
+        scores.extend(score_case(predictor, cases[case_id], dataset, mapping, on_arrays))
     return scores
 
 

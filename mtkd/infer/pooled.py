@@ -25,12 +25,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from mtkd.data.datasets import DatasetIndex
-from mtkd.data.image_io import read_image, read_label
-from mtkd.data.labels import check_label_map, remap_label_array
 from mtkd.errors import MTKDError
-from mtkd.infer.evaluate import CaseScore, label_mapping_for
+from mtkd.infer.evaluate import CaseScore, evaluate
 from mtkd.infer.predictor import Predictor
-from mtkd.metrics import dice_per_structure, hd95_per_structure
 
 __all__ = [
     "Evaluation",
@@ -142,30 +139,12 @@ def evaluate_with_slices(
     """Segment each case once; per-volume Dice and HD95 (mm) per structure, as
     :func:`mtkd.infer.evaluate.evaluate` gives them, plus the axial slice counts."""
     names = list(predictor.model.labels.names)
-    mapping = label_mapping_for(names, dataset)
-    cases = {case.case_id: case for case in dataset.cases}
-    unknown = [case_id for case_id in case_ids if case_id not in cases]
-    if unknown:
-        raise MTKDError(f"unknown case id(s) {', '.join(unknown)}", path=dataset.root)
     result = Evaluation([], SliceCounts.empty(len(names)), names)
-    for case_id in case_ids:
-        case = cases[case_id]
-        if case.label is None:
-            raise MTKDError(f"case {case_id} has no reference label map", path=case.image)
-        image = read_image(case.image)
-        reference = read_label(case.label, reference=image)
-        check_label_map(reference, dataset.labels, case.label)
-        prediction = predictor.predict(image)
-        ref = remap_label_array(sitk.GetArrayViewFromImage(reference), mapping)
-        pred = sitk.GetArrayViewFromImage(prediction.labelmap)
-        spacing = tuple(reversed(image.GetSpacing()))  # array axes are (z, y, x)
-        dice = dice_per_structure(pred, ref, len(names))
-        hd95 = hd95_per_structure(pred, ref, len(names), spacing)
-        result.scores += [
-            CaseScore(case_id, name, d, h, prediction.seconds)
-            for name, d, h in zip(names, dice, hd95, strict=True)
-        ]
-        result.seconds.append(prediction.seconds)
-        counts = slice_counts(np.asarray(pred), np.asarray(ref), len(names), axial_axis(image))
-        result.counts = result.counts.extend(counts)
+
+    def count_slices(_case_id: str, pred: np.ndarray, ref: np.ndarray, image: sitk.Image):
+        result.counts = result.counts.extend(slice_counts(pred, ref, len(names), axial_axis(image)))
+
+    result.scores = evaluate(predictor, dataset, case_ids, on_arrays=count_slices)
+    seconds = {score.case_id: score.seconds for score in result.scores}
+    result.seconds = [seconds[case_id] for case_id in case_ids]
     return result
