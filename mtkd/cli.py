@@ -13,6 +13,7 @@ from mtkd.progress import ProgressReporter
 
 def _run_training(args: argparse.Namespace, kind: str) -> int:
     from mtkd.config import load_config
+    from mtkd.engine.distributed import Distributed
     from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 
     try:
@@ -31,8 +32,11 @@ def _run_training(args: argparse.Namespace, kind: str) -> int:
             run_dir = Path(args.run_dir or Path("runs") / config.name)
             result = Trainer(config, run_dir).run()
     except TrainingInterrupted as stop:
-        print(f"mtkd: {stop}", file=sys.stderr)
+        if Distributed.from_environment().is_main:
+            print(f"mtkd: {stop}", file=sys.stderr)
         return 130
+    if not Distributed.from_environment().is_main:  # rank 0 reports for a torchrun job
+        return 0
     best = (
         "n/a" if not result.best_epoch else f"{result.best_metric:.4f} (epoch {result.best_epoch})"
     )

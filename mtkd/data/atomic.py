@@ -14,11 +14,14 @@ from pathlib import Path
 
 from mtkd.errors import MTKDError
 
+TEMPORARY_PREFIX = ".tmp-"
+"""How the names of temporary files begin (a killed writer may leave one behind)."""
+
 
 def temporary_sibling(path: str | Path) -> Path:
     """A fresh hidden name next to ``path`` keeping its extension: ``.tmp-<hex>-name.nii.gz``."""
     path = Path(path)
-    return path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
+    return path.with_name(f"{TEMPORARY_PREFIX}{secrets.token_hex(6)}-{path.name}")
 
 
 def _fsync_file(path: Path) -> None:

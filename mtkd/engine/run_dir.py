@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mtkd.config import RunConfig, dump_config, load_config
-from mtkd.data.image_io import atomic_write_bytes
+from mtkd.data.atomic import TEMPORARY_PREFIX, atomic_write_bytes
 from mtkd.errors import MTKDError
 
 
@@ -55,6 +55,20 @@ class RunDir:
             folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.config, dump_config(config).encode())
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files that a killed process left in ``checkpoints/`` and
+        ``model/`` (see :func:`mtkd.data.atomic.atomic_path`); call it only while no other
+        process writes this run. Returns what was removed."""
+        stale = [
+            path
+            for folder in (self.checkpoints, self.model)
+            if folder.is_dir()
+            for path in folder.glob(f"{TEMPORARY_PREFIX}*")
+        ]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def load_config(self) -> RunConfig:
         if not self.config.is_file():
             raise MTKDError("not a run folder (config.yaml is missing)", path=self.root)
@@ -68,22 +82,39 @@ class EventLog:
     """Appends one JSON object per line to ``events.jsonl``, flushed and synced per event.
 
     A reader (Slicer's timer, ``tail -f``) may see a partial last line while it is being
-    written; :func:`read_events` skips it.
+    written; :func:`read_events` skips it. A line left unfinished by a killed process is ended
+    before the first new event, so that it never swallows that event.
     """
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
         self.enabled = enabled
+        self._checked_end = False
 
     def emit(self, event_type: str, **fields: Any) -> dict:
         event = {"type": event_type, "time": round(time.time(), 3), **fields}
         if self.enabled:
             line = json.dumps(event, default=_jsonable) + "\n"
+            if not self._checked_end:
+                line = self._end_torn_line() + line
+                self._checked_end = True
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(line)
                 handle.flush()
                 os.fsync(handle.fileno())
         return event
+
+    def _end_torn_line(self) -> str:
+        """A newline if the file ends inside a line (its writer was killed), else nothing."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                if handle.tell() == 0:
+                    return ""
+                handle.seek(-1, os.SEEK_END)
+                return "" if handle.read(1) == b"\n" else "\n"
+        except FileNotFoundError:
+            return ""
 
 
 def read_events(path: str | Path) -> list[dict]:

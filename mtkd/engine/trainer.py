@@ -19,10 +19,17 @@ the step it had reached.
 they are validated once before the first epoch (``initial_val_dice`` in the "initial_validation"
 status event, the final metrics and ``lineage.previous``); a resumed run takes its weights,
 that Dice and the lineage from its checkpoint, not from the previous model.
+
+Under ``torchrun`` (see :mod:`mtkd.engine.distributed`) every process runs this loop on its
+shard of each epoch's samples, with the per-batch loss wrapped in DistributedDataParallel
+(gradients of the student and the connectors all-reduced, the frozen teacher replicated);
+epoch terms and validation Dice are reduced over the processes, and only rank 0 writes the run
+folder. ``train.batch_size`` is per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -47,15 +54,16 @@ from mtkd.data.preprocess import Preprocessing
 from mtkd.data.splits import Split, split_cases
 from mtkd.distill.distiller import Distiller
 from mtkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from mtkd.engine.distributed import Distributed, shard_indices
 from mtkd.engine.optim import build_optimizer, build_scheduler
 from mtkd.engine.run_dir import EventLog, RunDir
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.signals import StopRequest
+from mtkd.engine.step import TrainingStep
 from mtkd.engine.teacher_source import (
     TeacherSource,
     check_feature_terms,
     is_stored_teacher,
-    pseudo_logits,
     resolve_teacher,
     teacher_transform,
 )
@@ -63,7 +71,6 @@ from mtkd.engine.terms import resolve_output_term, resolve_terms
 from mtkd.errors import MTKDError
 from mtkd.infer.inference import (
     autocast_for,
-    first_output,
     predict_volume,
     probabilities_to_labels,
     repeat_channels,
@@ -79,6 +86,7 @@ from mtkd.metrics import dice_per_structure, nanmean
 from mtkd.models import count_parameters, network_info
 
 CHECKPOINT_FORMAT = 1
+RANK_SEED_STRIDE = 1_000_003  # per-rank offset of the augmentation, dropout and mask seeds
 
 
 class TrainingInterrupted(Exception):
@@ -141,11 +149,13 @@ class Trainer:
         self.config = config
         self.run_dir = RunDir(run_dir)
         self.resume = resume
-        self.progress = sys.stderr.isatty() if progress is None else progress
-        self.log = log
+        self.dist = Distributed.from_environment()
+        main = self.dist.is_main
+        self.progress = main and (sys.stderr.isatty() if progress is None else progress)
+        self.log = log if main else _silent
         self.stop = StopRequest()
-        self.device = resolve_device(config.train.device)
-        self.events = EventLog(self.run_dir.events)
+        self.device = self.dist.device(resolve_device(config.train.device))
+        self.events = EventLog(self.run_dir.events, enabled=main)
 
     # ----------------------------------------------------------------- set-up
     def _prepare_data(self) -> None:
@@ -170,7 +180,8 @@ class Trainer:
                 student_fraction=split.student_fraction,
                 fixed=split.fixed,
             )
-            self.run_dir.write_json(self.run_dir.split, self.split.to_dict())
+            if self.dist.is_main:
+                self.run_dir.write_json(self.run_dir.split, self.split.to_dict())
         train_ids = (
             self.split.train if self.config.train_on == "train" else self.split.student_train
         )
@@ -282,6 +293,23 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.seg_loss = SegmentationLoss(self.config.train.seg_loss, self.activation)
+        step = TrainingStep(
+            self.distiller or self.network,
+            self.seg_loss,
+            seg_weight=self.config.train.seg_weight,
+            activation=self.activation,
+            reconstruction=self.spec["reconstruction"],
+            reconstruction_weight=self.config.multitask.weight,
+        )
+        # every trainable parameter is used by every step (Testing/test_distributed.py), so
+        # DDP needs no search for unused ones
+        self.step: torch.nn.Module = (
+            DistributedDataParallel(
+                step, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.dist.enabled
+            else step
+        )
 
     def _init_from(self, path: str) -> dict[str, Any]:
         """Load the weights of the previous model at ``path`` into the new network; its network
@@ -403,6 +431,7 @@ class Trainer:
             "previous": self.previous,
             "initial_val_dice": self.initial_val_dice,
             "model_metadata": self._model_metadata(),
+            "world_size": self.dist.world_size,
         }
 
     def _model_metadata(self) -> dict[str, Any]:
@@ -458,7 +487,16 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.previous = state.get("previous")
         self.initial_val_dice = state.get("initial_val_dice")
-        return int(state["epoch"]), int(state["step_in_epoch"])
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        saved_by = int(state.get("world_size", 1))
+        if step and saved_by != self.dist.world_size:
+            self.log(
+                f"warning: the checkpoint was saved in the middle of epoch {epoch + 1} by "
+                f"{saved_by} process(es), this run has {self.dist.world_size}: that epoch's "
+                "sample order differs, so it starts again from its beginning"
+            )
+            step = 0
+        return epoch, step
 
     # ------------------------------------------------------------------ steps
     def _batch_loss(
@@ -467,54 +505,54 @@ class Trainer:
         labels: torch.Tensor,
         generator: torch.Generator,
         teacher: torch.Tensor | None = None,
-    ):
-        """Loss and its unweighted terms for one batch (B, C, *S), labels (B, 1, *S) and, from
-        stored teacher outputs, the teacher's probabilities (B, K + 1, *S). The labels (class
-        indices 0..K) also go to the distiller, for its supervised (``supcon``) terms."""
-        weight = self.config.train.seg_weight
-        if self.distiller is not None:
-            if self.distiller.teacher is None:
-                out = self.distiller(images, pseudo_logits(teacher, self.activation), labels=labels)
-            else:
-                out = self.distiller(images, labels=labels)
-            seg = self.seg_loss(out.student_logits, labels)
-            terms = {"seg": seg.detach(), **{k: v.detach() for k, v in out.terms.items()}}
-            return weight * seg + out.loss, terms
-        if self.spec["reconstruction"] != "none":
-            logits, reconstruction, target = self.network.multitask_outputs(
-                images, generator=generator
-            )
-            seg = self.seg_loss(first_output(logits), labels)
-            rec = F.mse_loss(reconstruction.float(), target.float())
-            loss = weight * seg + self.config.multitask.weight * rec
-            return loss, {"seg": seg.detach(), "reconstruction": rec.detach()}
-        seg = self.seg_loss(first_output(self.network(images)), labels)
-        return weight * seg, {"seg": seg.detach()}
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and unweighted terms of one batch (see :class:`TrainingStep`), through DDP
+        under torchrun."""
+        return self.step(images, labels, generator, teacher)
 
-    def _loader(self, epoch: int) -> DataLoader:
-        seed = self.config.train.seed * 100_003 + epoch
-        self.train_set.reseed(seed)
-        generator = torch.Generator().manual_seed(seed)
+    def _epoch_seed(self, epoch: int) -> int:
+        """The seed of an epoch's sample order: the same on every rank."""
+        return self.config.train.seed * 100_003 + epoch
+
+    def _rank_seed(self, base: int) -> int:
+        """A seed of this rank's own draws (augmentation, dropout, masks); ``base`` alone."""
+        return base + RANK_SEED_STRIDE * self.dist.rank
+
+    def _loader(self, epoch: int) -> tuple[DataLoader, list[int]]:
+        """The epoch's loader over this rank's shard of the samples, and that shard."""
+        seed = self._epoch_seed(epoch)
+        self.train_set.reseed(self._rank_seed(seed))
+        shard = shard_indices(len(self.train_set), seed, self.dist.rank, self.dist.world_size)
         batch = self.config.train.batch_size
-        drop_last = self.config.train.drop_last and len(self.train_set) >= batch
-        return DataLoader(
+        drop_last = self.config.train.drop_last and len(shard) >= batch
+        loader = DataLoader(
             self.train_set,
-            batch_size=min(batch, len(self.train_set)),
-            shuffle=True,
+            batch_size=min(batch, len(shard)),
+            sampler=shard,
             drop_last=drop_last,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self._rank_seed(seed)),
             num_workers=self.config.train.num_workers,
         )
+        return loader, shard
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop; called by every rank at the same step."""
+        return self.dist.any(self.stop.requested, self.device)
 
     def _train_epoch(self, epoch: int, skip_steps: int) -> dict[str, float] | None:
-        """One epoch; returns mean terms, or None when stopped (after saving a checkpoint)."""
+        """One epoch; returns the mean terms over all processes and the number of samples
+        seen ("samples"), or None when stopped (after saving a checkpoint)."""
         cfg = self.config.train
-        seed_everything(cfg.seed * 100_003 + epoch)
-        mask_generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + epoch)
-        loader = self._loader(epoch)
-        (self.distiller or self.network).train()
+        seed_everything(self._rank_seed(self._epoch_seed(epoch)))
+        mask_generator = torch.Generator(device=self.device).manual_seed(
+            self._rank_seed(cfg.seed * 7919 + epoch)
+        )
+        loader, shard = self._loader(epoch)
+        if self.dist.enabled:
+            self.events.emit("shards", epoch=epoch + 1, samples=self.dist.gather(shard))
+        self.step.train()
         sums: dict[str, float] = {}
-        count = 0
+        count = samples = 0
         batches = tqdm(
             loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not self.progress
         )
@@ -528,12 +566,15 @@ class Trainer:
             images = repeat_channels(batch["image"], self.prep.in_channels).to(self.device)
             labels = batch["label"].to(self.device)
             teacher = batch["teacher"].to(self.device) if "teacher" in batch else None
-            with autocast_for(self.device, cfg.amp):
-                loss, terms = self._batch_loss(images, labels, mask_generator, teacher)
-            if not torch.isfinite(loss):
-                raise MTKDError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}")
-            self.scaler.scale(loss / cfg.grad_accum).backward()
             boundary = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
+            with self._gradient_sync(boundary):
+                with autocast_for(self.device, cfg.amp):
+                    loss, terms = self._batch_loss(images, labels, mask_generator, teacher)
+                if not torch.isfinite(loss):
+                    raise MTKDError(
+                        f"training diverged: loss is {loss.item()} at epoch {epoch + 1}"
+                    )
+                self.scaler.scale(loss / cfg.grad_accum).backward()
             if boundary:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -541,18 +582,32 @@ class Trainer:
             for key, value in {"loss": loss.detach(), **terms}.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             count += 1
+            samples += len(images)
             if self.progress:
                 batches.set_postfix(loss=f"{float(loss):.4f}")
-            if boundary and self.stop.requested and step + 1 < len(loader):
+            if boundary and step + 1 < len(loader) and self._stop_agreed():
                 self._save_last(epoch, step + 1)
                 return None
-        return {key: value / max(count, 1) for key, value in sums.items()}
+        totals = self.dist.sum({**sums, "_batches": count, "_samples": samples}, self.device)
+        batches_total = max(totals.pop("_batches"), 1)
+        samples_total = int(totals.pop("_samples"))
+        return {
+            **{key: value / batches_total for key, value in totals.items()},
+            "samples": samples_total,
+        }
+
+    def _gradient_sync(self, boundary: bool):
+        """DDP all-reduces the gradients at the accumulation boundary only."""
+        if isinstance(self.step, DistributedDataParallel) and not boundary:
+            return self.step.no_sync()
+        return contextlib.nullcontext()
 
     def validate(self) -> dict[str, Any]:
-        """Per-volume Dice on the validation cases (preprocessed grid)."""
+        """Per-volume Dice on the validation cases (preprocessed grid); under torchrun each
+        process scores its share of the cases and every process gets all the scores."""
         names = list(self.labels.names)
-        per_volume = []
-        for case_id in self.split.val:
+        mine = []
+        for case_id in self.split.val[self.dist.rank :: self.dist.world_size]:
             case = self.cache[case_id]
             probabilities = predict_volume(
                 self.network,
@@ -563,7 +618,8 @@ class Trainer:
                 amp=self.config.train.amp,
             )
             prediction = probabilities_to_labels(probabilities, self.activation).numpy()
-            per_volume.append(dice_per_structure(prediction, case.label[0].numpy(), len(names)))
+            mine.append(dice_per_structure(prediction, case.label[0].numpy(), len(names)))
+        per_volume = [scores for shares in self.dist.gather(mine) for scores in shares]
         per_structure = {
             name: nanmean([scores[i] for scores in per_volume]) for i, name in enumerate(names)
         }
@@ -573,12 +629,16 @@ class Trainer:
         }
 
     def _save_last(self, epoch: int, step_in_epoch: int) -> None:
-        save_checkpoint(self._state(epoch, step_in_epoch), self.run_dir.last_checkpoint)
+        """Rank 0 writes ``last.pt``; the others wait until it is complete."""
+        if self.dist.is_main:
+            save_checkpoint(self._state(epoch, step_in_epoch), self.run_dir.last_checkpoint)
+        self.dist.barrier()
 
     # -------------------------------------------------------------------- run
     def run(self) -> RunResult:
         """Train to the configured number of epochs; export the model; return the result."""
         try:
+            self.dist.start(self.device)
             with self.stop:
                 return self._run()
         except TrainingInterrupted:
@@ -589,6 +649,8 @@ class Trainer:
         except Exception as error:
             self.events.emit("error", message=f"{type(error).__name__}: {error}")
             raise
+        finally:
+            self.dist.stop()
 
     def _run(self) -> RunResult:
         cfg = self.config
@@ -598,8 +660,12 @@ class Trainer:
                 raise MTKDError(
                     "the run's config.yaml differs from the configuration given", self.run_dir.root
                 )
-        else:
+            if self.dist.is_main:
+                for path in self.run_dir.remove_stale_temporaries():
+                    self.log(f"removed {path.name}, left by a process that was killed")
+        elif self.dist.is_main:
             self.run_dir.create(cfg)
+        self.dist.barrier()  # the folder exists before any other process uses it
         self.events.emit(
             "status",
             state="preparing",
@@ -626,6 +692,7 @@ class Trainer:
             train_samples=len(self.train_set),
             val_cases=len(self.split.val),
             device=str(self.device),
+            world_size=self.dist.world_size,
         )
         for epoch in range(start_epoch, cfg.train.epochs):
             started = time.perf_counter()
@@ -651,12 +718,13 @@ class Trainer:
                 record.update(self.validate())
                 if record["val_dice"] > self.best_metric:
                     self.best_metric, self.best_epoch = record["val_dice"], epoch + 1
-                    save_checkpoint(self._state(epoch + 1, 0), self.run_dir.best_checkpoint)
+                    if self.dist.is_main:
+                        save_checkpoint(self._state(epoch + 1, 0), self.run_dir.best_checkpoint)
             self.history.append(record)
             self.events.emit("metrics", **record)
             self._print_epoch(record)
             self._save_last(epoch + 1, 0)
-            if self.stop.requested and not last:
+            if not last and self._stop_agreed():
                 self.events.emit(
                     "status", state="interrupted", epoch=epoch + 1, signal=self.stop.signal_name
                 )
@@ -677,6 +745,21 @@ class Trainer:
         )
 
     def _finish(self) -> RunResult:
+        if self.dist.is_main:
+            self._export()
+        self.dist.barrier()  # the model is complete before any process reports success
+        return RunResult(
+            self.run_dir.root,
+            self.config.train.epochs,
+            self.best_metric,
+            self.best_epoch,
+            self.run_dir.model,
+            self.history,
+            self.initial_val_dice,
+        )
+
+    def _export(self) -> None:
+        """Export the best (else the last) weights to ``model/`` with the report."""
         self.events.emit("status", state="exporting")
         if self.run_dir.best_checkpoint.is_file() and self.best_epoch > 0:
             self.network.load_state_dict(load_checkpoint(self.run_dir.best_checkpoint)["model"])
@@ -699,15 +782,10 @@ class Trainer:
         )
         self.run_dir.write_json(self.run_dir.report / "history.json", self.history)
         self.events.emit("done", model=str(self.run_dir.model), **metrics)
-        return RunResult(
-            self.run_dir.root,
-            self.config.train.epochs,
-            self.best_metric,
-            self.best_epoch,
-            self.run_dir.model,
-            self.history,
-            self.initial_val_dice,
-        )
+
+
+def _silent(*_args: Any, **_kwargs: Any) -> None:
+    """The log of processes other than rank 0."""
 
 
 def _network_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
