@@ -184,28 +184,16 @@ def server_commands(run_dir: str | Path) -> str:
     """How to run the same configuration on a GPU server (shown in the panel)."""
     run_dir = Path(run_dir)
     config = shlex.quote(str(run_dir / "config.yaml"))
+    run = shlex.quote(str(run_dir))
     lines = [
         "# On a GPU server with the same engine (pip install mtkd from this extension's version),",
         "# the dataset and teacher at the paths in config.yaml (edit them if they differ):",
-        f"mtkd distill {config} --run-dir {shlex.quote(str(run_dir))} --device cuda",
+        f"mtkd distill {config} --run-dir {run} --device cuda",
         "# stopped or interrupted? continue it:",
-        f"mtkd distill --resume {shlex.quote(str(run_dir))}",
+        f"mtkd distill --resume {run}",
+        "# several GPUs on one machine (N = number of GPUs; train.batch_size is per GPU):",
+        f"torchrun --standalone --nproc_per_node N -m mtkd distill {config} --run-dir {run}",
+        f"torchrun --standalone --nproc_per_node N -m mtkd distill --resume {run}",
+        "# follow it from Slicer: MTKDTrain > Attach, with the run folder on a shared path",
     ]
-    if _engine_supports_torchrun():
-        lines += [
-            "# several GPUs on one machine (N = number of GPUs):",
-            f"torchrun --nproc_per_node N -m mtkd distill {config} "
-            f"--run-dir {shlex.quote(str(run_dir))}",
-        ]
-    else:
-        lines.append("# several GPUs (torchrun): not supported by this engine version yet")
-    lines.append(
-        "# follow it from Slicer: MTKDTrain > Attach, with the run folder on a shared path"
-    )
     return "\n".join(lines) + "\n"
-
-
-def _engine_supports_torchrun() -> bool:
-    import mtkd.engine
-
-    return bool(getattr(mtkd.engine, "SUPPORTS_TORCHRUN", False))

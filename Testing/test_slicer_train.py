@@ -172,6 +172,7 @@ def test_panel_options_become_a_valid_config(teacher_run, tmp_path):
     commands = server_commands(run)
     assert f"mtkd distill {run / 'config.yaml'} --run-dir {run}" in commands
     assert f"mtkd distill --resume {run}" in commands
+    assert f"torchrun --standalone --nproc_per_node N -m mtkd distill --resume {run}" in commands
 
 
 def wait_for(run, condition, timeout: float = 300.0):

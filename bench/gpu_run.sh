@@ -22,3 +22,8 @@ timeout 270 python3 bench/inference_speed.py --device cuda --repeats 3 --work /t
   --student .devcarry/student_model --carry .devcarry ${BENCH_ARGS:-} --out "$OUT/inference_gpu.json" \
   > "$OUT/inference_gpu.log" 2>&1
 tail -30 "$OUT/inference_gpu.log"
+# data-parallel distillation with NCCL and mixed precision, 1..(number of GPUs) processes
+GPUS=$(nvidia-smi -L | wc -l)
+timeout 200 python3 bench/ddp_throughput.py --device cuda --amp --work /tmp/bench-ddp \
+  --nproc $(seq 1 "$GPUS") --out "$OUT/ddp_gpu.json" > "$OUT/ddp_gpu.log" 2>&1
+tail -12 "$OUT/ddp_gpu.log"
