@@ -223,3 +223,44 @@ def test_torchrun_trains_on_two_shards_and_resumes_after_a_stop(make_config, tmp
     assert code == 0, output[-3000:]
     a, b = _weights(straight), _weights(stopped)
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(make_config, tmp_path):
+    """A checkpoint saved in the middle of an epoch by 2 processes, resumed by 1: the shard
+    it stopped in no longer exists, so that epoch starts again from its beginning."""
+    from mtkd.engine.checkpoint import save_checkpoint
+    from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
+
+    config = RunConfig.from_dict(make_config("train", train__epochs=2))
+    trainer = Trainer(config, tmp_path / "run", progress=False, log=lambda _: None)
+    original, batches = trainer._batch_loss, []
+
+    def stop_at_the_third(*args):
+        batches.append(1)
+        if len(batches) == 3:
+            trainer.stop.request("test")
+        return original(*args)
+
+    trainer._batch_loss = stop_at_the_third
+    with pytest.raises(TrainingInterrupted):
+        trainer.run()
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 3)
+    save_checkpoint({**state, "world_size": 2}, last)
+
+    messages = []
+    resume_run(tmp_path / "run", progress=False, log=messages.append)
+    assert any("starts again from its beginning" in m for m in messages)
+    resumed = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["type"] == "metrics"]
+    assert [e["epoch"] for e in resumed] == [1, 2]
+    assert (
+        resumed[0]["samples"]
+        == next(
+            e["train_samples"]
+            for e in read_events(tmp_path / "run" / "events.jsonl")
+            if e.get("state") == "training"
+        )
+        // 4
+        * 4
+    )  # the whole first epoch (full batches of 4), not its last steps only
