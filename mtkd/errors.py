@@ -23,3 +23,10 @@ def error_summary(error: BaseException) -> str:
     """``TypeName first line of the message`` of a third-party exception, for our messages."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__} {lines[0]}" if lines else type(error).__name__
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` with its whitespace (newlines, tabs) collapsed to single spaces, cut to
+    ``limit`` characters: a multi-line library message made fit for a one-line error."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -2,36 +2,39 @@
 
 Readers accept NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``,
 ``.mhd``) and a folder holding one DICOM series. Every problem a user can fix (missing or corrupt
-file, wrong dimension, vector pixels, NaN voxels, bad spacing, mismatched grids) raises
-:class:`~mtkd.errors.MTKDError` naming the path. Images are SimpleITK images: index order
+file, wrong dimension, vector or complex pixels, NaN voxels, bad spacing, mismatched grids)
+raises :class:`~mtkd.errors.MTKDError` naming the path. Headers are checked before any voxel is
+read: a header that declares more voxel data than the file can hold (or more than
+``MAX_VOXELS``) is refused before memory is allocated for it, and voxel spacings must be finite
+and lie between ``SPACING_RANGE_MM`` (0.001 to 1000 mm). Images are SimpleITK images: index order
 ``(x, y, z)``; ``sitk.GetArrayFromImage`` gives numpy arrays of shape ``(z, y, x)``.
 """
 
 from __future__ import annotations
 
-import gzip
-import math
-import os
 import re
-import struct
 import tempfile
-import zlib
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from mtkd.data import headers
 from mtkd.data.atomic import atomic_path, atomic_write_bytes
+from mtkd.data.headers import MAX_VOXELS
 from mtkd.errors import MTKDError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_VOXELS",
+    "SPACING_RANGE_MM",
     "WRITE_SUFFIXES",
     "atomic_path",
     "atomic_write_bytes",
+    "check_geometry",
     "check_same_grid",
     "check_writable",
+    "checked_reader",
     "describe_grid",
     "expand_image_inputs",
     "itk_error_reason",
@@ -46,6 +49,9 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """File name endings the readers accept (longest first)."""
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 """File name endings the writer accepts: single-file formats only, so the write is atomic."""
+
+SPACING_RANGE_MM = (1e-3, 1e3)
+"""Voxel spacings (mm) outside this range are refused as implausible for a CT."""
 
 _FLOAT_TYPES = (sitk.sitkFloat32, sitk.sitkFloat64)
 _SPACING_TOL = 1e-3  # relative
@@ -79,119 +85,11 @@ def itk_error_reason(error: RuntimeError) -> str:
     return reason[:300] or type(error).__name__
 
 
-def _numbers(text: str) -> list[float]:
-    values = []
-    for token in re.split(r"[\s,()]+", text.strip()):
-        try:
-            values.append(float(token))
-        except ValueError:
-            continue
-    return values
-
-
-def _check_text_header_spacing(path: Path, suffix: str) -> None:
-    """Reject non-positive spacings that ITK would silently replace by their absolute value."""
-    if suffix not in (".mha", ".mhd", ".nrrd", ".nhdr"):
-        return
-    with open(path, "rb") as stream:
-        head = stream.read(65536).decode("latin-1")
-    if suffix in (".mha", ".mhd"):
-        header = head.split("ElementDataFile", 1)[0]
-        pattern = r"^\s*(?:ElementSpacing|ElementSize)\s*=\s*(.+)$"
-    else:
-        header = re.split(r"\r?\n\r?\n", head, maxsplit=1)[0]
-        pattern = r"^spacings:\s*(.+)$"
-    for match in re.finditer(pattern, header, flags=re.MULTILINE):
-        values = [v for v in _numbers(match.group(1)) if not np.isnan(v)]
-        if any(v <= 0 for v in values):
-            raise MTKDError(
-                f"zero or negative voxel spacing in the header ({match.group(0)})", path
-            )
-
-
-def _raw_nifti_header(path: Path) -> tuple[list[int], list[float]] | None:
-    """``dim[0..7]`` and ``pixdim[0..7]`` as stored (NIfTI-1 or -2, either byte order)."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as stream:
-            head = stream.read(540)
-    except (OSError, EOFError, zlib.error):
-        return None
-    for order in "<>":
-        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
-            return list(struct.unpack(order + "8h", head[40:56])), list(
-                struct.unpack(order + "8f", head[76:108])
-            )
-        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
-            return list(struct.unpack(order + "8q", head[16:80])), list(
-                struct.unpack(order + "8d", head[104:168])
-            )
-    return None
-
-
-def _check_nifti_header(path: Path) -> None:
-    """Checks ITK cannot make: it sets zero pixdim to 1 and reads NaN/Inf voxels as 0."""
-    raw = _raw_nifti_header(path)
-    if raw is None:
-        return
-    dims, pixdim = raw
-    for axis in range(1, min(dims[0], 3) + 1):
-        if not pixdim[axis] > 0:
-            raise MTKDError(
-                f"zero or negative voxel spacing in the header (pixdim[{axis}] = {pixdim[axis]:g})",
-                path,
-            )
-    try:
-        nifti = nib.load(str(path))
-        floating = np.issubdtype(nifti.header.get_data_dtype(), np.floating)
-    except Exception:  # ITK read the file; nibabel's second look is optional
-        return
-    if floating:
-        data = np.asanyarray(nifti.dataobj)
-        finite = np.isfinite(data)
-        if not finite.all():
-            nan = int(np.isnan(data).sum())
-            raise MTKDError(
-                f"image has {nan} NaN and {int((~finite).sum()) - nan} infinite voxels", path
-            )
-
-
-def _gunzipped_size(path: Path) -> int:
-    """Uncompressed size of a gzip file; MTKDError if the stream is truncated or corrupt."""
-    total = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while block := stream.read(1 << 22):
-                total += len(block)
-    except (EOFError, OSError, zlib.error) as error:
-        raise MTKDError(f"compressed data is truncated or corrupt ({error})", path) from None
-    return total
-
-
-def _check_nifti_complete(reader: sitk.ImageFileReader, path: Path, suffix: str) -> None:
-    """ITK reads a truncated NIfTI without complaint; compare the data size with the header's."""
-    try:
-        ndim = int(reader.GetMetaData("dim[0]"))
-        dims = [max(1, int(reader.GetMetaData(f"dim[{i}]"))) for i in range(1, ndim + 1)]
-        bitpix = int(reader.GetMetaData("bitpix"))
-        offset = int(float(reader.GetMetaData("vox_offset")))
-    except (RuntimeError, ValueError):
-        return
-    expected = offset + math.prod(dims) * bitpix // 8
-    if suffix == ".nii":
-        actual = os.path.getsize(path)
-    else:
-        with open(path, "rb") as stream:
-            stream.seek(-4, os.SEEK_END)
-            if int.from_bytes(stream.read(4), "little") == expected % (1 << 32):
-                return
-        actual = _gunzipped_size(path)
-    if actual < expected:
-        raise MTKDError(f"file is truncated ({actual} of {expected} bytes)", path)
-
-
-def _check_shape(size: tuple[int, ...], components: int, path: Path) -> None:
-    """Dimension and pixel-type checks that can run on the header alone."""
+def _check_shape(size: tuple[int, ...], components: int, path: Path, pixel: str = "") -> None:
+    """Dimension and pixel-type checks that can run on the header alone (``pixel``: SimpleITK's
+    description of the pixel type, e.g. ``complex of 32-bit float``)."""
+    if pixel.startswith("complex"):
+        raise MTKDError(f"complex-valued image ({pixel}); a real-valued CT volume is needed", path)
     if components > 1:
         raise MTKDError(
             f"vector image with {components} components per voxel (RGB or multi-channel); "
@@ -208,11 +106,43 @@ def _check_shape(size: tuple[int, ...], components: int, path: Path) -> None:
         )
     if dims != 3:
         raise MTKDError(f"{dims}-D image ({shown}); a 3-D volume is needed", path)
+    if min(size) == 0:
+        axis = "xyz"[int(np.argmin(size))]
+        raise MTKDError(f"image has no voxels along {axis} ({shown}); corrupt header?", path)
     if min(size) < 2:
         axis = "xyz"[int(np.argmin(size))]
         raise MTKDError(
             f"image has a single slice along {axis} ({shown}); a 3-D volume is needed", path
         )
+
+
+def checked_reader(path: str | Path, scalar: bool = True) -> sitk.ImageFileReader:
+    """An ``ImageFileReader`` for the image file ``path`` whose header passed every check that
+    needs no voxel (format, spacing, size against the file, NIfTI fields; with ``scalar`` also
+    a scalar 3-D volume): ``reader.Execute()`` then reads it. MTKDError naming the file."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix is None:
+        raise MTKDError(f"unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)}", path)
+    headers.check_text_header(path, suffix)
+    if suffix in (".nii", ".nii.gz"):
+        headers.check_nifti_header(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise MTKDError(
+            f"cannot read image (corrupt, truncated or unsupported): {itk_error_reason(error)}",
+            path,
+        ) from None
+    if scalar:
+        pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+        _check_shape(reader.GetSize(), reader.GetNumberOfComponents(), path, pixel)
+    headers.check_declared_size(reader, path, suffix)
+    if suffix in (".nii", ".nii.gz"):
+        headers.check_nifti_complete(reader, path, suffix)
+    return reader
 
 
 def _squeeze_4d(image: sitk.Image) -> sitk.Image:
@@ -222,10 +152,20 @@ def _squeeze_4d(image: sitk.Image) -> sitk.Image:
     return image
 
 
-def _check_geometry(image: sitk.Image, path: Path) -> None:
+def check_geometry(image: sitk.Image, path: str | Path) -> None:
+    """MTKDError naming ``path`` unless ``image`` (3-D) has finite spacings within
+    ``SPACING_RANGE_MM``, a finite non-degenerate direction matrix and a finite origin."""
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise MTKDError(f"zero, negative or invalid voxel spacing {tuple(spacing)}", path)
+    low, high = SPACING_RANGE_MM
+    if np.any(spacing < low) or np.any(spacing > high):
+        shown = ", ".join(f"{v:g}" for v in spacing)
+        raise MTKDError(
+            f"implausible voxel spacing ({shown}) mm: a CT's spacing lies between {low:g} and "
+            f"{high:g} mm (corrupt header, or a header in other units?)",
+            path,
+        )
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
         raise MTKDError("degenerate direction (orientation) matrix", path)
@@ -234,6 +174,7 @@ def _check_geometry(image: sitk.Image, path: Path) -> None:
 
 
 def _check_finite(image: sitk.Image, path: Path) -> None:
+    """MTKDError counting the NaN and infinite voxels of a floating-point image, if any."""
     if image.GetPixelID() not in _FLOAT_TYPES:
         return
     array = sitk.GetArrayViewFromImage(image)
@@ -296,25 +237,17 @@ def _check_even_slices(files: tuple[str, ...] | list[str], folder: Path) -> None
 
 
 def _read_file(path: Path) -> sitk.Image:
-    suffix = image_suffix(path)
-    if suffix is None:
-        raise MTKDError(f"unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)}", path)
-    _check_text_header_spacing(path, suffix)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    """The image of a file whose header passed :func:`checked_reader`."""
+    reader = checked_reader(path)
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        headers.check_nifti_values(path)
     try:
-        reader.ReadImageInformation()
-        _check_shape(reader.GetSize(), reader.GetNumberOfComponents(), path)
-        if suffix in (".nii", ".nii.gz"):
-            _check_nifti_complete(reader, path, suffix)
-            _check_nifti_header(path)
-        image = reader.Execute()
+        return reader.Execute()
     except RuntimeError as error:
         raise MTKDError(
             f"cannot read image (corrupt, truncated or unsupported): {itk_error_reason(error)}",
             path,
         ) from None
-    return image
 
 
 def _read_volume(path: str | Path) -> tuple[sitk.Image, Path]:
@@ -323,16 +256,26 @@ def _read_volume(path: str | Path) -> tuple[sitk.Image, Path]:
     if not path.exists():
         raise MTKDError("file or folder not found", path)
     image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
-    _check_shape(image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
+    pixel = sitk.GetPixelIDValueAsString(image.GetPixelID())
+    _check_shape(image.GetSize(), image.GetNumberOfComponentsPerPixel(), path, pixel)
     image = _squeeze_4d(image)
-    _check_geometry(image, path)
+    check_geometry(image, path)
     _check_finite(image, path)
     return image, path
 
 
 def read_image(path: str | Path) -> sitk.Image:
-    """Read a CT volume (file or DICOM series folder) as a checked 3-D float32 image (HU)."""
-    image, _ = _read_volume(path)
+    """Read a CT volume (file or DICOM series folder) as a checked 3-D float32 image (HU).
+
+    Stored values are converted to float32 (64-bit integers may round); float64 values beyond
+    float32's range raise MTKDError rather than turning infinite.
+    """
+    image, path = _read_volume(path)
+    if image.GetPixelID() == sitk.sitkFloat64:
+        array = sitk.GetArrayViewFromImage(image)
+        largest = float(np.abs(array).max()) if array.size else 0.0
+        if largest > float(np.finfo(np.float32).max):
+            raise MTKDError(f"voxel values up to {largest:g} do not fit 32-bit floats", path)
     return sitk.Cast(image, sitk.sitkFloat32)
 
 

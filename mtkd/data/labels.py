@@ -27,7 +27,7 @@ def _as_int(text: Any) -> int | None:
         return None
     if isinstance(text, int):
         return text
-    if isinstance(text, str) and text.strip().lstrip("+-").isdigit():
+    if isinstance(text, str) and text.strip().lstrip("+-").isdecimal():
         return int(text.strip())
     return None
 

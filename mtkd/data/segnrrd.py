@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from mtkd.data.atomic import atomic_path
-from mtkd.data.image_io import itk_error_reason, write_image
+from mtkd.data.image_io import check_geometry, checked_reader, itk_error_reason, write_image
 from mtkd.data.labels import LabelTable, label_values_in
 from mtkd.data.terminology import lookup
 from mtkd.errors import MTKDError
@@ -119,13 +119,14 @@ def read_seg_nrrd(path: str | Path) -> tuple[sitk.Image, LabelTable]:
     """Read a single-layer Slicer ``.seg.nrrd`` (or a plain label NRRD) as label map and table.
 
     Returns a UInt8/UInt16 image on the file's grid and the table ``LabelValue -> Name`` in
-    segment order; a plain NRRD gets names ``label_<value>``.
+    segment order; a plain NRRD gets names ``label_<value>``. The header is checked before
+    any voxel is read (see :func:`~mtkd.data.image_io.checked_reader`); label values above
+    65535, a bad ``LabelValue`` or a bad geometry raise MTKDError naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise MTKDError("segmentation file not found", path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader = checked_reader(path, scalar=False)  # several layers get their own message below
     try:
         image = reader.Execute()
     except RuntimeError as error:
@@ -137,6 +138,7 @@ def read_seg_nrrd(path: str | Path) -> tuple[sitk.Image, LabelTable]:
             "MTKD reads one labelmap layer",
             path,
         )
+    check_geometry(image, path)
     fields: dict[int, dict[str, str]] = {}
     for key in reader.GetMetaDataKeys():
         match = _SEGMENT_KEY.match(key)
@@ -154,7 +156,12 @@ def read_seg_nrrd(path: str | Path) -> tuple[sitk.Image, LabelTable]:
             if segment.get("Layer", "0").strip() != "0":
                 raise MTKDError(f"segment {index} is on layer {segment['Layer']}", path)
             name = segment.get("Name") or segment.get("ID") or f"segment_{index}"
-            entries.append((int(segment["LabelValue"]), name))
+            value = segment["LabelValue"].strip()
+            if not re.fullmatch(r"[0-9]+", value):
+                raise MTKDError(
+                    f"segment {index} has LabelValue {value!r}, not a whole number", path
+                )
+            entries.append((int(value), name))
         table = LabelTable(entries, source=path)
     else:
         table = LabelTable.from_label_values(label_values_in(image))
@@ -162,6 +169,8 @@ def read_seg_nrrd(path: str | Path) -> tuple[sitk.Image, LabelTable]:
     if unknown:
         raise MTKDError(f"voxel values {unknown[:20]} belong to no segment", path)
     high = max(table.label_values, default=0)
+    if high > 65535:
+        raise MTKDError(f"label values up to {high} do not fit 16 bits", path)
     pixel = sitk.sitkUInt8 if high <= 255 else sitk.sitkUInt16
     label = sitk.Cast(image, pixel)
     for key in label.GetMetaDataKeys():

@@ -35,7 +35,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise MTKDError("checkpoint not found", path=path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+    except (  # what torch raises for a cut, garbled or code-carrying file
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,  # UnicodeDecodeError included
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+    ) as error:
         first_line = (
             str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         )

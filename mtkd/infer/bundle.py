@@ -38,7 +38,7 @@ from torch import nn
 from mtkd.data.atomic import temporary_sibling
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
-from mtkd.errors import MTKDError
+from mtkd.errors import MTKDError, error_summary, one_line
 from mtkd.infer.model_io import LoadedModel, build_from_spec, sha256_of
 from mtkd.models import count_parameters, network_info
 from mtkd.models.thesis_unet import ThesisUNet
@@ -92,6 +92,8 @@ def cache_root() -> Path:
 
 
 def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why zip member ``info`` may not be extracted (escapes the target, a link, no name), or
+    None."""
     name = info.filename.replace("\\", "/")
     if name.startswith("/") or PurePosixPath(name).is_absolute():
         return "has an absolute path"
@@ -103,20 +105,47 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
         return "is a symbolic link"
     if "\x00" in name:
         return "has a NUL character in its name"
+    if not info.is_dir() and not [p for p in name.split("/") if p not in ("", ".")]:
+        return "has no file name"
     return None
+
+
+def _unwrite(written: list[Path]) -> None:
+    """Remove the files and folders (listed in creation order) of a failed extraction."""
+    for path in reversed(written):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
+        except OSError:
+            pass
+
+
+def _makedirs(folder: Path, written: list[Path]) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)``, listing each folder it creates."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        written.append(path)
 
 
 def safe_extract(zip_path: str | Path, target: str | Path) -> Path:
     """Extract ``zip_path`` into ``target`` (created if needed) and return ``target``.
 
     Every member is checked before anything is written: an absolute path, a drive, a ``..``
-    component or a symbolic link refuses the whole zip (MTKDError naming it).
+    component, a symbolic link or a file without a name refuses the whole zip (MTKDError naming
+    it). A member that cannot be written or decompressed (damaged data, an unsupported
+    compression, encryption, clashing names) refuses it too, and what was written is removed.
     """
     zip_path, target = Path(zip_path), Path(target)
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise MTKDError(f"not a readable zip file ({error})", zip_path) from None
+    except Exception as error:  # noqa: BLE001 - a damaged directory fails in many ways
+        raise MTKDError(f"not a readable zip file ({error_summary(error)})", zip_path) from None
     with archive:
         members = archive.infolist()
         for info in members:
@@ -136,14 +165,27 @@ def safe_extract(zip_path: str | Path, target: str | Path) -> Path:
                     zip_path,
                 )
             plan.append((info, destination))
-        root.mkdir(parents=True, exist_ok=True)
-        for info, destination in plan:
-            if info.is_dir():
-                destination.mkdir(parents=True, exist_ok=True)
-                continue
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as source, open(destination, "wb") as sink:
-                shutil.copyfileobj(source, sink, 1 << 20)
+        written: list[Path] = []
+        member = None
+        try:
+            _makedirs(root, written)
+            for member, destination in plan:
+                if member.is_dir():
+                    _makedirs(destination, written)
+                    continue
+                _makedirs(destination.parent, written)
+                existed = destination.exists()
+                with archive.open(member) as source, open(destination, "wb") as sink:
+                    if not existed:
+                        written.append(destination)
+                    shutil.copyfileobj(source, sink, 1 << 20)
+        except Exception as error:  # noqa: BLE001 - zipfile fails in many ways on a damaged zip
+            _unwrite(written)
+            where = f"member {member.filename!r}" if member is not None else "the target folder"
+            raise MTKDError(
+                f"refused to extract: {where} cannot be written or read ({error_summary(error)})",
+                zip_path,
+            ) from None
     return target
 
 
@@ -171,8 +213,10 @@ def bundle_folder(path: str | Path, extract_to: str | Path | None = None) -> Pat
     try:
         with zipfile.ZipFile(path) as archive:
             prefix = _bundle_prefix(archive.namelist(), path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise MTKDError(f"not a bundle folder or zip ({error})", path) from None
+    except MTKDError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged directory fails in many ways
+        raise MTKDError(f"not a bundle folder or zip ({error_summary(error)})", path) from None
     if extract_to is not None:
         return safe_extract(path, extract_to) / prefix
     final = cache_root() / sha256_of(path)[:16]
@@ -691,7 +735,7 @@ def load_bundle(
     try:
         network.load_state_dict(read_state_dict(weights))
     except RuntimeError as error:
-        raise MTKDError(f"weights do not fit the network ({error})", weights) from None
+        raise MTKDError(f"weights do not fit the network ({one_line(error)})", weights) from None
     network.to(device).eval()
 
     spec = None

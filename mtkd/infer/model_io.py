@@ -23,7 +23,7 @@ from torch import nn
 from mtkd.data.image_io import atomic_path, atomic_write_bytes
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
-from mtkd.errors import MTKDError
+from mtkd.errors import MTKDError, error_summary, one_line
 from mtkd.infer.model_files import FORMAT_VERSION, METADATA, WEIGHTS, sha256_of
 from mtkd.models import build_teacher, count_parameters, network_info
 
@@ -109,9 +109,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     """Load an exported model; its SHA-256 must match and weights load weights-only."""
     folder = resolve_model_folder(path)
     try:
-        metadata = json.loads((folder / METADATA).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MTKDError(f"unreadable model metadata ({error})", path=folder / METADATA) from None
+    if not isinstance(metadata, dict):
+        raise MTKDError("model metadata is not a JSON object", path=folder / METADATA)
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise MTKDError("model weights are missing", path=weights)
@@ -121,7 +123,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a refusal
         raise MTKDError(f"refused to load weights ({type(error).__name__})", path=weights) from None
-    return model_from_state(metadata, state, folder, device, source=weights)
+    return model_from_state(
+        metadata, state, folder, device, source=weights, metadata_source=folder / METADATA
+    )
+
+
+def _is_state_dict(state: Any) -> bool:
+    return isinstance(state, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    )
 
 
 def model_from_state(
@@ -130,21 +140,48 @@ def model_from_state(
     folder: Path,
     device: str | torch.device,
     source: Path,
+    metadata_source: Path | None = None,
 ) -> LoadedModel:
-    """Build the network of ``metadata`` and load ``state`` (read from ``source``) into it."""
-    spec = metadata["network"]
-    network = build_from_spec(spec)
+    """Build the network of ``metadata`` and load ``state`` (read from ``source``) into it.
+
+    Metadata that cannot describe a model raises MTKDError naming ``metadata_source`` (default
+    ``source``), weights that are not a state_dict fitting the network MTKDError naming
+    ``source``.
+    """
+    where = metadata_source or source
+    if not isinstance(metadata, dict):
+        raise MTKDError("model metadata is not a JSON object", path=where)
+    try:
+        spec = metadata["network"]
+        network = build_from_spec(spec)
+        labels = LabelTable.from_dict(metadata["labels"], source=where)
+        prep = Preprocessing.from_dict(metadata["preprocessing"])
+        activation = metadata["activation"]
+        size_multiple = network_info(spec["name"], **spec["params"]).size_multiple
+    except MTKDError as error:
+        if error.path is not None:
+            raise
+        raise MTKDError(f"invalid model metadata: {error.problem}", path=where) from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, MemoryError) as error:
+        missing = f"no {error}" if isinstance(error, KeyError) else error_summary(error)
+        raise MTKDError(f"invalid model metadata ({missing})", path=where) from None
+    if activation not in ("softmax", "sigmoid"):
+        raise MTKDError(f"invalid model metadata (activation {activation!r})", path=where)
+    if not _is_state_dict(state):
+        raise MTKDError("the weights file holds no state_dict of named tensors", path=source)
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
-        raise MTKDError(f"weights do not fit the network ({error})", path=source) from None
+        raise MTKDError(
+            f"weights do not fit the network ({one_line(error)})", path=source
+        ) from None
     network.to(device).eval()
     return LoadedModel(
         network=network,
-        labels=LabelTable.from_dict(metadata["labels"]),
-        prep=Preprocessing.from_dict(metadata["preprocessing"]),
-        activation=metadata["activation"],
+        labels=labels,
+        prep=prep,
+        activation=activation,
         metadata=metadata,
         folder=folder,
-        size_multiple=network_info(spec["name"], **spec["params"]).size_multiple,
+        size_multiple=size_multiple,
     )

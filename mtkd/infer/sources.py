@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mtkd.data.image_io import IMAGE_SUFFIXES
-from mtkd.errors import MTKDError
+from mtkd.errors import MTKDError, error_summary
 from mtkd.infer.model_io import METADATA, LoadedModel, load_model
 
 # what another tool's stored segmentation may be (mtkd.data.stored_outputs reads them)
@@ -50,20 +50,22 @@ def _is_torchscript_zip(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("/constants.pkl") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # noqa: BLE001 - a damaged zip (e.g. an undecodable name) is not one
         return False
 
 
 def _folder_format(folder: Path) -> str:
+    """The ``format`` of a model folder's metadata ("pytorch" when absent or unreadable)."""
     import json
 
     metadata_file = folder / METADATA
     if not metadata_file.is_file():
         metadata_file = folder / "model" / METADATA
     try:
-        return json.loads(metadata_file.read_text()).get("format", "pytorch")
+        metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "pytorch"  # load_model reports the unreadable metadata
+    return metadata.get("format", "pytorch") if isinstance(metadata, dict) else "pytorch"
 
 
 def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -117,8 +119,17 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") 
     from mtkd.infer.model_io import model_from_state
 
     path = Path(path)
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except MTKDError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways inside torch
+        raise MTKDError(
+            f"checkpoint is corrupt or not a weights-only file ({error_summary(error)})", path
+        ) from None
     metadata = state.get("model_metadata")
     if not isinstance(metadata, dict):
         raise MTKDError("this checkpoint carries no model metadata (an older mtkd wrote it)", path)
+    if "model" not in state:
+        raise MTKDError("this checkpoint holds no model weights", path)
     return model_from_state(metadata, state["model"], path.parent, device, source=path)
