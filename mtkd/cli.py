@@ -97,12 +97,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for index, (image_path, output) in enumerate(zip(images, outputs, strict=True)):
         start = 0.1 + index * share
         progress(start, f"reading {image_path.name}")
-        image = read_image(image_path)
+        image = read_image(image_path, keep_integer=True)
         warning = ct_intensity_warning(image, image_path)
         if warning:
             print(f"mtkd: warning: {warning}", file=sys.stderr)
         progress(start + 0.1 * share, f"segmenting {image_path.name}")
-        prediction = predictor.predict(image)
+        try:
+            prediction = predictor.predict(image)
+        except MTKDError as error:  # a problem of this image (e.g. its size at the model's
+            if error.path is not None:  # spacing) is reported with its file
+                raise
+            raise MTKDError(error.problem, image_path) from None
         progress(start + 0.9 * share, f"writing {output.name}")
         write_segmentation(prediction.labelmap, predictor.model.labels, output)
         print(f"{image_path} -> {output} ({prediction.seconds:.2f} s, {prediction.plan})")

@@ -264,13 +264,20 @@ def _read_volume(path: str | Path) -> tuple[sitk.Image, Path]:
     return image, path
 
 
-def read_image(path: str | Path) -> sitk.Image:
+_SMALL_INTEGER_TYPES = (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16)
+
+
+def read_image(path: str | Path, keep_integer: bool = False) -> sitk.Image:
     """Read a CT volume (file or DICOM series folder) as a checked 3-D float32 image (HU).
 
     Stored values are converted to float32 (64-bit integers may round); float64 values beyond
-    float32's range raise MTKDError rather than turning infinite.
+    float32's range raise MTKDError rather than turning infinite. With ``keep_integer`` an
+    image stored as an integer of at most 16 bits keeps its type (half the memory of float32 or
+    less; the predictor converts slab by slab).
     """
     image, path = _read_volume(path)
+    if keep_integer and image.GetPixelID() in _SMALL_INTEGER_TYPES:
+        return image
     if image.GetPixelID() == sitk.sitkFloat64:
         array = sitk.GetArrayViewFromImage(image)
         largest = float(np.abs(array).max()) if array.size else 0.0

@@ -199,13 +199,19 @@ def _array_of(label: sitk.Image | np.ndarray) -> np.ndarray:
     return np.asarray(label)
 
 
+_COUNT_CHUNK = 1 << 22  # voxels per bincount in label_values_in (32 MiB of int64)
+
+
 def label_values_in(label: sitk.Image | np.ndarray) -> list[int]:
     """Sorted distinct values of a label map (image or integer array), background included."""
     array = _array_of(label)
     if array.size == 0:
         return []
-    if array.dtype in (np.uint8, np.uint16):
-        counts = np.bincount(array.ravel(), minlength=1)
+    if array.dtype in (np.uint8, np.uint16):  # counted in chunks: bincount copies to int64
+        flat = array.reshape(-1)
+        counts = np.zeros(1 << (8 * array.itemsize), dtype=np.int64)
+        for start in range(0, flat.size, _COUNT_CHUNK):
+            counts += np.bincount(flat[start : start + _COUNT_CHUNK], minlength=counts.size)
         return [int(v) for v in np.flatnonzero(counts)]
     return [int(v) for v in np.unique(array)]
 

@@ -97,7 +97,7 @@ def write_seg_nrrd(
     if unknown:
         raise MTKDError(f"label map values {unknown[:20]} are not in the label table", path)
     dtype = np.uint8 if max(table.label_values) <= 255 else np.uint16
-    voxels = np.asarray(array).astype(dtype)
+    voxels = np.asarray(array).astype(dtype, copy=False)
     image = sitk.GetImageFromArray(voxels)
     image.SetOrigin(labelmap.GetOrigin())
     image.SetSpacing(labelmap.GetSpacing())

@@ -2,6 +2,10 @@
 
 2-D networks see batches of axial slices; 3-D networks run on the whole volume (padded up to
 their size multiple) or with MONAI's sliding windows, as an :class:`InferencePlan` says.
+:func:`predict_in_slabs` does the same in parts along z, computing the network input of each
+part on demand and giving the probabilities part by part, so that neither the whole input nor
+the whole probability volume needs to exist (except for a whole-volume pass, which the plan
+only picks when the network's activations for the whole volume fit the budget).
 Networks may be ``nn.Module``, TorchScript, or plain callables (ONNX wrappers) returning a
 tensor or a list/tuple whose first item is the segmentation.
 """
@@ -9,7 +13,8 @@ tensor or a list/tuple whose first item is the segmentation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,6 +26,11 @@ from mtkd.data.preprocess import Preprocessing
 from mtkd.infer.memory import InferencePlan, round_up
 
 Network = nn.Module | Callable[[torch.Tensor], Any]
+# (z0, z1) -> network input (1, X, Y, z1 - z0) of the model grid's z slices [z0, z1)
+SlabInput = Callable[[int, int], torch.Tensor]
+# MONAI sliding-window settings of every 3-D window pass
+WINDOW_OVERLAP = 0.25
+WINDOW_BLEND = "gaussian"
 
 
 def repeat_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -161,8 +171,8 @@ def predict_windows(
         roi_size=prep.patch_size,
         sw_batch_size=batch,
         predictor=run,
-        overlap=0.25,
-        mode="gaussian",
+        overlap=WINDOW_OVERLAP,
+        mode=WINDOW_BLEND,
         sw_device=device,
         device=out_device,
     )
@@ -190,6 +200,98 @@ def predict_planned(
     if plan.mode == "whole":
         return predict_whole(network, volume, prep, activation, device, amp, size_multiple)
     return predict_windows(network, volume, prep, activation, device, plan.batch, amp, out_device)
+
+
+def window_interval(window: int, overlap: float = WINDOW_OVERLAP) -> int:
+    """MONAI's scan interval between sliding windows ``window`` voxels long."""
+    return max(int(window * (1 - overlap)), 1)
+
+
+def window_starts(size: int, window: int, overlap: float = WINDOW_OVERLAP) -> list[int]:
+    """Start of each of MONAI's sliding windows along one axis of ``size`` voxels (every
+    scan interval, the last window flush with the end)."""
+    if window >= size:
+        return [0]
+    interval = window_interval(window, overlap)
+    count = next(d for d in range(size) if d * interval + window >= size) + 1
+    return [min(d * interval, size - window) for d in range(count)]
+
+
+def window_tiles(
+    size: int, window: int, rows_per_tile: int, overlap: float = WINDOW_OVERLAP
+) -> list[tuple[int, int, int, int]]:
+    """Split sliding windows along z into tiles: (input start, input stop, keep start, keep
+    stop) per tile, consecutive keep ranges covering [0, size).
+
+    Windows with the same z start form a row; tile ``t`` ends with row ``b_t`` (``rows_per_tile``
+    more than the last tile's) and keeps the slices from the previous tile's kept end to the start
+    of row ``b_t + 1``. Its input spans every row that covers a kept slice, so MONAI's sliding
+    window over the tile's input places exactly those rows' windows there (the scan interval
+    puts them on the same positions) and sums, for each kept voxel, the same windows in the same
+    order as one pass over the whole volume.
+    """
+    starts = window_starts(size, window, overlap)
+    last = len(starts) - 1
+    tiles, kept = [], 0
+    for end_row in range(rows_per_tile - 1, last + rows_per_tile, max(rows_per_tile, 1)):
+        end_row = min(end_row, last)
+        stop = starts[end_row + 1] if end_row < last else size
+        first_row = next(r for r in range(last + 1) if starts[r] + window > kept)
+        tiles.append((starts[first_row], starts[end_row] + window, kept, stop))
+        kept = stop
+    return tiles
+
+
+def predict_in_slabs(
+    network: Network,
+    model_input: SlabInput,
+    shape: tuple[int, int, int],
+    prep: Preprocessing,
+    activation: str,
+    device: torch.device,
+    plan: InferencePlan,
+    amp: bool = True,
+    size_multiple: int = 1,
+    out_device: torch.device | None = None,
+    channels: int = 1,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Probabilities of a model grid of ``shape`` (X, Y, Z) run as ``plan`` says, in
+    consecutive slabs along z: yields (z0, probabilities (C, X, Y, z1 - z0)) on
+    ``out_device`` (default ``device``) from z0 = 0 to Z. ``model_input(z0, z1)`` gives the
+    network input of each slab when it is needed (call under ``torch.inference_mode``).
+
+    - "slices": ``plan.batch`` slices per slab, as :func:`predict_slices`;
+    - "whole": one slab, the whole volume, as :func:`predict_whole`;
+    - "sliding": tiles of window rows (:func:`window_tiles`) of about ``plan.slab_bytes`` of
+      input and stitched output (``channels`` + 2 float32 per voxel), each run by
+      :func:`predict_windows`: the same probabilities as one pass over the whole volume.
+    """
+    set_eval(network)
+    out_device = device if out_device is None else out_device
+    depth = shape[2]
+    if plan.mode == "slices":
+        for z0 in range(0, depth, plan.batch):
+            z1 = min(z0 + plan.batch, depth)
+            inputs = model_input(z0, z1)
+            slices = predict_slices(
+                network, inputs, prep, activation, device, z1 - z0, amp, size_multiple, out_device
+            )
+            yield z0, slices
+    elif plan.mode == "whole":
+        inputs = model_input(0, depth)
+        whole = predict_whole(network, inputs, prep, activation, device, amp, size_multiple)
+        del inputs  # not kept while the probabilities are mapped back
+        yield 0, whole.to(out_device)
+    else:
+        window = int(prep.patch_size[2])
+        row_bytes = 4 * (channels + 2) * math.prod(shape[:2]) * window_interval(window)
+        rows = max(1, plan.slab_bytes // max(row_bytes, 1))
+        for start, stop, keep_start, keep_stop in window_tiles(depth, window, rows):
+            inputs = model_input(start, stop)
+            tile = predict_windows(
+                network, inputs, prep, activation, device, plan.batch, amp, out_device
+            )
+            yield keep_start, tile[..., keep_start - start : keep_stop - start]
 
 
 def predict_volume(

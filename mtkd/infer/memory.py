@@ -2,14 +2,42 @@
 
 ``plan_inference`` picks whole-volume inference when the network's activations for the whole
 (padded) volume fit the budget, sliding windows otherwise (the window batch chosen from the
-budget), and slice batches for 2-D networks. ``PeakMemory`` measures what a run used.
+budget), and slice batches for 2-D networks. ``PeakMemory`` measures what a run used;
+``run_with_peak_memory`` what a child process used.
+
+**The memory bound of one segmentation** (``Predictor.predict``, whose plan follows the
+budget ``memory_budget_bytes``, else half the free memory). The volume is preprocessed,
+predicted and mapped back onto the input grid in slabs along z (:mod:`mtkd.infer.resample`,
+:func:`mtkd.infer.inference.predict_in_slabs`): no full-resolution float copy of the image and
+no (C, X, Y, Z) probability volume on the input grid is ever made. At its peak a segmentation
+holds, above the process's own baseline (``PROCESS_BASELINE_BYTES``: Python, torch, MONAI,
+SimpleITK and a small model),
+
+- the input image as the caller holds it (2 bytes per voxel for int16, 4 for float32),
+- the label map twice, briefly (1 byte per voxel each, 2 above 255 labels: the array and the
+  SimpleITK image made from it),
+- the network's activations as planned (``InferencePlan.activation_bytes``, at most the
+  budget; with a whole-volume pass this includes its input and output), and
+- ``SLAB_BUFFERS`` slabs of ``plan.slab_bytes`` (budget / 16, between 4 and 64 MiB); only a
+  sliding-window tile may be larger: it holds at least one row of windows and their output,
+  4 (C + 2) X Y (P_z + interval) bytes for a model grid of X x Y slices, C channels and
+  windows P_z deep.
+
+:func:`segmentation_memory_bound` adds these up: peak RSS <= baseline + image bytes +
+2 x voxels + activations + 4 x 64 MiB. For a 512 x 512 x 1200 int16 CT (315 M voxels),
+which ``mtkd segment`` keeps as int16: 0.5 + 0.59 + 0.59 + 0.25 = 1.9 GiB plus the
+activations (0.06 GiB for a small 2-D U-Net on 64 x 64 slices, 0.37 GiB for a small 3-D U-Net
+on the whole volume at 4 mm); a float32 CT adds 0.59 GiB.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import subprocess
+import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +55,17 @@ MAX_SLICE_BATCH = 256
 # On the CPU, slice batches whose activations outgrow the caches run slower (measured: a 2-D
 # U-Net on 256x256 slices ran 2-4x faster in batches of ~64 MiB of activations than of 1 GiB).
 CPU_SLICE_BATCH_BYTES = 64 << 20
+# Slab sizes (bytes of float32 per slab) for preprocessing, sliding-window tiles and the inverse
+# mapping: a sixteenth of the budget within these bounds. 64 MiB slabs run as fast as larger
+# ones (each pass still streams through memory in long runs).
+MIN_SLAB_BYTES = 4 << 20
+MAX_SLAB_BYTES = 64 << 20
+# Resident memory of an ``mtkd`` process with torch, MONAI and SimpleITK imported and a small
+# model loaded, before it reads an image (0.44 GiB measured on the CPU machine).
+PROCESS_BASELINE_BYTES = 512 << 20
+# Slab-sized buffers alive at once at most (preprocessing and the inverse mapping each hold a
+# few: the block read, the interpolation's two gathers, its output, the labels).
+SLAB_BUFFERS = 4
 # cgroup memory limits at or above this mean "no limit" (v1 writes 2**63 rounded to pages).
 _NO_LIMIT = 1 << 60
 
@@ -233,6 +272,13 @@ class InferencePlan:
     batch: int
     bytes_per_voxel: float
     budget_bytes: int
+    slab_bytes: int = MAX_SLAB_BYTES
+
+    def activation_bytes(self) -> int:
+        """Estimated bytes of the network's activations in one forward pass of this plan."""
+        voxels = math.prod(self.shape[-3:]) if self.mode != "slices" else math.prod(self.shape)
+        batch = 1 if self.mode == "whole" else self.batch
+        return int(self.bytes_per_voxel * voxels * batch)
 
     def describe(self) -> str:
         size = "x".join(str(s) for s in self.shape)
@@ -241,6 +287,21 @@ class InferencePlan:
         if self.mode == "sliding":
             return f"sliding window {size}, {self.batch} windows per batch"
         return f"2-D slices {size}, {self.batch} slices per batch"
+
+
+def slab_bytes_for(budget_bytes: int) -> int:
+    """Bytes of float32 per slab for a memory budget: budget / 16, within 4..64 MiB."""
+    return int(min(max(int(budget_bytes) // 16, MIN_SLAB_BYTES), MAX_SLAB_BYTES))
+
+
+def segmentation_memory_bound(
+    image_bytes: int, voxels: int, plan: InferencePlan, label_bytes_per_voxel: int = 1
+) -> int:
+    """Bytes one segmentation holds at its peak above the process's baseline (see the module
+    docstring): the image (``image_bytes``), the label map twice (``voxels`` of
+    ``label_bytes_per_voxel``), the network's activations and ``SLAB_BUFFERS`` slabs."""
+    labels = 2 * voxels * label_bytes_per_voxel
+    return int(image_bytes + labels + plan.activation_bytes() + SLAB_BUFFERS * plan.slab_bytes)
 
 
 def round_up(size: int, multiple: int) -> int:
@@ -268,20 +329,21 @@ def plan_inference(
     """
     spatial = tuple(int(s) for s in volume_shape[-3:])
     budget = int(budget_bytes)
+    slabs = slab_bytes_for(budget)
     if prep.dims == 2:
         pixels = spatial[0] * spatial[1]
         limit = budget if slice_batch_bytes is None else min(budget, int(slice_batch_bytes))
         batch = int(limit // (bytes_per_voxel * pixels))
         batch = min(max(batch, 1), MAX_SLICE_BATCH, max(spatial[2], 1))
-        return InferencePlan("slices", spatial[:2], batch, bytes_per_voxel, budget)
+        return InferencePlan("slices", spatial[:2], batch, bytes_per_voxel, budget, slabs)
     padded = tuple(round_up(s, size_multiple) for s in spatial)
     if not extent_dependent and bytes_per_voxel * math.prod(padded) <= budget:
         shape = (1, prep.in_channels, *padded)
-        return InferencePlan("whole", shape, 1, bytes_per_voxel, budget)
+        return InferencePlan("whole", shape, 1, bytes_per_voxel, budget, slabs)
     window = tuple(int(s) for s in prep.patch_size)
     batch = int(budget // (bytes_per_voxel * math.prod(window)))
     batch = min(max(batch, 1), MAX_WINDOW_BATCH)
-    return InferencePlan("sliding", window, batch, bytes_per_voxel, budget)
+    return InferencePlan("sliding", window, batch, bytes_per_voxel, budget, slabs)
 
 
 _EXTENT_DEPENDENT_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm)
@@ -356,3 +418,30 @@ class PeakMemory:
             self._thread.join()
         self._highest = max(self._highest, _resident_bytes())
         self.peak_bytes = max(self._highest - self._start, 0)
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """A finished child process: exit status, output, peak resident memory, wall time."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int
+    seconds: float
+
+
+def run_with_peak_memory(
+    argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None
+) -> ChildRun:
+    """Run ``argv`` to completion; its own peak resident memory (``ru_maxrss`` of ``wait4``,
+    that child alone) and wall time. Output goes through temporary files, not pipes."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return ChildRun(child.returncode, out.read(), err.read(), usage.ru_maxrss * 1024, seconds)

@@ -2,14 +2,21 @@
 
 Preprocessing and its inverse run as plain torch ops on the predictor's device
 (:mod:`mtkd.infer.resample`); the network runs on the whole volume, in sliding windows or in
-slice batches as the free memory allows (:mod:`mtkd.infer.memory`).
+slice batches as the free memory allows (:mod:`mtkd.infer.memory`). All three run in slabs
+along z, one after the other: the network input of a slab is made from the image when the
+network needs it, and its probabilities are mapped onto the input grid and turned into labels
+as soon as they are complete, so a very large volume is segmented within the memory bound
+stated in :mod:`mtkd.infer.memory`, with the same result as in one piece.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,7 +31,7 @@ from mtkd.infer.fallback import (
     fallback_steps,
     is_out_of_memory,
 )
-from mtkd.infer.inference import predict_planned, probabilities_to_labels
+from mtkd.infer.inference import predict_in_slabs, predict_planned, probabilities_to_labels
 from mtkd.infer.memory import (
     CPU_SLICE_BATCH_BYTES,
     InferencePlan,
@@ -34,9 +41,12 @@ from mtkd.infer.memory import (
     free_memory_bytes,
     has_extent_dependent_norm,
     plan_inference,
+    slab_bytes_for,
 )
 from mtkd.infer.model_io import LoadedModel
-from mtkd.infer.resample import DEFAULT_CHUNK_BYTES, NotSeparableError, preprocess
+from mtkd.infer.resample import ModelInput, NotSeparableError
+
+Result = TypeVar("Result")
 
 
 def describe_step(step: FallbackStep) -> str:
@@ -92,6 +102,10 @@ class Predictor:
 
     ``amp``: bf16 (or fp16) autocast on CUDA. The memory budget is ``memory_budget_bytes``
     when given, else ``memory_fraction`` of the device's free memory at each prediction.
+    Images are preprocessed, predicted and mapped back in slabs of ``slab_bytes`` of float32
+    (default from the budget: :func:`mtkd.infer.memory.slab_bytes_for`); the labels do not
+    depend on it. The memory one prediction holds is bounded as :mod:`mtkd.infer.memory`
+    states (:func:`mtkd.infer.memory.segmentation_memory_bound`).
     """
 
     def __init__(
@@ -102,12 +116,14 @@ class Predictor:
         amp: bool = True,
         memory_fraction: float = 0.5,
         memory_budget_bytes: int | None = None,
+        slab_bytes: int | None = None,
     ):
         self.model = model
         self.device = torch.device(device)
         self.amp = amp
         self.memory_fraction = memory_fraction
         self.memory_budget_bytes = memory_budget_bytes
+        self.slab_bytes = slab_bytes
         network = model.network
         if hasattr(network, "to"):
             network.to(self.device)
@@ -139,7 +155,7 @@ class Predictor:
         )
         budget = self.budget_bytes() if budget is None else budget
         cache = CPU_SLICE_BATCH_BYTES if self.device.type == "cpu" else None
-        return plan_inference(
+        plan = plan_inference(
             volume_shape,
             model.prep,
             per_voxel,
@@ -148,6 +164,11 @@ class Predictor:
             cache,
             extent_dependent=self.extent_dependent,
         )
+        return dataclasses.replace(plan, slab_bytes=self._slab_bytes(budget))
+
+    def _slab_bytes(self, budget: int) -> int:
+        """Bytes of float32 per slab: ``slab_bytes``, else from the budget."""
+        return slab_bytes_for(budget) if self.slab_bytes is None else int(self.slab_bytes)
 
     def predict(self, image: sitk.Image) -> Prediction:
         """Segment a CT (any size, spacing and orientation) -> label map on its grid."""
@@ -159,34 +180,28 @@ class Predictor:
 
     def _segment(self, image: sitk.Image) -> tuple[np.ndarray, str]:
         """Label array (X, Y, Z) on ``image``'s grid, and the plan in words."""
-        model = self.model
         budget = self.budget_bytes()
         try:
-            volume, mapping = preprocess(image, model.prep, self.device)
+            inputs = ModelInput(image, self.model.prep, self.device, self._slab_bytes(budget))
         except NotSeparableError:
             return self._segment_with_monai(image, budget)
-        plan = self.plan(tuple(volume.shape[1:]), budget)
-        probabilities, used = self._run(volume, plan, budget)
-        del volume
-        probabilities = (
-            probabilities.to(self.device) if used.device != self.device else probabilities
-        )
-        chunk = int(min(DEFAULT_CHUNK_BYTES, max(budget // 8, 16 << 20)))
-        labels = mapping.to_original(
-            probabilities, model.activation, len(model.labels), chunk_bytes=chunk
-        )
+        plan = self.plan(inputs.mapping.model_size, budget)
+        labels, used = self._with_fallback(plan, lambda step: self._labels_in_slabs(inputs, step))
         return labels, describe_step(used)
 
-    def _run(
-        self, volume: torch.Tensor, plan: InferencePlan, budget: int
-    ) -> tuple[torch.Tensor, FallbackStep]:
-        """Probabilities (C, X, Y, Z) (on the device when they fit half the budget) and the
-        step that produced them: ``plan``, or a fallback after running out of memory
-        (:mod:`mtkd.infer.fallback`, each announced by an ``InferenceFallbackWarning``)."""
+    @property
+    def out_channels(self) -> int:
+        """Channels of the network's probabilities: one for sigmoid, else labels + 1."""
         model = self.model
-        channels = 1 if model.activation == "sigmoid" else len(model.labels) + 1
-        out_bytes = 4 * channels * volume[0].numel()
-        default_out = self.device if out_bytes <= budget // 2 else torch.device("cpu")
+        return 1 if model.activation == "sigmoid" else len(model.labels) + 1
+
+    def _with_fallback(
+        self, plan: InferencePlan, attempt: Callable[[FallbackStep], Result]
+    ) -> tuple[Result, FallbackStep]:
+        """``attempt(step)``'s result and the step that gave it: ``plan``, or a fallback after
+        running out of memory (:mod:`mtkd.infer.fallback`, each announced by an
+        ``InferenceFallbackWarning``)."""
+        model = self.model
         error: BaseException | None = None
         for step in fallback_steps(plan, model.prep, self.device):
             if step.reason:
@@ -197,18 +212,7 @@ class Predictor:
             try:
                 if moved:
                     model.network.to(step.device)
-                result = predict_planned(
-                    model.network,
-                    volume.to(step.device),
-                    model.prep,
-                    model.activation,
-                    step.device,
-                    step.plan,
-                    amp=self.amp,
-                    size_multiple=model.size_multiple,
-                    out_device=step.out_device or default_out,
-                )
-                return result, step
+                return attempt(step), step
             except Exception as caught:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_out_of_memory(caught):
                     raise
@@ -220,6 +224,29 @@ class Predictor:
             f"out of memory even with one window or slice per batch on the CPU ({error})"
         )
 
+    def _labels_in_slabs(self, inputs: ModelInput, step: FallbackStep) -> np.ndarray:
+        """Label array (X, Y, Z) on the input grid: network input, probabilities and labels
+        slab by slab along z (:func:`predict_in_slabs` feeding ``GridMapping.to_original``),
+        the probabilities on ``step.out_device`` (default: where the network runs)."""
+        model = self.model
+        mapping = inputs.mapping
+        slabs = predict_in_slabs(
+            model.network,
+            inputs.slab,
+            mapping.model_size,
+            model.prep,
+            model.activation,
+            step.device,
+            step.plan,
+            amp=self.amp,
+            size_multiple=model.size_multiple,
+            out_device=step.out_device,
+            channels=self.out_channels,
+        )
+        return mapping.to_original(
+            slabs, model.activation, len(model.labels), chunk_bytes=step.plan.slab_bytes
+        )
+
     def _segment_with_monai(self, image: sitk.Image, budget: int) -> tuple[np.ndarray, str]:
         """The MONAI transforms and their inverse, for images the torch path cannot map."""
         model = self.model
@@ -228,7 +255,23 @@ class Predictor:
         preprocessed = self._transforms({"image": to_metatensor(image)})["image"]
         plan = self.plan(tuple(preprocessed.shape[1:]), budget)
         volume = preprocessed.as_tensor().to(self.device)
-        probabilities, used = self._run(volume, plan, budget)
+        out_bytes = 4 * self.out_channels * volume[0].numel()
+        default_out = self.device if out_bytes <= budget // 2 else torch.device("cpu")
+
+        def attempt(step: FallbackStep) -> torch.Tensor:
+            return predict_planned(
+                model.network,
+                volume.to(step.device),
+                model.prep,
+                model.activation,
+                step.device,
+                step.plan,
+                amp=self.amp,
+                size_multiple=model.size_multiple,
+                out_device=step.out_device or default_out,
+            )
+
+        probabilities, used = self._with_fallback(plan, attempt)
         back = invert_to_original(
             probabilities.cpu(), preprocessed, self._transforms, nearest=False
         )
