@@ -34,7 +34,7 @@ from mtkd.progress import PREFIX as PROGRESS_PREFIX
 EVENTS_FILE = "events.jsonl"
 LOG_LINES = 20
 # metrics fields that are not loss terms (the rest that is numeric and not val_* is)
-NOT_TERMS = frozenset({"epoch", "epochs", "lr", "seconds", "time"})
+NOT_TERMS = frozenset({"epoch", "epochs", "lr", "seconds", "samples", "time"})
 EXPORTING_PROGRESS = 0.99
 
 STATES = ("waiting", "preparing", "training", "interrupted", "exporting", "finished", "failed")

@@ -3,8 +3,9 @@
 It reads the run folder after the fact, so it works for finished, resumed and running runs
 alike; the target folder's previous event files are replaced, never appended to. Tags:
 ``loss/<term>`` (the total ``loss``, ``seg`` and each distillation term, per epoch),
-``val/dice`` and ``val/dice_<structure>``, ``train/lr`` and ``train/seconds``; the step is the
-epoch (0 for the validation of ``model.init_from`` weights before the first epoch).
+``val/dice`` and ``val/dice_<structure>``, ``train/lr``, ``train/seconds`` and
+``train/samples``; the step is the epoch (0 for the validation of ``model.init_from`` weights
+before the first epoch).
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from mtkd.engine.run_dir import read_events
 from mtkd.errors import MTKDError
 
 _SKIP = {"type", "time", "epoch", "epochs"}
-_RENAME = {"val_dice": "val/dice", "lr": "train/lr", "seconds": "train/seconds"}
+_RENAME = {
+    "val_dice": "val/dice",
+    "lr": "train/lr",
+    "seconds": "train/seconds",
+    "samples": "train/samples",
+}
 
 
 def summary_writer_class():
