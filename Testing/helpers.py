@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: expected errors, DICOM series written from a real CT."""
+"""Helpers shared by the tests: expected errors, DICOM series written from a real CT, a run
+stopped at a chosen batch."""
 
 from __future__ import annotations
 
@@ -67,3 +68,17 @@ def read_with_slicer(path: Path | str):
     storage.SetFileName(str(path))
     assert storage.ReadData(node), f"Slicer could not read {path}"
     return node.GetSegmentation()
+
+
+def stop_at_batch(trainer, batch: int) -> None:
+    """Make ``trainer`` receive a stop request (as from SIGINT) during its ``batch``-th batch,
+    counted from 1 over the whole run."""
+    original, batches = trainer._batch_loss, []
+
+    def counting(*args):
+        batches.append(1)
+        if len(batches) == batch:
+            trainer.stop.request("test")
+        return original(*args)
+
+    trainer._batch_loss = counting

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers import stop_at_batch
 from monai.networks.nets import BasicUNet, UNet
 from torch import nn
 
@@ -383,15 +384,7 @@ def test_checkpoint_of_a_stopped_run_opens_as_a_model(ts_outputs, make_config, t
         "distill", train__epochs=3, distill={"teacher": str(ts_outputs), "output": OUTPUT_ONLY}
     )
     trainer = quiet(config, tmp_path / "run")
-    original, batches = trainer._batch_loss, []
-
-    def stop_after_three(*args):
-        batches.append(1)
-        if len(batches) == 3:
-            trainer.stop.request("test")
-        return original(*args)
-
-    trainer._batch_loss = stop_after_three
+    stop_at_batch(trainer, 3)
     with pytest.raises(TrainingInterrupted):
         trainer.run()
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"

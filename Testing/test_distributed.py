@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from helpers import stop_at_batch
 from test_models import CASES, _case_id
 
 from mtkd.config import RunConfig
@@ -233,15 +234,7 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(make
 
     config = RunConfig.from_dict(make_config("train", train__epochs=2))
     trainer = Trainer(config, tmp_path / "run", progress=False, log=lambda _: None)
-    original, batches = trainer._batch_loss, []
-
-    def stop_at_the_third(*args):
-        batches.append(1)
-        if len(batches) == 3:
-            trainer.stop.request("test")
-        return original(*args)
-
-    trainer._batch_loss = stop_at_the_third
+    stop_at_batch(trainer, 3)
     with pytest.raises(TrainingInterrupted):
         trainer.run()
     last = tmp_path / "run" / "checkpoints" / "last.pt"

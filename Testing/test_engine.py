@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import stop_at_batch
 
 from mtkd.config import RunConfig
 from mtkd.engine.checkpoint import load_checkpoint
@@ -98,27 +99,19 @@ def test_no_kd_baseline_is_the_same_recipe_with_zero_weights(teacher_run, make_c
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("stop_at_batch", [7, 10])  # 7 batches an epoch: a boundary, mid-epoch 2
-def test_resume_continues_exactly(make_config, tmp_path, stop_at_batch):
+@pytest.mark.parametrize("batch", [7, 10])  # 7 batches an epoch: a boundary, mid-epoch 2
+def test_resume_continues_exactly(make_config, tmp_path, batch):
     """Stopped (as by SIGINT) at an epoch boundary or inside an epoch, then resumed: the same
     weights as one straight run."""
     config = make_config("train", multitask={"reconstruction": "none"}, train__epochs=3)
     quiet(config, tmp_path / "straight").run()
 
     trainer = quiet(config, tmp_path / "stopped")
-    original, batches = trainer._batch_loss, []
-
-    def counting(*args):
-        batches.append(1)
-        if len(batches) == stop_at_batch:
-            trainer.stop.request("test")
-        return original(*args)
-
-    trainer._batch_loss = counting
+    stop_at_batch(trainer, batch)
     with pytest.raises(TrainingInterrupted, match="resume"):
         trainer.run()
     state = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step_in_epoch"]) == divmod(stop_at_batch, 7)
+    assert (state["epoch"], state["step_in_epoch"]) == divmod(batch, 7)
     resume_run(tmp_path / "stopped", progress=False, log=lambda _: None)
     a = torch.load(tmp_path / "straight" / "model" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "stopped" / "model" / "model.pt", weights_only=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
-from helpers import expect_error
+from helpers import expect_error, stop_at_batch
 
 from mtkd.config import RunConfig, load_config
 from mtkd.engine.checkpoint import load_checkpoint
@@ -203,15 +203,7 @@ def test_resuming_an_init_from_run_takes_everything_from_its_checkpoint(
 
     config["model"]["init_from"] = str(stopped_from)
     trainer = quiet(config, tmp_path / "stopped")
-    original, batches = trainer._batch_loss, []
-
-    def counting(*args):
-        batches.append(1)
-        if len(batches) == 3:  # of the 7 batches of the epoch
-            trainer.stop.request("test")
-        return original(*args)
-
-    trainer._batch_loss = counting
+    stop_at_batch(trainer, 3)  # of the 7 batches of the epoch
     with pytest.raises(TrainingInterrupted):
         trainer.run()
     state = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import stop_at_batch
 from monai.networks.nets import BasicUNet, UNet
 
 from mtkd.config import RunConfig
@@ -491,15 +492,7 @@ def test_supcon_run_resumed_mid_epoch_equals_a_straight_run(
     straight.run()
     steps = len(straight._loader(0))
     trainer = quiet(config, tmp_path / "stopped")
-    original, batches = trainer._batch_loss, []
-
-    def counting(*args):
-        batches.append(1)
-        if len(batches) == steps + 1:  # inside the second epoch
-            trainer.stop.request("test")
-        return original(*args)
-
-    trainer._batch_loss = counting
+    stop_at_batch(trainer, steps + 1)  # inside the second epoch
     with pytest.raises(TrainingInterrupted):
         trainer.run()
     resume_run(tmp_path / "stopped", progress=False, log=lambda _: None)

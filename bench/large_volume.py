@@ -25,8 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +42,6 @@ from mtkd.data.preprocess import Preprocessing
 from mtkd.infer.memory import (
     PROCESS_BASELINE_BYTES,
     InferencePlan,
-    run_with_peak_memory,
     segmentation_memory_bound,
 )
 from mtkd.infer.model_io import export_model, load_model
@@ -177,6 +179,57 @@ def agreement_on_part(
     of_part = sitk.GetArrayFromImage(predictor.predict(part).labelmap)
     of_whole = sitk.GetArrayViewFromImage(labels)
     return float((of_part[first - start : last - start] == of_whole[first:last]).mean())
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """A finished child process: exit status, output, peak resident memory, wall time."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int
+    seconds: float
+
+
+# Runs argv[2:] as its child and writes that child's ru_maxrss (KiB) to the file argv[1].
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
+def run_with_peak_memory(
+    argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None
+) -> ChildRun:
+    """Run ``argv`` to completion; its own peak resident memory and wall time. Output goes
+    through temporary files, not pipes.
+
+    Linux counts into a process's ``ru_maxrss`` the memory of the process it was forked from
+    (up to its ``exec``), so a child of a large process (a test runner) would report at least
+    that. ``argv`` therefore runs as the child of a small Python launcher, which reports the
+    ``ru_maxrss`` of ``wait4``: the command's own peak.
+    """
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.TemporaryDirectory() as folder,
+    ):
+        report = Path(folder) / "maxrss"
+        started = time.perf_counter()
+        launcher = [sys.executable, "-c", _LAUNCHER, str(report), *map(str, argv)]
+        returncode = subprocess.run(launcher, stdout=out, stderr=err, env=env, cwd=cwd).returncode
+        seconds = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        peak = int(report.read_text()) * 1024 if report.is_file() else 0
+        return ChildRun(returncode, out.read(), err.read(), peak, seconds)
 
 
 def segment_command(model: Path, image: Path, output: Path) -> list[str]:

@@ -16,6 +16,7 @@ def _run_training(args: argparse.Namespace, kind: str) -> int:
     from mtkd.engine.distributed import Distributed
     from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 
+    reports = Distributed.from_environment().is_main  # under torchrun, rank 0 reports
     try:
         if args.resume:
             result = resume_run(args.resume)
@@ -32,10 +33,10 @@ def _run_training(args: argparse.Namespace, kind: str) -> int:
             run_dir = Path(args.run_dir or Path("runs") / config.name)
             result = Trainer(config, run_dir).run()
     except TrainingInterrupted as stop:
-        if Distributed.from_environment().is_main:
+        if reports:
             print(f"mtkd: {stop}", file=sys.stderr)
         return 130
-    if not Distributed.from_environment().is_main:  # rank 0 reports for a torchrun job
+    if not reports:
         return 0
     best = (
         "n/a" if not result.best_epoch else f"{result.best_metric:.4f} (epoch {result.best_epoch})"

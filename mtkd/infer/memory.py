@@ -2,8 +2,7 @@
 
 ``plan_inference`` picks whole-volume inference when the network's activations for the whole
 (padded) volume fit the budget, sliding windows otherwise (the window batch chosen from the
-budget), and slice batches for 2-D networks. ``PeakMemory`` measures what a run used;
-``run_with_peak_memory`` what a child process used.
+budget), and slice batches for 2-D networks. ``PeakMemory`` measures what a run used.
 
 **The memory bound of one segmentation** (``Predictor.predict``, whose plan follows the
 budget ``memory_budget_bytes``, else half the free memory). The volume is preprocessed,
@@ -34,11 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,54 +414,3 @@ class PeakMemory:
             self._thread.join()
         self._highest = max(self._highest, _resident_bytes())
         self.peak_bytes = max(self._highest - self._start, 0)
-
-
-@dataclass(frozen=True)
-class ChildRun:
-    """A finished child process: exit status, output, peak resident memory, wall time."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-    peak_rss_bytes: int
-    seconds: float
-
-
-# Runs argv[2:] as its child and writes that child's ru_maxrss (KiB) to the file argv[1].
-_LAUNCHER = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as report:
-    report.write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status) % 256)
-"""
-
-
-def run_with_peak_memory(
-    argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None
-) -> ChildRun:
-    """Run ``argv`` to completion; its own peak resident memory and wall time. Output goes
-    through temporary files, not pipes.
-
-    Linux counts into a process's ``ru_maxrss`` the memory of the process it was forked from
-    (up to its ``exec``), so a child of a large process (a test runner) would report at least
-    that. ``argv`` therefore runs as the child of a small Python launcher, which reports the
-    ``ru_maxrss`` of ``wait4``: the command's own peak.
-    """
-    with (
-        tempfile.TemporaryFile("w+") as out,
-        tempfile.TemporaryFile("w+") as err,
-        tempfile.TemporaryDirectory() as folder,
-    ):
-        report = Path(folder) / "maxrss"
-        started = time.perf_counter()
-        launcher = [sys.executable, "-c", _LAUNCHER, str(report), *map(str, argv)]
-        returncode = subprocess.run(launcher, stdout=out, stderr=err, env=env, cwd=cwd).returncode
-        seconds = time.perf_counter() - started
-        out.seek(0)
-        err.seek(0)
-        peak = int(report.read_text()) * 1024 if report.is_file() else 0
-        return ChildRun(returncode, out.read(), err.read(), peak, seconds)
