@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mtkd.config import RunConfig
+from mtkd.config import RunConfig, dump_config
+from mtkd.data.atomic import atomic_write_bytes
 from mtkd.infer.model_files import METADATA
+from MTKDLib.devices import DEFAULT_DEVICES as DEVICES  # noqa: F401 - the widgets' choices
+from MTKDLib.devices import check_device
 
 # student size presets: shown text -> registered network name
 STUDENT_PRESETS = {
@@ -33,7 +34,6 @@ TAP_PRESETS = {
 }
 FEATURE_LOSSES = ("infonce", "mse", "cosine", "supcon")
 OUTPUT_LOSSES = ("pmd", "cwd", "dist", "none")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -129,8 +129,7 @@ def _distill_section(options: TrainingOptions) -> dict[str, Any]:
 
 def build_config(options: TrainingOptions) -> dict[str, Any]:
     """The run configuration (a dict ready for ``config.yaml``), checked by the engine."""
-    if options.device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+    check_device(options.device)
     if not 0 < options.student_fraction <= 1:
         raise ValueError("the student's share of the labelled cases must be in (0, 1]")
     metadata = teacher_metadata(options.teacher)
@@ -165,10 +164,11 @@ def write_config(options: TrainingOptions, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / "model").exists():
         raise ValueError(f"{run_dir}: a run is already there; resume it or choose another folder")
-    config = build_config(options)
+    config = RunConfig.from_dict(build_config(options))
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # as a run writes it: paths relative to the run folder, their absolute form beside them
+    atomic_write_bytes(path, dump_config(config, folder=run_dir).encode())
     return path
 
 
@@ -187,7 +187,8 @@ def server_commands(run_dir: str | Path) -> str:
     run = shlex.quote(str(run_dir))
     lines = [
         "# On a GPU server with the same engine (pip install mtkd from this extension's version),",
-        "# the dataset and teacher at the paths in config.yaml (edit them if they differ):",
+        "# the dataset and teacher where config.yaml finds them: relative to the run folder",
+        "# (copy them together with it) or at their absolute paths (edit them if neither fits):",
         f"mtkd distill {config} --run-dir {run} --device cuda",
         "# stopped or interrupted? continue it:",
         f"mtkd distill --resume {run}",

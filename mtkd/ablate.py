@@ -64,7 +64,7 @@ from mtkd.infer.model_files import METADATA
 from mtkd.infer.model_io import LoadedModel, load_model
 from mtkd.infer.predictor import Predictor
 
-RESULT_FORMAT = 1
+RESULT_FORMAT = 2  # 2: HD95 with the missed-structure penalty, missed/spurious counts
 RESULT_FILE = "ablation_result.json"  # in each run's report/
 
 
@@ -92,8 +92,9 @@ def run_ablation(
     root = Path(output)
     if tensorboard:
         summary_writer_class()  # no tensorboard: say so before any training
-    _claim_folder(root, ablation)
     base = ablation.base
+    base.check_paths()  # the data and the teacher, named by their keys, before any folder
+    _claim_folder(root, ablation)
     dataset = load_dataset(base.data.source, labels_json=base.data.labels_json)
     test = _test_cases(base, dataset)
     device = resolve_device(base.train.device)
@@ -121,7 +122,7 @@ def run_ablation(
             histories.setdefault(cell.name, []).append(_history(RunDir(run_dir)))
             log(
                 f"{label}: {states[relative]}; test Dice {result['dice']:.3f}, "
-                f"HD95 {result['hd95_mm']:.2f} mm"
+                f"HD95 {result['hd95_mm']:.2f} mm ({result['missed']} missed)"
             )
             if tensorboard:
                 mirror_run(run_dir, root / "tensorboard" / cell.name / f"seed{seed}")
@@ -185,7 +186,8 @@ def _without_device(config: RunConfig) -> dict[str, Any]:
 
 
 def _check_same(folder: RunDir, config: RunConfig) -> None:
-    stored, expected = _without_device(folder.load_config()), _without_device(config)
+    stored = _without_device(folder.load_config())  # its paths absolute, as found
+    expected = _without_device(config.with_absolute_paths())
     differences = [key for key in expected if stored.get(key) != expected.get(key)]
     if differences:
         raise MTKDError(
@@ -214,12 +216,19 @@ def _train(
 def _score(
     model: LoadedModel, dataset: DatasetIndex, test: list[str], device, csv_path: Path
 ) -> dict[str, Any]:
-    """Per-volume Dice and HD95 on ``test``, averaged over volumes then structures."""
+    """Per-volume Dice and HD95 on ``test``, averaged over volumes then structures, and how
+    many structure-volumes were missed (or spurious) and scored the penalty HD95."""
     scores = evaluate(Predictor(model, device), dataset, test)
     write_scores_csv(scores, csv_path)
     summary = summarise(scores)
     mean = summary.pop("mean")
-    return {"dice": mean["dice"], "hd95_mm": mean["hd95_mm"], "per_structure": summary}
+    return {
+        "dice": mean["dice"],
+        "hd95_mm": mean["hd95_mm"],
+        "missed": mean["missed"],
+        "spurious": mean["spurious"],
+        "per_structure": summary,
+    }
 
 
 def _cached(path: Path, sha256: str | None, test: list[str]) -> dict[str, Any] | None:

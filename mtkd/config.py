@@ -3,6 +3,9 @@
 One :class:`RunConfig` drives a run (teacher training, plain student training or
 distillation) from the command line, from Slicer, and in the run folder's ``config.yaml``.
 Unknown keys, wrong types and unknown names are errors that name the key and the file.
+A relative path in a configuration file is read from the file's folder (see
+:mod:`mtkd.config_paths`). PyYAML is imported when a file is read or written, so that Slicer
+can import this module before the engine's dependencies are installed.
 """
 
 from __future__ import annotations
@@ -15,8 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from mtkd.config_paths import (
+    ABSOLUTE_PATHS,
+    ABSOLUTE_PATHS_COMMENT,
+    PATH_KEYS,
+    PathOrigin,
+    fallback_section,
+    get_key,
+    missing_path_message,
+    relative_paths,
+    resolve_paths,
+)
 from mtkd.errors import MTKDError
 
 
@@ -174,9 +186,31 @@ class RunConfig:
     train_on: Literal["train", "student_train"] = "train"
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig | None = None
+    # where the paths were read from (set by load_config; not a configuration key)
+    origin: typing.ClassVar[PathOrigin | None] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self) -> RunConfig:
+        """A copy whose paths are absolute (relative ones read from the working directory),
+        so that the run no longer depends on it; keeps :attr:`origin`."""
+        data, tried = resolve_paths(self.to_dict(), None)
+        config = RunConfig.from_dict(data)
+        config.origin = self.origin or PathOrigin(None, tried)
+        return config
+
+    def check_paths(
+        self, keys: typing.Iterable[str] = PATH_KEYS, run_dir: str | Path | None = None
+    ) -> None:
+        """MTKDError naming the key, the paths tried and the run folder when a path among
+        ``keys`` that the configuration sets exists nowhere."""
+        for key in keys:
+            value = get_key(self.to_dict(), key)
+            if isinstance(value, str) and value and not Path(value).expanduser().exists():
+                file = self.origin.file if self.origin else None
+                message = missing_path_message(key, value, self.origin, run_dir)
+                raise MTKDError(message, path=file)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> RunConfig:
@@ -265,6 +299,8 @@ class RunConfig:
 def read_yaml(path: str | Path) -> Any:
     """The content of a YAML configuration file (``{}`` when empty); MTKDError naming the file
     when it is missing or not valid YAML."""
+    import yaml
+
     path = Path(path)
     if not path.is_file():
         raise MTKDError("configuration file not found", path=path)
@@ -287,16 +323,43 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML run configuration; errors name the file and the key."""
+    """Read a YAML run configuration; errors name the file and the key.
+
+    Paths come back absolute: a relative one is read from the file's folder, else (when it
+    does not exist there) from the file's ``absolute_paths`` section, as a run writes it."""
+    path = Path(path)
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise MTKDError("a configuration must be a mapping of keys to values", path=path)
-    return RunConfig.from_dict(data, source=path)
+    data, origin = resolve_file_paths(data, path)
+    config = RunConfig.from_dict(data, source=path)
+    config.origin = origin
+    return config
 
 
-def dump_config(config: RunConfig) -> str:
-    """The configuration as YAML text (keys in declaration order)."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def resolve_file_paths(data: dict[str, Any], path: str | Path) -> tuple[dict, PathOrigin]:
+    """The configuration ``data`` read from file ``path`` with its paths absolute (its
+    ``absolute_paths`` section taken out), and where they were read from."""
+    data = dict(data)
+    fallback = fallback_section(data.pop(ABSOLUTE_PATHS, None), path)
+    data, tried = resolve_paths(data, Path(path).absolute().parent, fallback)
+    return data, PathOrigin(Path(path), tried)
+
+
+def dump_config(config: RunConfig, folder: str | Path | None = None) -> str:
+    """The configuration as YAML text (keys in declaration order). Written into ``folder``
+    (a run folder), its paths are relative to that folder, with their absolute form in an
+    ``absolute_paths`` section; without ``folder`` they are written as they are."""
+    import yaml
+
+    data = config.to_dict()
+    if folder is None:
+        return yaml.safe_dump(data, sort_keys=False)
+    data, section = relative_paths(data, folder)
+    text = yaml.safe_dump(data, sort_keys=False)
+    if section:
+        text += ABSOLUTE_PATHS_COMMENT + yaml.safe_dump({ABSOLUTE_PATHS: section}, sort_keys=False)
+    return text
 
 
 def _build(cls: type, data: Any, prefix: str, source: str | Path | None) -> Any:

@@ -11,7 +11,10 @@ A protocol is one YAML file (``mtkd/presets/<name>.yaml``, or any file of the sa
 - ``expects``: what the dataset must be (``layout``, ``structures``), checked before training;
 - ``reference``: published numbers printed beside ours (optional).
 
-``${DATA}`` and ``${RUNS}`` in string values are filled from ``--data`` and ``--runs``.
+``${DATA}`` and ``${RUNS}`` in string values are filled from ``--data`` and ``--runs``. Other
+relative paths are read from the folder of the file that holds them (the protocol file, or a
+stage's config file), as in every configuration file; a ``--set`` path from the working
+directory.
 Overrides (``--epochs``, ``--slice-size``, ``--patch-size``, ``--device`` and
 ``--set [STAGE:]KEY=VALUE``) change the loaded stages, never the preset file: tests run the
 real preset at a tiny size. ``--set`` addressed to a stage also reaches its no-KD twin;
@@ -36,9 +39,11 @@ from typing import Any
 
 import yaml
 
-from mtkd.config import RunConfig, differing_keys, dump_config, read_yaml
+from mtkd.config import RunConfig, differing_keys, dump_config, read_yaml, resolve_file_paths
+from mtkd.config_paths import PATH_KEYS, absolute, is_path_value, resolve_paths
 from mtkd.data.atomic import atomic_write_bytes
 from mtkd.errors import MTKDError
+from mtkd.metrics import format_missed
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 PLACEHOLDERS = ("DATA", "RUNS")
@@ -159,6 +164,21 @@ def _fill(value: Any, values: dict[str, str | None], where: Path) -> Any:
     return _PLACEHOLDER.sub(replace, value)
 
 
+def _paths_from(data: dict[str, Any], file: Path) -> dict[str, Any]:
+    """``data`` (configuration keys read from ``file``) with its relative paths read from the
+    file's folder; ``${NAME}`` placeholders are left for :func:`_fill`."""
+    return resolve_paths(data, file.absolute().parent)[0]
+
+
+def _command_line_path(
+    target: str | None, path: list[str], value: Any
+) -> tuple[str | None, list[str], Any]:
+    """A ``--set`` override, a path value made absolute (read from the working directory)."""
+    if ".".join(path) in PATH_KEYS and is_path_value(value):
+        value = str(absolute(value))
+    return target, path, value
+
+
 def _unfilled(value: Any) -> set[str]:
     if isinstance(value, dict):
         return set().union(*(_unfilled(v) for v in value.values())) if value else set()
@@ -220,11 +240,12 @@ def load_protocol(
     common = raw.get("common") or {}
     if not isinstance(common, dict):
         raise MTKDError("'common' must be a mapping of run-configuration keys", source)
+    common = _paths_from(common, source)
     values = {
         "DATA": None if data is None else str(Path(data).resolve()),
         "RUNS": None if runs is None else str(Path(runs).resolve()),
     }
-    sets = [parse_override(text) for text in overrides]
+    sets = [_command_line_path(*parse_override(text)) for text in overrides]
     if epochs is not None:
         sets.append((None, ["train", "epochs"], int(epochs)))
     if slice_size is not None:
@@ -270,7 +291,8 @@ def load_protocol(
                     f"stage '{stage}' names a config file; put {', '.join(extra)} in that file",
                     source,
                 )
-            dicts[stage] = _merge(common, _read_yaml(config_path))
+            stage_file, _ = resolve_file_paths(_read_yaml(config_path), config_path)
+            dicts[stage] = _merge(common, stage_file)
             own_file.add(stage)
         elif stage in twins:
             extra = sorted(set(body) - set(STAGE_KEYS))
@@ -281,7 +303,8 @@ def load_protocol(
                     source,
                 )
         else:
-            dicts[stage] = _merge(common, {k: v for k, v in body.items() if k not in STAGE_KEYS})
+            inline = {k: v for k, v in body.items() if k not in STAGE_KEYS}
+            dicts[stage] = _merge(common, _paths_from(inline, source))
     for stage, twin_of in twins.items():
         if twin_of not in stages_raw or twin_of in twins:
             raise MTKDError(
@@ -614,7 +637,13 @@ def evaluate_protocol(
             "test_slices": result.counts.slices,
             "seconds_per_volume": _mean(result.seconds),
             "per_volume": [
-                {"case": s.case_id, "structure": s.structure, "dice": s.dice, "hd95_mm": s.hd95_mm}
+                {
+                    "case": s.case_id,
+                    "structure": s.structure,
+                    "dice": s.dice,
+                    "hd95_mm": s.hd95_mm,
+                    "outcome": s.outcome,
+                }
                 for s in result.scores
             ],
         }
@@ -649,6 +678,12 @@ def _score(value: Any) -> str:
     return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
+def _missed(mean: dict[str, Any]) -> str:
+    if "missed" not in mean:  # a report written before the count existed
+        return "n/a"
+    return format_missed(int(mean["missed"]), int(mean.get("spurious") or 0))
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as Markdown: one row per model."""
     split = report.get("split", {})
@@ -665,12 +700,14 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         "Dice and HD95 per volume on each CT's grid, mean over the test volumes; pooled slice "
         "Dice: overlaps summed over every test slice (the paper's metric); mean slice Dice: "
-        "per-slice Dice averaged over the slices holding the structure.",
+        "per-slice Dice averaged over the slices holding the structure. A structure a model "
+        "leaves empty in a test volume (missed: how many) counts in HD95 as the CT's diagonal "
+        "in mm, as does one labelled where the reference has none (spurious).",
         "",
     ]
     header = ["model", "network", "params", "KD", "train cases"]
     header += [f"Dice {name}" for name in structures] if len(structures) > 1 else []
-    header += ["mean Dice", "mean HD95 mm", "pooled slice Dice", "mean slice Dice"]
+    header += ["mean Dice", "mean HD95 mm", "missed", "pooled slice Dice", "mean slice Dice"]
     header += ["teacher Dice kept", "s/volume"]
     if reference:
         header.append("paper")
@@ -690,6 +727,7 @@ def format_report(report: dict[str, Any]) -> str:
         row += [
             _score(summary["mean"]["dice"]),
             _score(summary["mean"]["hd95_mm"]),
+            _missed(summary["mean"]),
             _score(model["pooled_slice_dice"]["mean"]),
             _score(model["mean_slice_dice"]["mean"]),
             _score(model.get("teacher_dice_kept")) if model["kind"] == "distill" else "-",

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtkd.config import OutputTermConfig, RunConfig, differing_keys, read_yaml
+from mtkd.config import (
+    OutputTermConfig,
+    RunConfig,
+    differing_keys,
+    read_yaml,
+    resolve_file_paths,
+)
 from mtkd.distill.losses import get_output_loss
 from mtkd.engine.terms import THESIS_PAIRS, feature_weights
 from mtkd.errors import MTKDError
@@ -175,7 +181,10 @@ def load_ablation(
 ) -> Ablation:
     """Read an ablation config (YAML); errors name the key and the file. ``seeds`` replaces
     ``ablation.seeds``, ``device`` the recipe's ``train.device``."""
-    return ablation_from_dict(read_yaml(path), source=Path(path), seeds=seeds, device=device)
+    data = read_yaml(path)
+    if isinstance(data, dict):  # relative paths are read from the file's folder
+        data, _ = resolve_file_paths(data, path)
+    return ablation_from_dict(data, source=Path(path), seeds=seeds, device=device)
 
 
 def ablation_from_dict(

@@ -2,7 +2,8 @@
 
 ::
 
-    RUN/config.yaml        the full resolved configuration
+    RUN/config.yaml        the full resolved configuration; paths relative to RUN, with their
+                           absolute form as a fallback (:mod:`mtkd.config_paths`)
     RUN/split.json         the patient-level split used
     RUN/events.jsonl       one JSON object per line ("metrics", "status", "log", "done", "error")
     RUN/checkpoints/       last.pt and best.pt, written atomically
@@ -53,7 +54,7 @@ class RunDir:
             stale.unlink(missing_ok=True)
         for folder in (self.root, self.checkpoints, self.report):
             folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.config, dump_config(config).encode())
+        atomic_write_bytes(self.config, dump_config(config, folder=self.root).encode())
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files that a killed process left in ``checkpoints/`` and
@@ -70,6 +71,8 @@ class RunDir:
         return stale
 
     def load_config(self) -> RunConfig:
+        """The run's configuration, its paths found from any working directory (relative to
+        this folder, else where they were when the run was made)."""
         if not self.config.is_file():
             raise MTKDError("not a run folder (config.yaml is missing)", path=self.root)
         return load_config(self.config)

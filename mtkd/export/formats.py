@@ -239,8 +239,10 @@ def _run_sample(model: LoadedModel, model_path: Path) -> Path:
         raise MTKDError(f"unreadable split ({error}); {ask}", split_file) from None
     if not case_ids:
         raise MTKDError(f"the run's split has no test or validation case; {ask}", split_file)
-    data = load_config(config_file).data
     try:
+        config = load_config(config_file)  # its paths found from any working directory
+        config.check_paths(("data.source", "data.labels_json"), run_dir=run)
+        data = config.data
         dataset = load_dataset(data.source, labels_json=data.labels_json)
         return dataset.case(str(case_ids[0])).image
     except MTKDError as error:
