@@ -4,9 +4,17 @@ Both Slicer modules use this: the GUI thread never runs torch; it starts a proce
 ``poll()`` from a timer. No Qt here, so the same code runs in the tests.
 
 - :class:`BackgroundProcess`: a child process whose output lines are collected by a reader
-  thread; ``cancel()`` asks the whole process tree to stop, then kills it.
+  thread; ``cancel()`` asks the whole process tree to stop and returns at once; the tree is
+  killed once the grace period has passed.
 - :class:`EngineTask`: one ``mtkd`` job with a scratch folder, progress parsed from its
   ``MTKD-PROGRESS`` lines, and a result built on the caller's thread once it succeeds.
+
+On Windows the child starts without a console window (as ``slicer.util.launchConsoleProcess``
+starts its processes), so it shares no console with Slicer and cannot be sent CTRL_BREAK: a
+training run is asked to stop through its stop-request file (:mod:`mtkd.engine.signals`), the
+same on every OS; on POSIX it also gets SIGTERM. What is built for Windows is decided by pure
+functions of the platform name (:func:`popen_options`, :func:`kill_tree_command`, ...), so it
+is tested on any OS.
 """
 
 from __future__ import annotations
@@ -28,23 +36,76 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from mtkd.engine.signals import request_stop as write_stop_file
 from mtkd.progress import parse_progress
 
 T = TypeVar("T")
 
-_IS_WINDOWS = sys.platform == "win32"
 ERROR_PREFIX = "mtkd: error: "
+# Windows process-creation flags and STARTUPINFO fields (values of the Windows API; the
+# subprocess module defines them only on Windows)
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
+CANCEL_GRACE_SECONDS = 10.0
 
 
-def engine_python() -> str:
-    """The interpreter that runs the engine: Slicer's ``PythonSlicer`` when this is Slicer
-    (it sets up Slicer's Python environment), else this interpreter."""
-    name = "PythonSlicer.exe" if _IS_WINDOWS else "PythonSlicer"
-    beside = Path(sys.executable).with_name(name)
+def is_windows(platform: str | None = None) -> bool:
+    return (sys.platform if platform is None else platform) == "win32"
+
+
+def engine_python(platform: str | None = None, executable: str | None = None) -> str:
+    """The interpreter that runs the engine: Slicer's ``PythonSlicer`` beside ``executable``
+    (default: this interpreter) when this is Slicer (it sets up Slicer's Python environment),
+    else ``executable``."""
+    executable = executable or sys.executable
+    name = "PythonSlicer.exe" if is_windows(platform) else "PythonSlicer"
+    beside = Path(executable).with_name(name)
     if beside.is_file():
         return str(beside)
     found = shutil.which("PythonSlicer")
-    return found or sys.executable
+    return found or executable
+
+
+def popen_options(platform: str | None = None) -> dict[str, Any]:
+    """How a child starts on ``platform`` (default: this one), as ``subprocess.Popen``
+    keywords: on POSIX in its own session (its process group is its tree); on Windows in its
+    own process group, with no console window (CREATE_NO_WINDOW) and hidden (STARTUPINFO
+    ``dwFlags``/``wShowWindow``, given here as a dict of those two fields)."""
+    if is_windows(platform):
+        return {
+            "creationflags": CREATE_NO_WINDOW | CREATE_NEW_PROCESS_GROUP,
+            "startupinfo": {"dwFlags": STARTF_USESHOWWINDOW, "wShowWindow": SW_HIDE},
+        }
+    return {"start_new_session": True}
+
+
+def popen_keywords(platform: str | None = None) -> dict[str, Any]:
+    """:func:`popen_options` for this OS, with the STARTUPINFO object made (Windows only)."""
+    options = popen_options(platform)
+    fields = options.pop("startupinfo", None)
+    if fields is not None:
+        info = subprocess.STARTUPINFO()  # type: ignore[attr-defined]  # Windows only
+        for name, value in fields.items():
+            setattr(info, name, value)
+        options["startupinfo"] = info
+    return options
+
+
+def kill_tree_command(pid: int, platform: str | None = None) -> list[str] | None:
+    """The command that kills process ``pid`` and all its children on Windows (None on
+    POSIX, where the process group is killed with a signal)."""
+    if is_windows(platform):
+        return ["taskkill", "/F", "/T", "/PID", str(pid)]
+    return None
+
+
+def soft_stop_signal(platform: str | None = None) -> int | None:
+    """The signal that asks a process group to stop on ``platform``: SIGTERM on POSIX; None
+    on Windows, where a child without a console cannot be sent CTRL_BREAK (its stop file is
+    the way there)."""
+    return None if is_windows(platform) else int(signal.SIGTERM)
 
 
 def engine_pythonpath() -> str:
@@ -72,7 +133,13 @@ def engine_command(args: Sequence[str], python: str | None = None) -> list[str]:
 
 
 class BackgroundProcess:
-    """A child process in its own process group; stdout and stderr merged into lines."""
+    """A child process in its own process group (no console window on Windows); stdout and
+    stderr merged into lines.
+
+    ``stop_file``: the stop-request file of the run the process works on (see
+    :mod:`mtkd.engine.signals`); :meth:`request_stop` creates it. A stale one is removed
+    before the process starts.
+    """
 
     def __init__(
         self,
@@ -80,13 +147,18 @@ class BackgroundProcess:
         env: dict[str, str] | None = None,
         cwd: str | Path | None = None,
         keep_lines: int = 200,
+        stop_file: str | Path | None = None,
     ):
         self.command = list(command)
+        self.stop_file = Path(stop_file) if stop_file is not None else None
         self._lines: queue.Queue[str] = queue.Queue()
         self._tail: deque[str] = deque(maxlen=keep_lines)
-        options: dict = {"start_new_session": True}
-        if _IS_WINDOWS:
-            options = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        self._kill_at: float | None = None  # set by cancel(): when to kill the tree
+        self._killed = False
+        if self.stop_file is not None:
+            with contextlib.suppress(OSError):
+                self.stop_file.unlink(missing_ok=True)
+        options = popen_keywords()
         self._process = subprocess.Popen(
             self.command,
             stdout=subprocess.PIPE,
@@ -115,7 +187,9 @@ class BackgroundProcess:
 
     @property
     def returncode(self) -> int | None:
-        """The exit status once the process has ended and its output is read; else None."""
+        """The exit status once the process has ended and its output is read; else None.
+        After :meth:`cancel`, kills the tree once the grace period has passed."""
+        self._kill_when_due()
         if self._process.poll() is None or self._reader.is_alive():
             return None
         return self._process.returncode
@@ -126,6 +200,7 @@ class BackgroundProcess:
 
     def read_lines(self) -> list[str]:
         """The lines printed since the last call (never blocks)."""
+        self._kill_when_due()
         lines = []
         while True:
             try:
@@ -146,42 +221,73 @@ class BackgroundProcess:
         self._reader.join(timeout)
         return self._process.returncode
 
-    def request_stop(self) -> None:
-        """Ask the process tree to stop (SIGTERM / CTRL_BREAK: a training run saves a
-        checkpoint first); returns at once."""
-        if self._process.poll() is None:
-            self._signal_tree(soft=True)
+    def request_stop(self) -> bool:
+        """Ask the process tree to stop (a training run saves a checkpoint first): create the
+        stop file when there is one, and send SIGTERM to the group on POSIX. Returns at once;
+        False when there was no way to ask (Windows without a stop file) or it has ended."""
+        if self._process.poll() is not None:
+            return False
+        asked = False
+        if self.stop_file is not None:
+            with contextlib.suppress(OSError):  # e.g. the folder is gone: the signal remains
+                write_stop_file(self.stop_file.parent)
+                asked = True
+        soft = soft_stop_signal()
+        if soft is not None:
+            self._signal_group(soft)
+            asked = True
+        return asked
 
     def kill(self) -> None:
         """Kill the whole process tree now (also children left behind by an ended leader)
-        and wait for it."""
-        self._signal_tree(soft=False)
+        and wait for it (at once: nothing can delay a kill)."""
+        self._kill_tree()
         self._process.wait()
         self._reader.join(5)
 
-    def cancel(self, grace_seconds: float = 10.0) -> None:
-        """:meth:`request_stop`, then :meth:`kill` if the process has not ended after
-        ``grace_seconds`` (blocks up to that long)."""
-        if self._process.poll() is not None:
+    def cancel(
+        self,
+        grace_seconds: float = CANCEL_GRACE_SECONDS,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        """:meth:`request_stop`, and kill the tree if the process has not ended after
+        ``grace_seconds`` (at once when it cannot be asked). Never blocks: the kill happens in
+        :meth:`read_lines`/:attr:`returncode` once due, or in a watchdog thread for a caller
+        that stops polling; that thread calls ``on_end`` once the process has ended."""
+        if self._kill_at is not None:
             return
-        self.request_stop()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(grace_seconds)
-        self.kill()
+        grace = grace_seconds if self.request_stop() else 0.0
+        self._kill_at = time.monotonic() + grace
+        threading.Thread(target=self._watchdog, args=(grace, on_end), daemon=True).start()
 
-    def _signal_tree(self, soft: bool) -> None:
-        try:
-            if _IS_WINDOWS:
-                if soft:
-                    self._process.send_signal(signal.CTRL_BREAK_EVENT)
-                else:
-                    subprocess.run(
-                        ["taskkill", "/F", "/T", "/PID", str(self.pid)], capture_output=True
-                    )
-            else:
-                os.killpg(self.pid, signal.SIGTERM if soft else signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass  # it ended meanwhile
+    def _watchdog(self, grace: float, on_end: Callable[[], None] | None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(grace)
+        if self._process.poll() is None:
+            self._kill_when_due(force=True)
+        elif kill_tree_command(self.pid) is None:
+            self._signal_group(int(signal.SIGKILL))  # children left behind by the leader
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(60)
+        if on_end is not None:
+            on_end()
+
+    def _kill_when_due(self, force: bool = False) -> None:
+        due = self._kill_at is not None and (force or time.monotonic() >= self._kill_at)
+        if due and not self._killed and self._process.poll() is None:
+            self._killed = True
+            self._kill_tree()
+
+    def _kill_tree(self) -> None:
+        command = kill_tree_command(self.pid)
+        if command is not None:
+            subprocess.run(command, capture_output=True, **popen_keywords())
+        else:
+            self._signal_group(int(signal.SIGKILL))
+
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            os.killpg(self.pid, signum)
 
 
 @dataclass
@@ -281,14 +387,14 @@ class EngineTask(Generic[T]):
         return self.result  # type: ignore[return-value]
 
     def cancel(self) -> None:
-        """Stop the job (the whole process tree) and remove its scratch folder."""
+        """Stop the job (the whole process tree; killed if it has not ended after a few
+        seconds) and remove its scratch folder once it has ended. Returns at once."""
         if self.state.finished:
             return
-        self.process.cancel(grace_seconds=5.0)
         self.process.read_lines()
         self.state.finished, self.state.cancelled = True, True
         self.state.stage = "cancelled"
-        self._cleanup()
+        self.process.cancel(grace_seconds=5.0, on_end=self._cleanup)
 
     def tail(self, count: int = 20) -> list[str]:
         return self.process.tail(count)

@@ -85,3 +85,13 @@ def test_env_reports_a_missing_torch_instead_of_failing():
     assert report["torch"] is None and report["cuda_available"] is False
     assert report["monai"] is None or isinstance(report["monai"], str)
     assert "torch: not installed" in format_environment(report)
+
+
+def test_report_lists_the_devices_to_offer():
+    """ "auto", "cpu", every GPU by index and "mps" where PyTorch has it (the Slicer modules'
+    device list comes from this report)."""
+    report = environment_report()
+    gpus = [f"cuda:{gpu['index']}" for gpu in report["gpus"]]
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    assert report["devices"] == ["auto", "cpu", *gpus, *mps]
+    assert f"devices: {', '.join(report['devices'])}" in format_environment(report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,17 @@ from MTKDLib.dependencies import (
     protected_constraints,
     read_requirements,
 )
-from MTKDLib.process import BackgroundProcess, EngineTask, engine_environment, error_message
+from MTKDLib.process import (
+    BackgroundProcess,
+    EngineTask,
+    engine_command,
+    engine_environment,
+    engine_python,
+    error_message,
+    kill_tree_command,
+    popen_options,
+    soft_stop_signal,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -61,9 +72,10 @@ def test_output_lines_and_exit_status():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX here")
-def test_cancel_kills_the_whole_tree_even_when_sigterm_is_ignored(tmp_path):
-    """The child ignores SIGTERM (as a busy process might) and has a grandchild: cancel
-    escalates to SIGKILL after the grace period and nothing is left running."""
+def test_cancel_returns_at_once_and_polling_kills_the_tree_after_the_grace_period(tmp_path):
+    """The child ignores SIGTERM (as a busy process might) and has a grandchild: cancel()
+    returns while the child still runs (the GUI thread never waits), and once the grace
+    period has passed the whole tree is killed; nothing is left running."""
     pid_file = tmp_path / "grandchild.pid"
     script = textwrap.dedent(
         f"""
@@ -79,10 +91,10 @@ def test_cancel_kills_the_whole_tree_even_when_sigterm_is_ignored(tmp_path):
     assert wait_until(lambda: "ready" in process.tail(5))
     grandchild = int(pid_file.read_text())
     assert alive(grandchild)
-    started = time.monotonic()
-    process.cancel(grace_seconds=1.0)
-    assert time.monotonic() - started < 20
-    assert process.returncode is not None
+    process.cancel(grace_seconds=3.0)
+    assert alive(process.pid) and process.returncode is None  # cancel did not wait for it
+    assert wait_until(lambda: process.returncode is not None, 60)
+    assert process.returncode == -signal.SIGKILL
     assert wait_until(lambda: not alive(grandchild), 10), "the grandchild survived"
 
 
@@ -102,9 +114,79 @@ def test_cancel_asks_politely_first():
     )
     process = BackgroundProcess([PYTHON, "-c", script])
     assert wait_until(lambda: "ready" in process.tail(5))
-    process.cancel(grace_seconds=30.0)
+    process.cancel(grace_seconds=60.0)
+    assert wait_until(lambda: process.returncode is not None, 60)
     assert process.returncode == 0
     assert "saved checkpoint" in process.tail(5)
+
+
+def test_request_stop_creates_the_stop_file_and_a_stale_one_is_removed_first(tmp_path):
+    """The stop file reaches a child that ignores signals (as one without a console on
+    Windows is never sent any); a file left from before does not count."""
+    stop = tmp_path / "STOP"
+    stop.write_text("stale")
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stale file:", os.path.exists({str(stop)!r}), flush=True)
+        while not os.path.exists({str(stop)!r}):
+            time.sleep(0.02)
+        print("stop file seen", flush=True)
+        """
+    )
+    process = BackgroundProcess([PYTHON, "-c", script], stop_file=stop)
+    assert wait_until(lambda: any("stale file" in line for line in process.tail(5)))
+    assert "stale file: False" in process.tail(5)
+    assert process.request_stop() is True
+    assert process.wait(60) == 0
+    assert process.tail(1) == ["stop file seen"]
+
+
+def test_engine_task_cancel_returns_at_once_and_cleans_up_after_the_process_ends():
+    task = EngineTask(lambda _workdir: ["env", "--json"], lambda _workdir: None, python=PYTHON)
+    task.cancel()
+    state = task.poll()
+    assert state.finished and state.cancelled and not state.succeeded
+    assert wait_until(lambda: not task.workdir.exists(), 60)
+    assert wait_until(lambda: task.process.returncode is not None, 60)
+
+
+# ------------------------------------------------------------------ Windows, built here
+
+
+def test_windows_children_start_hidden_without_a_console_in_their_own_group():
+    options = popen_options("win32")
+    # the Windows API's values: CREATE_NO_WINDOW 0x08000000, CREATE_NEW_PROCESS_GROUP 0x200,
+    # STARTF_USESHOWWINDOW 1, SW_HIDE 0 (what slicer.util.launchConsoleProcess sets)
+    assert options == {
+        "creationflags": 0x08000000 | 0x00000200,
+        "startupinfo": {"dwFlags": 1, "wShowWindow": 0},
+    }
+    for name in ("CREATE_NO_WINDOW", "CREATE_NEW_PROCESS_GROUP"):  # where defined (Windows)
+        if hasattr(subprocess, name):
+            assert options["creationflags"] & getattr(subprocess, name)
+    assert "start_new_session" not in options  # a POSIX-only Popen option
+    assert popen_options("linux") == popen_options("darwin") == {"start_new_session": True}
+
+
+def test_windows_stop_and_kill_commands():
+    assert kill_tree_command(4242, "win32") == ["taskkill", "/F", "/T", "/PID", "4242"]
+    assert kill_tree_command(4242, "linux") is None
+    assert soft_stop_signal("win32") is None  # no console to send CTRL_BREAK to: the file
+    assert soft_stop_signal("linux") == signal.SIGTERM
+
+
+def test_windows_engine_command_runs_pythonslicer_exe_beside_slicer(tmp_path):
+    bin_folder = tmp_path / "Slicer 5.12.0" / "bin"
+    bin_folder.mkdir(parents=True)
+    (bin_folder / "PythonSlicer.exe").write_bytes(b"")
+    python = engine_python("win32", executable=str(bin_folder / "SlicerApp-real.exe"))
+    assert python == str(bin_folder / "PythonSlicer.exe")
+    command = engine_command(["segment", "C:\\My Models\\student", "--device", "cuda:1"], python)
+    line = subprocess.list2cmdline(command)  # what CreateProcess receives
+    assert line.startswith(f'"{bin_folder / "PythonSlicer.exe"}" -m mtkd segment ')
+    assert line.endswith('"C:\\My Models\\student" --device cuda:1')
 
 
 def test_error_message_prefers_the_engines_own_line():

@@ -65,6 +65,22 @@ def _gpus() -> list[dict[str, Any]]:
     return gpus
 
 
+def device_names() -> list[str]:
+    """The ``--device`` values this machine can run: "auto", "cpu", each GPU ("cuda:0",
+    "cuda:1", ...) and "mps" where PyTorch has Apple's GPU; ["auto", "cpu"] without torch."""
+    try:
+        import torch
+    except ImportError:
+        return ["auto", "cpu"]
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -84,6 +100,7 @@ def environment_report(device: str | None = None) -> dict[str, Any]:
 
     ``device`` (default "auto": CUDA when available, else the CPU) is the device whose free
     memory is reported as ``device_free_memory_bytes``; MTKDError if it is not available.
+    ``devices`` lists the device names this machine offers (:func:`device_names`).
     Without torch (e.g. in Slicer before its PyTorch extension is installed) the report says
     so (``torch`` is None) instead of failing.
     """
@@ -105,7 +122,7 @@ def environment_report(device: str | None = None) -> dict[str, Any]:
     except ImportError:
         unknown = ("torch", "cuda_version", "torch_threads", "free_memory_bytes", "device")
         report.update(dict.fromkeys(unknown), device_free_memory_bytes=None)
-        report.update(cuda_available=False, gpus=[])
+        report.update(cuda_available=False, gpus=[], devices=device_names())
         return report
 
     from mtkd.engine.trainer import resolve_device
@@ -117,6 +134,7 @@ def environment_report(device: str | None = None) -> dict[str, Any]:
         cuda_available=torch.cuda.is_available(),
         cuda_version=torch.version.cuda,
         gpus=_gpus(),
+        devices=device_names(),
         torch_threads=torch.get_num_threads(),
         free_memory_bytes=free_memory_bytes("cpu"),
         device=str(chosen),
@@ -164,4 +182,6 @@ def format_environment(report: dict[str, Any]) -> str:
     lines.append(
         f"device: {report.get('device')} ({_gib(report.get('device_free_memory_bytes'))} free)"
     )
+    if report.get("devices"):
+        lines.append(f"devices: {', '.join(report['devices'])}")
     return "\n".join(lines)
