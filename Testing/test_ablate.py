@@ -18,7 +18,7 @@ from helpers import expect_error
 
 from mtkd.ablate import ablation_from_dict, load_ablation, run_ablation
 from mtkd.ablation.grid import cell_name
-from mtkd.ablation.report import mean_std, write_plots
+from mtkd.ablation.report import markdown_table, mean_std, summarise_cells, write_plots
 from mtkd.ablation.tensorboard import event_scalars, mirror_run, summary_writer_class
 from mtkd.cli import main
 from mtkd.config import load_config
@@ -115,7 +115,11 @@ def test_grid_writes_results_summary_and_plots(grid):
         assert {"dice_liver", "dice_spleen", "dice_kidney_right"} <= set(row)
     for row in students:
         assert row["epochs"] == "1" and float(row["train_seconds"]) > 0
-        assert (output / row["run"] / "report" / "test_scores.csv").is_file()
+        scores = read_csv(output / row["run"] / "report" / "test_scores.csv")
+        # the missed count next to the mean HD95 is the run's missed structure-volumes
+        assert int(row["missed"]) == sum(s["outcome"] == "missed" for s in scores)
+        assert int(row["spurious"]) == sum(s["outcome"] == "spurious" for s in scores)
+        assert all(s["hd95_mm"] != "inf" for s in scores)
     b_rows = [r for r in students if r["cell"] == "B-mse-cwd"]
     assert [(r["pairs"], r["feature_loss"], r["output_loss"]) for r in b_rows] == [
         ("B-B", "mse", "cwd")
@@ -131,9 +135,11 @@ def test_grid_writes_results_summary_and_plots(grid):
         assert float(row["dice_std"]) == pytest.approx(std, abs=1e-5)
     assert summary[0]["dice_std"] == "nan"  # one teacher, no spread
 
-    markdown = (output / "summary.md").read_text()
+    markdown = (output / "summary.md").read_text(encoding="utf-8")
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| cell | role | pairs |")
+    assert "| HD95 (mm) | missed |" in table[0]
+    assert "image's diagonal in mm" in markdown
     assert len(table) == 1 + 4
     assert "**teacher**" in table[1] and "**no KD**" in table[2]
     assert all(" ± " in line for line in table[2:])
@@ -244,6 +250,27 @@ def test_event_scalars_and_a_missing_tensorboard(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(MTKDError, match="pip install tensorboard"):
         summary_writer_class()
+
+
+def test_the_summary_reports_missed_structures_next_to_hd95():
+    """Per cell: the mean over seeds of the missed (and spurious) structure-volumes per run,
+    beside the mean HD95, in summary.csv and summary.md."""
+    runs = [
+        {"cell": "teacher", "role": "teacher", "dice": 0.8, "hd95_mm": 5.0},
+        {"cell": "kd", "role": "kd", "seed": 0, "dice": 0.5, "hd95_mm": 90.0},
+        {"cell": "kd", "role": "kd", "seed": 1, "dice": 0.6, "hd95_mm": 50.0},
+    ]
+    for run, missed, spurious in zip(runs, (0, 2, 1), (0, 1, 0)):
+        run.update(missed=missed, spurious=spurious)
+    summary = summarise_cells(runs, [])
+    assert [(r["missed_mean"], r["spurious_mean"]) for r in summary][1] == (1.5, 0.5)
+    lines = markdown_table(summary).splitlines()
+    header = [cell.strip() for cell in lines[0].split("|")]
+    kd = [cell.strip() for cell in lines[3].split("|")]
+    column = header.index("missed")
+    assert header[column - 1] == "HD95 (mm)"
+    assert kd[column] == "1.5 +0.5 spurious"
+    assert [cell.strip() for cell in lines[2].split("|")][column] == "0"
 
 
 def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path):

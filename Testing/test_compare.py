@@ -106,11 +106,12 @@ def model_run(teacher_run, ct, total, total_labels, tmp_path_factory):
 
 
 def hd95_independent(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
-    """Symmetric 95th-percentile surface distance from scipy distance transforms."""
+    """Symmetric 95th-percentile surface distance from scipy distance transforms; the
+    diagonal of the image's box where one mask is empty."""
     if not a.any() and not b.any():
         return math.nan
     if not a.any() or not b.any():
-        return math.inf
+        return float(np.linalg.norm(np.array(a.shape) * np.array(spacing)))
     surface_a = a & ~ndimage.binary_erosion(a)
     surface_b = b & ~ndimage.binary_erosion(b)
     to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
@@ -301,6 +302,54 @@ def test_identical_maps_agree_exactly(ct, total, total_labels, tmp_path) -> None
         rows = list(csv.DictReader(stream))
     assert [row["dice_teacher_student"] for row in rows] == ["1", "1", "1"]
     assert all(row["dice_teacher_reference"] == "" for row in rows)
+
+
+def test_a_missed_structure_scores_the_penalty_and_is_counted(
+    ct, total, total_labels, tmp_path
+) -> None:
+    """The student misses the spleen entirely and labels a kidney the reference lacks: both
+    score the image's diagonal, and the table and JSON count them under the mean HD95."""
+    table = LabelTable({1: "liver", 2: "spleen", 3: "kidney_right"})
+    maps = {}
+    for role, kept in (
+        ("teacher", ["liver", "spleen", "kidney_right"]),
+        ("student", ["liver", "kidney_right"]),
+        ("reference", ["liver", "spleen"]),
+    ):
+        array = np.zeros(total.shape, np.uint8)
+        for value, name in table.items():
+            if name in kept:
+                array[mask_of(total, total_labels, name)] = value
+        maps[role] = tmp_path / f"{role}.nii.gz"
+        write_image(as_image(array, ct), maps[role])
+    teacher, student = (StoredSegmentation(maps[r], table) for r in ("teacher", "student"))
+    reference = read_label(maps["reference"], reference=ct)
+    result = compare(teacher, student, ct, reference, table)
+    diagonal = float(np.linalg.norm(np.array(ct.GetSize()) * np.array(ct.GetSpacing())))
+    liver, spleen, kidney = result.rows
+    assert spleen.hd95_teacher_student_mm == pytest.approx(diagonal)  # missed by the student
+    assert spleen.hd95_student_reference_mm == pytest.approx(diagonal)
+    assert kidney.hd95_student_reference_mm == pytest.approx(diagonal)  # spurious
+    assert liver.hd95_teacher_student_mm == 0.0
+    assert result.missed == {
+        "teacher_student": {"missed": 1, "spurious": 0},
+        "teacher_reference": {"missed": 0, "spurious": 1},
+        "student_reference": {"missed": 1, "spurious": 1},
+    }
+    mean = result.mean()
+    assert mean["hd95_teacher_student_mm"] == pytest.approx(diagonal / 3)
+    assert mean["hd95_student_reference_mm"] == pytest.approx(diagonal * 2 / 3)
+    data = json.loads(write_comparison(result, tmp_path / "out", ct)["json"].read_text())
+    assert data["missed"] == result.missed
+    assert data["hd95_penalty_mm"] == pytest.approx(diagonal)
+    assert all(row["hd95_teacher_student_mm"] is not None for row in data["structures"])
+    text = format_comparison(result).splitlines()
+    header = next(line for line in text if line.startswith("structure"))
+    missed_row = next(line for line in text if line.startswith("missed "))
+    cell = missed_row[header.index("HD95 T-S") :]
+    assert cell.split("  ")[0].strip() == "1"  # under the mean HD95 T-S
+    assert "1 +1 spurious" in missed_row and "0 +1 spurious" in missed_row
+    assert any("image's diagonal in mm" in line and f"{diagonal:.1f} mm" in line for line in text)
 
 
 def test_name_mismatch_is_reported(ct, total, total_labels, tmp_path) -> None:

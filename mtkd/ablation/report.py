@@ -26,6 +26,8 @@ RESULT_FIELDS = [
     "parameters",
     "dice",
     "hd95_mm",
+    "missed",
+    "spurious",
     "best_val_dice",
     "best_epoch",
     "epochs",
@@ -45,6 +47,8 @@ SUMMARY_FIELDS = [
     "hd95_mm_mean",
     "hd95_mm_std",
     "hd95_mm_runs",
+    "missed_mean",
+    "spurious_mean",
     "dice_share_of_teacher",
 ]
 ROLE_TEXT = {TEACHER: "**teacher**", NO_KD: "**no KD**", KD: "KD"}
@@ -110,8 +114,11 @@ def summarise_cells(results: list[dict[str, Any]], structures: list[str]) -> lis
             "dice_std": dice_std,
             "hd95_mm_mean": hd95,
             "hd95_mm_std": hd95_std,
-            # runs with a finite HD95 (a run that misses every structure has none)
+            # runs with an HD95 (none where no test volume nor prediction has any structure)
             "hd95_mm_runs": len(finite([r["hd95_mm"] for r in runs])),
+            # structure-volumes per run scored with the penalty HD95 (mean over seeds)
+            "missed_mean": mean_std([r.get("missed") for r in runs])[0],
+            "spurious_mean": mean_std([r.get("spurious") for r in runs])[0],
             "dice_share_of_teacher": share,
         }
         for structure in structures:
@@ -145,6 +152,18 @@ def _score(mean: float, std: float, digits: int) -> str:
     return text if not math.isfinite(std) else f"{text} ± {std:.{digits}f}"
 
 
+def _count(value: float) -> str:
+    """A mean count: whole numbers without decimals, others with one."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _missed(missed: float, spurious: float) -> str:
+    if not math.isfinite(missed):
+        return "n/a"
+    extra = f" +{_count(spurious)} spurious" if math.isfinite(spurious) and spurious else ""
+    return _count(missed) + extra
+
+
 def markdown_table(summary: list[dict[str, Any]]) -> str:
     """The per-cell table in Markdown (mean ± std over seeds)."""
     header = [
@@ -157,6 +176,7 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
         "seeds",
         "Dice",
         "HD95 (mm)",
+        "missed",
         "Dice / teacher",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -175,6 +195,7 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
             str(row["seeds"]),
             _score(row["dice_mean"], row["dice_std"], 3),
             _score(row["hd95_mm_mean"], row["hd95_mm_std"], 2) + fewer,
+            _missed(row["missed_mean"], row["spurious_mean"]),
             f"{share:.3f}" if math.isfinite(share) else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -198,7 +219,10 @@ def markdown_report(
         f"mean ± sample standard deviation over the seeds ({', '.join(map(str, seeds))}). "
         f"Every cell has the same data, split, recipe and epochs ({epochs}); the seed varies "
         "initialisation, data order and augmentation. The teacher is one fixed model. "
-        "HD95 averages the finite distances (a structure missed entirely has none); "
+        "A structure that a model leaves empty in a test volume (missed) counts in HD95 as the "
+        "image's diagonal in mm, and so does one it labels where the reference has none "
+        '(spurious); "missed": missed structure-volumes per run, mean over seeds, of '
+        f'{len(test_cases) * len(structures)} ("+k spurious" where there are any); '
         '"(k runs)" marks a mean over fewer runs than seeds.\n\n'
         f"{markdown_table(summary)}\n"
     )
@@ -271,11 +295,13 @@ def _bar_chart(canvas_class, figure_class, path: Path, summary: list[dict[str, A
             capsize=4,
         )
         digits = 3 if key == "dice" else 1
-        ax.bar_label(
-            bars,
-            labels=[f"{m:.{digits}f}" if math.isfinite(m) else "n/a" for m in means],
-            fontsize=7,
-        )
+        labels = [f"{m:.{digits}f}" if math.isfinite(m) else "n/a" for m in means]
+        if key == "hd95_mm":  # the missed count next to each mean HD95
+            labels = [
+                f"{text}\n{_missed(row['missed_mean'], row['spurious_mean'])} missed"
+                for text, row in zip(labels, summary)
+            ]
+        ax.bar_label(bars, labels=labels, fontsize=7)
         ax.set_ylabel(f"{label}, test (mean ± std)")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylim(0, 1)

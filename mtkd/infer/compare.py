@@ -8,7 +8,10 @@ and parameter count (None where unknown, e.g. for a stored segmentation of anoth
 Outputs of :func:`write_comparison` in one folder:
 
 - ``comparison.json``: everything above; NaN (structure absent from both maps, or from the
-  reference) and infinite HD95 (absent from one map) are written as ``null``;
+  reference's label table) is written as ``null``. A structure that one map of a pair has and
+  the other lacks entirely scores the penalty HD95 of :mod:`mtkd.metrics` (the image's diagonal
+  in mm, ``hd95_penalty_mm``); ``missed`` counts them per pair (the first map of the pair is
+  the reference side: ``missed`` = only in the first, ``spurious`` = only in the second);
 - ``comparison.csv``: one row per structure (``nan``/``inf`` spelled out, reference columns empty
   without a reference);
 - ``disagreement.seg.nrrd``: a two-layer Slicer segmentation, ``<structure> teacher only`` in
@@ -41,7 +44,16 @@ from mtkd.data.stored_outputs import read_stored_map, stored_label_table
 from mtkd.errors import MTKDError
 from mtkd.infer.evaluate import format_score, format_table
 from mtkd.infer.picture import structure_colors
-from mtkd.metrics import dice_per_structure, hd95_per_structure, nanmean
+from mtkd.metrics import (
+    PENALTY_NOTE,
+    count_outcomes,
+    dice_per_structure,
+    format_missed,
+    hd95_per_structure,
+    image_diagonal_mm,
+    nanmean,
+    outcomes_per_structure,
+)
 from mtkd.models import count_parameters
 
 __all__ = [
@@ -176,7 +188,8 @@ class ModelRun:
 
 @dataclass
 class StructureRow:
-    """Scores of one common structure (NaN: not defined, inf: absent from one map)."""
+    """Scores of one common structure (NaN: not defined; HD95 is the penalty distance where
+    one map of the pair lacks the structure)."""
 
     structure: str
     dice_teacher_student: float
@@ -220,6 +233,9 @@ class ComparisonResult:
     only_in_teacher: list[str] = field(default_factory=list)
     only_in_student: list[str] = field(default_factory=list)
     missing_from_reference: list[str] = field(default_factory=list)
+    # per pair ("teacher_student", ...): {"missed": n, "spurious": n}, scored with the penalty
+    missed: dict[str, dict[str, int]] = field(default_factory=dict)
+    hd95_penalty_mm: float = math.nan
 
     @property
     def has_reference(self) -> bool:
@@ -247,6 +263,8 @@ class ComparisonResult:
                 ),
                 "structures": [asdict(row) for row in self.rows],
                 "mean": self.mean(),
+                "missed": self.missed,
+                "hd95_penalty_mm": self.hd95_penalty_mm,
                 "unmatched": {
                     "only_in_teacher": self.only_in_teacher,
                     "only_in_student": self.only_in_student,
@@ -357,6 +375,7 @@ def compare(
         "student_only_ml": volumes(student_only),
     }
     columns.update({name: [None] * count for name in _REFERENCE_FIELDS})
+    missed = {"teacher_student": count_outcomes(outcomes_per_structure(s, t, count))}
     missing: list[str] = []
     r = None
     if reference is not None:
@@ -375,6 +394,9 @@ def compare(
         }
         for name, values in scores.items():
             columns[name] = [math.nan if gone else v for v, gone in zip(values, absent)]
+        for pair, array in (("teacher_reference", t), ("student_reference", s)):
+            outcomes = outcomes_per_structure(array, r, count)
+            missed[pair] = count_outcomes([o for o, gone in zip(outcomes, absent) if not gone])
     rows = [
         StructureRow(structure=name, **{key: values[i] for key, values in columns.items()})
         for i, name in enumerate(common)
@@ -392,6 +414,8 @@ def compare(
         only_in_teacher=[name for name in teacher_names if name not in set(common)],
         only_in_student=[name for name in student_names if name not in set(common)],
         missing_from_reference=missing,
+        missed=missed,
+        hd95_penalty_mm=image_diagonal_mm(t.shape, spacing),
     )
 
 
@@ -446,7 +470,12 @@ def format_comparison(result: ComparisonResult) -> str:
     rows.append(
         ["mean"] + [format_score(mean[name]) for name in fields] + [""] * len(volume_fields)
     )
-    lines = [models, "", format_table(header, rows)]
+    rows.append(
+        ["missed"]
+        + [_missed_cell(result.missed, name) for name in fields]
+        + [""] * len(volume_fields)
+    )
+    lines = [models, "", format_table(header, rows), _penalty_line(result)]
     notes = [
         ("only in the teacher", result.only_in_teacher),
         ("only in the student", result.only_in_student),
@@ -455,6 +484,23 @@ def format_comparison(result: ComparisonResult) -> str:
         notes.append(("not in the reference", result.missing_from_reference))
     lines += [f"{label} ({len(names)}): {_shorten(names)}" for label, names in notes if names]
     return "\n".join(lines)
+
+
+def _missed_cell(missed: dict[str, dict[str, int]], field_name: str) -> str:
+    """The missed count under a mean HD95 column (empty under the Dice columns)."""
+    if not field_name.startswith("hd95_"):
+        return ""
+    pair = field_name.removeprefix("hd95_").removesuffix("_mm")
+    counts = missed.get(pair, {})
+    return format_missed(counts.get("missed", 0), counts.get("spurious", 0))
+
+
+def _penalty_line(result: ComparisonResult) -> str:
+    """What "missed" means here, with this image's penalty distance."""
+    return (
+        f"{PENALTY_NOTE} ({result.hd95_penalty_mm:.1f} mm for this image); "
+        "in T-S the teacher stands for the reference"
+    )
 
 
 def _csv_number(value: float | None) -> str:

@@ -1,4 +1,9 @@
-"""Per-volume, per-structure Dice and HD95 (mm) of a model on labelled cases."""
+"""Per-volume, per-structure Dice and HD95 (mm) of a model on labelled cases.
+
+A structure missed entirely (or predicted where the reference has none) scores the penalty HD95
+of :mod:`mtkd.metrics` (the image's diagonal in mm) and is counted: ``summarise`` gives the
+``missed`` and ``spurious`` counts next to every mean HD95.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,16 @@ from mtkd.data.image_io import atomic_write_bytes, read_image, read_label
 from mtkd.data.labels import check_label_map, remap_label_array
 from mtkd.errors import MTKDError
 from mtkd.infer.predictor import Predictor
-from mtkd.metrics import dice_per_structure, hd95_per_structure, nanmean
+from mtkd.metrics import (
+    FOUND,
+    PENALTY_NOTE,
+    count_outcomes,
+    dice_per_structure,
+    format_missed,
+    hd95_per_structure,
+    nanmean,
+    outcomes_per_structure,
+)
 
 
 @dataclass
@@ -27,6 +41,7 @@ class CaseScore:
     dice: float
     hd95_mm: float
     seconds: float
+    outcome: str = FOUND  # found, missed, spurious or absent (mtkd.metrics)
 
 
 def label_mapping_for(model_names: list[str], dataset: DatasetIndex) -> dict[int, int]:
@@ -65,13 +80,29 @@ def score_case(
     pred = sitk.GetArrayViewFromImage(prediction.labelmap)
     names = list(predictor.model.labels.names)
     spacing = tuple(reversed(image.GetSpacing()))  # array axes are (z, y, x)
-    dice = dice_per_structure(pred, ref, len(names))
-    hd95 = hd95_per_structure(pred, ref, len(names), spacing)
+    scores = score_arrays(case.case_id, pred, ref, names, spacing, prediction.seconds)
     if on_arrays is not None:
         on_arrays(case.case_id, np.asarray(pred), np.asarray(ref), image)
+    return scores
+
+
+def score_arrays(
+    case_id: str,
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    names: list[str],
+    spacing: tuple[float, ...],
+    seconds: float = 0.0,
+) -> list[CaseScore]:
+    """Scores of structures 1..K (``names``) of two label maps of one shape; ``spacing`` in
+    the arrays' axis order."""
+    count = len(names)
+    dice = dice_per_structure(prediction, reference, count)
+    hd95 = hd95_per_structure(prediction, reference, count, spacing)
+    outcomes = outcomes_per_structure(prediction, reference, count)
     return [
-        CaseScore(case.case_id, name, d, h, prediction.seconds)
-        for name, d, h in zip(names, dice, hd95, strict=True)
+        CaseScore(case_id, name, d, h, seconds, outcome)
+        for name, d, h, outcome in zip(names, dice, hd95, outcomes, strict=True)
     ]
 
 
@@ -94,18 +125,22 @@ def evaluate(
 
 
 def summarise(scores: list[CaseScore]) -> dict[str, dict[str, float]]:
-    """Mean over volumes per structure (NaN/inf-free means), plus "mean" over structures."""
+    """Mean over volumes per structure (NaN-free means; missed structures count with the
+    penalty HD95), plus "mean" over structures. ``missed`` and ``spurious``: how many volumes
+    (in "mean": structure-volumes) scored the penalty."""
     structures = list(dict.fromkeys(score.structure for score in scores))
-    summary = {
-        name: {
-            "dice": nanmean([s.dice for s in scores if s.structure == name]),
-            "hd95_mm": nanmean([s.hd95_mm for s in scores if s.structure == name]),
+    summary: dict[str, dict[str, float]] = {}
+    for name in structures:
+        own = [s for s in scores if s.structure == name]
+        summary[name] = {
+            "dice": nanmean([s.dice for s in own]),
+            "hd95_mm": nanmean([s.hd95_mm for s in own]),
+            **count_outcomes([s.outcome for s in own]),
         }
-        for name in structures
-    }
     summary["mean"] = {
         "dice": nanmean([v["dice"] for v in summary.values()]),
         "hd95_mm": nanmean([v["hd95_mm"] for v in summary.values()]),
+        **count_outcomes([s.outcome for s in scores]),
     }
     return summary
 
@@ -113,7 +148,7 @@ def summarise(scores: list[CaseScore]) -> dict[str, dict[str, float]]:
 def write_scores_csv(scores: list[CaseScore], path: str | Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["case", "structure", "dice", "hd95_mm", "seconds"])
+    writer.writerow(["case", "structure", "dice", "hd95_mm", "seconds", "outcome"])
     for s in scores:
         writer.writerow(
             [
@@ -122,6 +157,7 @@ def write_scores_csv(scores: list[CaseScore], path: str | Path) -> None:
                 format_score(s.dice),
                 format_score(s.hd95_mm),
                 f"{s.seconds:.3f}",
+                s.outcome,
             ]
         )
     atomic_write_bytes(Path(path), buffer.getvalue().encode())
@@ -137,10 +173,19 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def summary_table(summary: dict[str, dict[str, float]]) -> str:
+    """Dice, HD95 and the missed count per structure and for the mean, then what "missed"
+    means."""
     rows = [
-        [name, format_score(v["dice"]), format_score(v["hd95_mm"])] for name, v in summary.items()
+        [
+            name,
+            format_score(v["dice"]),
+            format_score(v["hd95_mm"]),
+            format_missed(int(v.get("missed", 0)), int(v.get("spurious", 0))),
+        ]
+        for name, v in summary.items()
     ]
-    return format_table(["structure", "Dice", "HD95 (mm)"], rows)
+    table = format_table(["structure", "Dice", "HD95 (mm)", "missed"], rows)
+    return table + "\n" + PENALTY_NOTE
 
 
 def format_score(value: float) -> str:
@@ -152,4 +197,11 @@ def format_score(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
-__all__ = ["CaseScore", "evaluate", "summarise", "summary_table", "write_scores_csv"]
+__all__ = [
+    "CaseScore",
+    "evaluate",
+    "score_arrays",
+    "summarise",
+    "summary_table",
+    "write_scores_csv",
+]
