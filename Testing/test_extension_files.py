@@ -40,8 +40,7 @@ SCHEMA_URL = re.compile(
     r"^https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
     r"slicer-extension-catalog-entry-schema-v\d+\.\d+\.\d+\.json#?$"
 )
-# Set and non-empty in the top-level CMakeLists.txt; EXTENSION_SCREENSHOTURLS must be set
-# but may be empty (screenshots are only ever taken of the real module).
+# Set and non-empty in the top-level CMakeLists.txt.
 EXTENSION_REQUIRED = [
     "EXTENSION_HOMEPAGE",
     "EXTENSION_CATEGORY",
@@ -49,9 +48,13 @@ EXTENSION_REQUIRED = [
     "EXTENSION_DESCRIPTION",
     "EXTENSION_ICONURL",
     "EXTENSION_DEPENDS",
+    "EXTENSION_SCREENSHOTURLS",  # the ExtensionsIndex refuses an extension without one
 ]
-# Provided by Slicer or another extension, never installed by MTKD into Slicer's Python.
-NOT_REQUIRED_IN_SLICER = {"torch", "simpleitk", "numpy"}
+# Slicer's own, never installed by MTKD into Slicer's Python (torch is listed: the PyTorch
+# extension installs it with that version requirement).
+NOT_REQUIRED_IN_SLICER = {"simpleitk", "numpy"}
+# optional extras the GUI installs on first use (requirement lines marked extra == "...")
+GUI_EXTRAS = {"onnx", "bundle"}
 MODULE_DIRS = ["MTKDLib", "MTKDSegment", "MTKDTrain"]
 ICONS = [
     "Resources/Icons/MTKD.png",
@@ -312,7 +315,6 @@ def test_extension_metadata_is_complete():
     assert projects and projects[0].args[0] == "MTKD"
     for name in EXTENSION_REQUIRED:
         assert one_value(cmake, name), f"{name} is empty"
-    assert "EXTENSION_SCREENSHOTURLS" in cmake.variables, "EXTENSION_SCREENSHOTURLS not set"
     depends = re.split(r"[\s;]+", one_value(cmake, "EXTENSION_DEPENDS"))
     assert "PyTorch" in depends
 
@@ -322,10 +324,48 @@ def test_extension_urls_point_into_this_repository():
     repo = github_repo(one_value(cmake, "EXTENSION_HOMEPAGE"))
     icon = raw_file_in_repo(one_value(cmake, "EXTENSION_ICONURL"), repo)
     assert icon.is_file(), f"the icon URL names {icon.relative_to(ROOT)}, which does not exist"
-    # A screenshot is only ever of the real module: each listed one must be in the repository.
-    for url in one_value(cmake, "EXTENSION_SCREENSHOTURLS").split():
+    # Each listed screenshot is a PNG of this repository (Resources/Screenshots/).
+    urls = one_value(cmake, "EXTENSION_SCREENSHOTURLS").split()
+    assert urls, "the ExtensionsIndex refuses an extension without a screenshot"
+    for url in urls:
         shot = raw_file_in_repo(url, repo)
         assert shot.is_file(), f"screenshot {url} is not a file in this repository"
+        assert shot.suffix == ".png", f"{url}: the index accepts PNG, JPEG or GIF; we use PNG"
+
+
+def test_screenshots_are_valid_small_pngs():
+    from PIL import Image
+
+    cmake = top()
+    repo = github_repo(one_value(cmake, "EXTENSION_HOMEPAGE"))
+    urls = one_value(cmake, "EXTENSION_SCREENSHOTURLS").split()
+    assert urls, "no screenshot listed"
+    for url in urls:
+        shot = raw_file_in_repo(url, repo)
+        width, height, _, _ = png_header(shot)
+        assert width >= 800 and height >= 400, f"{shot.name} is too small to show: {width}x{height}"
+        assert shot.stat().st_size < 300 * 1024, f"{shot.name} is over 300 KiB"
+        with Image.open(shot) as image:
+            image.verify()  # every chunk's CRC and the image data are read
+        with Image.open(shot) as image:
+            pixels = image.convert("L")
+            assert pixels.getextrema()[1] - pixels.getextrema()[0] > 100, "a blank picture"
+
+
+def test_the_index_finds_the_metadata_as_its_check_reads_it():
+    """ExtensionsIndex scripts/check_description_files.py reads the top-level CMakeLists.txt
+    with regular expressions, not CMake: project(NAME) must equal the entry's file name, the
+    icon and screenshot set() calls must match its patterns (screenshots: the closing quote
+    right before the parenthesis)."""
+    text = TOP_CMAKE.read_text(encoding="utf-8")
+    project = re.findall(r"project\s*\(\s*([^\s\)\n\r]+)", text, re.IGNORECASE)
+    assert project and project[0].strip("\"'") == CATALOG_ENTRY.stem
+    icon = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', text, re.IGNORECASE)
+    assert icon == [one_value(top(), "EXTENSION_ICONURL")]
+    shots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', text, re.IGNORECASE)
+    assert shots, 'the index finds no set(EXTENSION_SCREENSHOTURLS "...") with a URL'
+    assert shots[0].split() == one_value(top(), "EXTENSION_SCREENSHOTURLS").split()
+    assert github_repo(one_value(top(), "EXTENSION_HOMEPAGE")).split("/")[1].startswith("slicer")
 
 
 def test_extension_uses_slicer_and_packages_after_the_modules():
@@ -461,6 +501,21 @@ def test_catalog_entry_matches_the_cmake_metadata():
     tier = entry.get("tier", 1)
     assert isinstance(tier, int) and not isinstance(tier, bool) and 1 <= tier <= 5
     assert entry.get("scm_type", "git") in {"git", "local"}
+    assert entry.get("build_subdirectory") == ".", "a plain (not superbuild) extension: '.'"
+
+
+def test_catalog_entry_is_formatted_as_the_index_leaves_it():
+    """The ExtensionsIndex formats its entries with prettier and prettier-plugin-multiline-arrays
+    (.pre-commit-config.yaml; .prettierrc.js: multilineArraysWrapThreshold 0, so every
+    non-empty array is one item per line): two-space indent, LF, a final newline, keys in the
+    order written. All 255 entries of the index (checked at commit 07f1d1b) equal Python's
+    json.dumps(entry, indent=2) plus a newline; its key order is alphabetical."""
+    raw = CATALOG_ENTRY.read_bytes()
+    assert b"\r" not in raw, "the index's check refuses CR or CRLF line endings"
+    entry = json.loads(raw.decode("utf-8"))
+    assert raw.decode("utf-8") == json.dumps(entry, indent=2, ensure_ascii=False) + "\n"
+    assert list(entry) == sorted(entry)
+    assert '"build_dependencies": [\n    "PyTorch"\n  ],' in raw.decode("utf-8")
 
 
 # --------------------------------------------------------------------------------------
@@ -556,7 +611,13 @@ def test_requirements_are_the_engine_dependencies_slicer_lacks():
     expected = [d for d in dependencies if requirement_name(d) not in NOT_REQUIRED_IN_SLICER]
     lines = REQUIREMENTS.read_text(encoding="utf-8").splitlines()
     actual = [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
-    assert actual == expected
+    extra = re.compile(r"""^(.*?);\s*extra\s*==\s*"([a-z]+)"$""")
+    assert [line for line in actual if not extra.match(line)] == expected
     assert len(expected) == len(dependencies) - len(NOT_REQUIRED_IN_SLICER), (
-        "torch, SimpleITK and numpy are expected among the engine dependencies"
+        "SimpleITK and numpy are expected among the engine dependencies"
     )
+    optional = pyproject["project"]["optional-dependencies"]
+    extras = [extra.match(line).groups() for line in actual if extra.match(line)]
+    assert {name for _, name in extras} == GUI_EXTRAS
+    for requirement, name in extras:
+        assert requirement in optional[name], f"{requirement} is not in pyproject's [{name}]"

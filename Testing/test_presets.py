@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from mtkd.cli import main
+from mtkd.config import differing_keys, load_config
 from mtkd.data.image_io import write_image
 from mtkd.data.synth import LABELS, make_subject, write_cohort
 from mtkd.engine.run_dir import read_events
@@ -29,6 +30,7 @@ from mtkd.protocols import available_protocols, load_protocol, write_configs
 
 SPLEEN = "thesis-2d-spleen"
 MULTI = "3d-multiorgan"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 THESIS_STAGES = ["teacher", "s1_kd", "s1_nokd", "s2_kd", "s2_nokd"]
 # a 2-D teacher small enough for a CPU test, with T1's layout (four levels, taps enc2/dec4)
 TINY_T1 = [
@@ -136,6 +138,30 @@ def test_multiorgan_preset_is_3d_with_a_monai_multitask_teacher(tmp_path):
     big = build_teacher("segresnet", reconstruction="masked", **params, **teacher.model.params)
     small = build_network("unet", **params, **student.model.params)
     assert count_parameters(big) > 20 * count_parameters(small)
+
+
+@pytest.mark.parametrize(
+    ("example", "stage"), [("teacher.yaml", "teacher"), ("distill_thesis.yaml", "s1_kd")]
+)
+def test_examples_are_the_thesis_preset_s_stages(example, stage, tmp_path):
+    """README: the examples are the preset's teacher and S1 stages as single files; only the
+    paths differ, and the example spells out the pairs that `preset: thesis` fills."""
+    config = load_config(EXAMPLES / example)
+    preset = load_protocol(SPLEEN, **_paths(tmp_path)).stage(stage).config
+    differing = set(differing_keys(config.to_dict(), preset.to_dict()))
+    assert differing <= {
+        "data.source",
+        "distill.teacher",
+        "distill.preset",
+        "distill.pairs",
+        "distill.output",
+    }
+    if config.distill is not None:
+        t1 = {"name": "thesis_t1_backbone", "params": {}, "reconstruction": "masked"}
+        network = {"name": config.model.name, "params": config.model.params}
+        assert resolve_terms(config.distill, network, t1) == resolve_terms(
+            preset.distill, network, t1
+        )
 
 
 def test_overrides_reach_stages_and_twins_but_never_the_file(tmp_path):
@@ -270,6 +296,7 @@ def test_thesis_protocol_end_to_end_on_a_task09_folder(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads((runs / "report.json").read_text())
     assert "pooled slice Dice" in (runs / "report.md").read_text()
+    assert "| mean HD95 mm | missed |" in (runs / "report.md").read_text()
     assert list(report["models"]) == THESIS_STAGES
     # the split: by patient, validation from the non-test patients, students on half of train
     split = report["split"]
