@@ -1,10 +1,12 @@
 """``mtkd demo``: the whole pipeline on the bundled real CT, in a few minutes on a CPU.
 
 The bundled sample is one patient (an abdominal CT with a TotalSegmentator label map). To
-hold data out honestly, the demo cuts the abdomen's axial extent into slabs of consecutive
-slices and treats each slab as a case: a slab is in exactly one of train, validation or test,
-so no test slice is ever seen in training. Adjacent slabs are still the same patient, so the
-demo shows that the pipeline works end to end, not how well a model generalises.
+hold data out honestly, the demo cuts the CT's whole axial extent into slabs of consecutive
+slices and treats each slab as a case (:mod:`mtkd.demo_data`): a slab is in exactly one of
+train, validation or test, so no test slice is ever seen in training, and slabs without any of
+the structures teach the models where there is no organ. Adjacent slabs are still the same
+patient, so the demo shows that the pipeline works end to end, not how well a model
+generalises.
 """
 
 from __future__ import annotations
@@ -12,24 +14,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-
 from mtkd.config import RunConfig
 from mtkd.data.datasets import load_dataset
-from mtkd.data.image_io import read_image, read_label, write_image
-from mtkd.data.labels import LabelTable
+from mtkd.data.image_io import read_image
 from mtkd.data.segnrrd import write_seg_nrrd
+from mtkd.demo_data import SLAB, STRUCTURES, write_slab_dataset, write_whole_ct_slabs
 from mtkd.engine.trainer import Trainer, resolve_device
 from mtkd.errors import MTKDError
 from mtkd.infer.evaluate import evaluate, format_score, format_table, summarise
 from mtkd.infer.model_io import load_model
 from mtkd.infer.predictor import Predictor
+from mtkd.metrics import PENALTY_NOTE, format_missed
 
-STRUCTURES = ["liver", "spleen", "kidney_right", "kidney_left", "stomach"]
-SLAB = 3  # slices per slab case
-TEST_SLABS = (2, 7, 12)  # slab indices held out for testing, spread over the abdomen
-VAL_SLABS = (5, 10)
+__all__ = ["SLAB", "STRUCTURES", "run_demo", "write_slab_dataset", "write_whole_ct_slabs"]
+
 SEG_NAME = "abdomen_student.seg.nrrd"
 
 
@@ -56,51 +54,12 @@ def bundled_names() -> Path:
     return folder / SAMPLE_FILES[2]
 
 
-def write_slab_dataset(ct: Path, seg: Path, names: Path, folder: Path) -> tuple[list[str], dict]:
-    """Cut the axial range holding the structures into slab cases (folder-pairs layout).
-
-    Returns the case ids and a fixed split {"train", "val", "test"} of them.
-    """
-    image = read_image(ct)
-    label = read_label(seg, reference=image)
-    table = LabelTable.from_json(names)
-    wanted = [value for value, name in table.items() if name in STRUCTURES]
-    array = sitk.GetArrayViewFromImage(label)  # (z, y, x)
-    slices = np.flatnonzero(np.isin(array, wanted).any(axis=(1, 2)))
-    if slices.size == 0:
-        raise MTKDError(f"none of {', '.join(STRUCTURES)} is in the label map", path=seg)
-    count = max(TEST_SLABS + VAL_SLABS) + 3  # 15 slabs of 3 slices
-    top = int(slices.max()) + 1
-    first = max(0, top - count * SLAB)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "labels").mkdir(parents=True, exist_ok=True)
-    case_ids = []
-    for index in range(count):
-        start = first + index * SLAB
-        if start + SLAB > image.GetSize()[2]:
-            break
-        case_id = f"slab{index:02d}"
-        region = ([0, 0, start], [image.GetSize()[0], image.GetSize()[1], SLAB])
-        write_image(
-            sitk.RegionOfInterest(image, region[1], region[0]),
-            folder / "images" / f"{case_id}.nii.gz",
-        )
-        write_image(
-            sitk.RegionOfInterest(label, region[1], region[0]),
-            folder / "labels" / f"{case_id}.nii.gz",
-        )
-        case_ids.append(case_id)
-    test = [case_ids[i] for i in TEST_SLABS]
-    val = [case_ids[i] for i in VAL_SLABS]
-    train = [c for c in case_ids if c not in test + val]
-    return case_ids, {"train": train, "val": val, "test": test}
-
-
 def demo_configs(
     dataset: Path, labels_json: Path, split: dict, quick: bool
 ) -> tuple[RunConfig, dict]:
     """The teacher's config and the students' shared recipe (a dict without ``distill``)."""
-    epochs_teacher, epochs_student = (2, 2) if quick else (80, 150)
+    # only a third of the whole CT's slices hold organs: epochs measured to learn them all
+    epochs_teacher, epochs_student = (2, 2) if quick else (60, 200)
     data = {
         "source": str(dataset),
         "labels_json": str(labels_json),
@@ -163,9 +122,15 @@ def run_demo(
             raise MTKDError("TotalSegmentator label names not found", path=names)
     output.mkdir(parents=True, exist_ok=True)
     dataset = output / "dataset"
-    _, split = write_slab_dataset(sample_ct, sample_seg, names, dataset)
-    print(f"dataset: {dataset}: slabs of {SLAB} axial slices as cases")
-    print(f"  train {split['train']}\n  val {split['val']}\n  test {split['test']}")
+    case_ids, split, bounds = write_whole_ct_slabs(
+        sample_ct, sample_seg, names, dataset, STRUCTURES
+    )
+    print(
+        f"dataset: {dataset}: the whole CT ({bounds[-1].stop} axial slices) as {len(case_ids)} "
+        f"slabs of {SLAB} slices, each a case; slabs without the structures are negatives"
+    )
+    for part in ("train", "val", "test", "student_train"):
+        print(f"  {part} {' '.join(split[part])}")
     teacher, student_recipe = demo_configs(dataset, names, split, quick)
     teacher_run = output / "teacher"
     Trainer(teacher, teacher_run).run()
@@ -190,7 +155,7 @@ def report(
     device = resolve_device("auto")
     data = load_dataset(dataset, labels_json=names)
     image = read_image(ct)
-    header = ["model", "params", *STRUCTURES, "mean Dice", "mean HD95 mm", "CT seconds"]
+    header = ["model", "params", *STRUCTURES, "mean Dice", "mean HD95 mm", "missed", "CT seconds"]
     rows, results = [], {}
     for name, run in runs.items():
         model = load_model(run, device)
@@ -208,6 +173,7 @@ def report(
             + [
                 format_score(summary["mean"]["dice"]),
                 format_score(summary["mean"]["hd95_mm"]),
+                format_missed(summary["mean"]["missed"], summary["mean"]["spurious"]),
                 f"{whole.seconds:.2f}",
             ]
         )
@@ -218,6 +184,7 @@ def report(
         f"Test slabs {', '.join(test)} (held out; per-volume Dice and HD95 on the original grid):"
     )
     print(format_table(header, rows))
+    print(PENALTY_NOTE)
     print(f"\nthe distilled student's segmentation of the whole CT: {output / SEG_NAME}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return results
