@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from MTKDLib.devices import check_device
 from MTKDLib.mrml_io import labels_file, load_segmentation, table_node, write_labelmap
 from MTKDLib.mrml_io import write_volume as write_volume_file
 from MTKDLib.process import EngineLogic, EngineTask
-from MTKDLib.segment_logic import check_device, check_volume
+from MTKDLib.segment_logic import check_volume
 
 STRUCTURE_COLUMNS = [
     ("Structure", "string", "structure"),
@@ -116,7 +117,8 @@ class CompareLogic(EngineLogic):
         return self.task(prepare, collect)
 
     def compare(self, volume_node: Any, student: str | Path, teacher: Any, **options: Any):
-        """Blocking :meth:`start` (for scripts and tests): the :class:`ComparisonNodes`."""
+        """Blocking :meth:`start` (for scripts and tests, never on Slicer's GUI thread): the
+        :class:`ComparisonNodes`."""
         return self.start(volume_node, student, teacher, **options).wait()
 
     def _add_nodes(

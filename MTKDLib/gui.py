@@ -4,12 +4,22 @@
   template, once for both modules.
 - :class:`TaskView`: follows an :class:`~MTKDLib.process.EngineTask` from a ``QTimer`` on the
   main thread and shows it in a start/cancel button, a progress bar and a status label.
+- :class:`DeviceChoice`: a combo box of the devices this machine has, found off the GUI thread.
 - The model library, in the folder kept in Slicer's settings.
+- For the self-tests: :func:`process_events_until` (wait without blocking Slicer),
+  :func:`choose_item` (pick a combo box item as a user does) and
+  :func:`missing_engine_packages` (whether the heavy part can run).
+
+Nothing here waits on the GUI thread: Cancel and closing the scene only ask processes to stop
+(:meth:`~MTKDLib.process.EngineTask.cancel` returns at once and kills the tree later).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +29,7 @@ import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
+from MTKDLib.devices import DEFAULT_DEVICES, available_devices
 from MTKDLib.process import EngineTask
 
 LIBRARY_SETTING = "MTKD/ModelLibrary"
@@ -151,6 +162,8 @@ class TaskView:
         self._timer.start()
 
     def cancel(self) -> None:
+        """Cancel the running task; returns at once (the process is asked to stop and killed
+        later if it does not, without the GUI waiting for it)."""
         if self.task is not None:
             self.task.cancel()
             self._finish("Cancelled; the scene is as it was.")
@@ -179,3 +192,121 @@ class TaskView:
         self.button.text = self._idle_text
         self.progress.visible = False
         self.status.text = text
+
+
+NOT_FOUND = "{device} (not found on this computer)"
+
+
+def device_items(devices: Sequence[str], selected: str) -> list[tuple[str, str]]:
+    """(shown text, device) of each item of a device combo box: every device of
+    ``devices``, and ``selected`` when it is not one of them (e.g. ``cuda:1`` in a scene made
+    on another computer), marked, so that the box shows what will be used."""
+    items = [(device, device) for device in devices]
+    if selected and selected not in devices:
+        items.append((NOT_FOUND.format(device=selected), selected))
+    return items
+
+
+class DeviceChoice:
+    """A device combo box (``auto``, ``cpu``, ``cuda:0``, ``cuda:1``, ..., ``mps``) for a
+    parameter node's ``device`` string: :meth:`show` selects the node's value, a choice by the
+    user is passed to ``write``.
+
+    The devices come from :func:`MTKDLib.devices.available_devices`, which asks the engine's
+    interpreter in a child process (seconds while torch loads there); :meth:`detect` asks in a
+    thread and a timer fills the box when the answer is there, so the panel never waits.
+    Until then the box offers ``auto`` and ``cpu``.
+    """
+
+    def __init__(self, comboBox: Any, write: Callable[[str], None]):
+        self.comboBox = comboBox
+        self._write = write
+        self._devices = list(DEFAULT_DEVICES)
+        self._found: list[str] | None = None
+        self._thread: threading.Thread | None = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MILLISECONDS)
+        self._timer.timeout.connect(self._collect)
+        comboBox.connect("currentIndexChanged(int)", self._onChosen)
+        self.show(DEFAULT_DEVICES[0])
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self._devices)
+
+    def detect(self, refresh: bool = False) -> None:
+        """Ask for the devices (again with ``refresh``, e.g. after PyTorch was installed)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+
+        def work() -> None:
+            try:
+                self._found = available_devices(refresh=refresh)
+            except Exception:  # noqa: BLE001 - the defaults stay offered
+                self._found = None
+
+        self._thread = threading.Thread(target=work, name="MTKD devices", daemon=True)
+        self._thread.start()
+        self._timer.start()
+
+    def _collect(self) -> None:
+        if self._thread is None or self._thread.is_alive():
+            return
+        self._timer.stop()
+        self._devices = self._found or list(DEFAULT_DEVICES)
+        self.show(self.selected())
+
+    def selected(self) -> str:
+        return self.comboBox.currentData or DEFAULT_DEVICES[0]
+
+    def show(self, device: str) -> None:
+        """List the devices and select ``device`` (without calling ``write``)."""
+        comboBox = self.comboBox
+        items = device_items(self._devices, device)
+        wasBlocked = comboBox.blockSignals(True)
+        try:
+            shown = [(comboBox.itemText(i), comboBox.itemData(i)) for i in range(comboBox.count)]
+            if shown != items:
+                comboBox.clear()
+                for text, name in items:
+                    comboBox.addItem(text, name)
+            comboBox.currentIndex = max(comboBox.findData(device), 0)
+        finally:
+            comboBox.blockSignals(wasBlocked)
+
+    def _onChosen(self, index: int) -> None:
+        device = self.comboBox.itemData(index)
+        if device:
+            self._write(device)
+
+
+# ------------------------------------------------------------------------ self-tests
+ENGINE_PACKAGES = ("torch", "monai")
+
+
+def missing_engine_packages() -> list[str]:
+    """Those of torch and MONAI that the engine's interpreter cannot import. Found with
+    ``importlib.util.find_spec``, which imports nothing (PythonSlicer, the engine's
+    interpreter, shares Slicer's site-packages, so Slicer's view is the engine's)."""
+    return [name for name in ENGINE_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def process_events_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Keep Slicer responsive (``slicer.app.processEvents``) until ``condition()`` holds;
+    TimeoutError naming ``what`` after ``timeout`` seconds. For the self-tests and scripts:
+    the timers that follow the background processes keep running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not done within {timeout:.0f} s")
+        slicer.app.processEvents()
+        time.sleep(0.05)
+
+
+def choose_item(comboBox: Any, data: str) -> None:
+    """Select the item of ``comboBox`` whose data is ``data``, as a user picking it does
+    (the box's signals fire); AssertionError when the box does not offer it."""
+    index = comboBox.findData(data)
+    if index < 0:
+        raise AssertionError(f"{comboBox.objectName} does not offer '{data}'")
+    comboBox.currentIndex = index

@@ -9,7 +9,9 @@ Slicer module polls from a timer on the main thread:
 - :class:`RunMonitor`: folds the events into a :class:`RunState` (state, epochs, history,
   best Dice, ETA, error, ...); :func:`format_status` makes the one-line status from it.
 - :class:`RunPlots`: a table node (one row per epoch) and two plot charts (losses, validation
-  Dice) kept up to date from a :class:`RunState`, appending only the new rows.
+  Dice) kept up to date from a :class:`RunState`, appending only the new rows; re-attaching
+  to a run takes its nodes over. :func:`plot_view_node`: the plot view node a plot widget
+  shows them in, one per widget.
 
 Neither torch nor Qt is imported, so the GUI can follow a run before the engine's
 dependencies are installed, and the tests use a headless ``slicer-core`` scene.
@@ -546,25 +548,85 @@ EPOCH_COLUMN = "epoch"
 VAL_SERIES = ("val_dice",)
 
 
+RUN_ATTRIBUTE = "MTKD.run"  # the run a plot node shows (its run folder)
+ROLE_ATTRIBUTE = "MTKD.plot"  # "table", "losses", "validation" or "series"
+COLUMN_ATTRIBUTE = "MTKD.column"  # the table column a series node draws
+PLOT_VIEW_OWNER = "MTKD.PlotViews"  # singleton tag of the node that owns the plot views
+
+
+def _nodes_by_class(scene: Any, class_name: str) -> list[Any]:
+    return [
+        scene.GetNthNodeByClass(i, class_name)
+        for i in range(scene.GetNumberOfNodesByClass(class_name))
+    ]
+
+
+def _run_node(scene: Any, class_name: str, key: str, role: str, column: str | None = None):
+    """The node of ``class_name`` a :class:`RunPlots` for run ``key`` added before, or None."""
+    for node in _nodes_by_class(scene, class_name):
+        if (
+            node.GetAttribute(RUN_ATTRIBUTE) == key
+            and node.GetAttribute(ROLE_ATTRIBUTE) == role
+            and (column is None or node.GetAttribute(COLUMN_ATTRIBUTE) == column)
+        ):
+            return node
+    return None
+
+
+def _singleton(scene: Any, class_name: str, tag: str, name: str) -> Any:
+    """The node of ``class_name`` with singleton tag ``tag``; added when the scene has none."""
+    node = scene.GetSingletonNode(tag, class_name)
+    if node is None:
+        node = scene.CreateNodeByClass(class_name)
+        node.UnRegister(None)  # CreateNodeByClass added a reference the variable owns already
+        node.SetSingletonTag(tag)
+        node.SetName(name)
+        node = scene.AddNode(node)
+    return node
+
+
+def plot_view_node(scene: Any, tag: str, chart: Any | None = None) -> Any:
+    """The ``vtkMRMLPlotViewNode`` of the plot widget known by ``tag`` (unique per widget):
+    created the first time, the same node afterwards (a singleton, so a saved and reloaded
+    scene or a closed one keeps one per widget). A ``qMRMLPlotWidget`` makes none itself; give
+    this one to its ``setMRMLPlotViewNode``. Its parent layout node is a hidden owner node, as
+    for views shown outside the view layout (Slicer's script repository, "Show a 3D view
+    outside the view layout"), so the layout manager leaves it alone. Shows ``chart`` (a
+    ``vtkMRMLPlotChartNode``) when given.
+    """
+    owner = _singleton(scene, "vtkMRMLScriptedModuleNode", PLOT_VIEW_OWNER, "MTKD plot views")
+    owner.SetHideFromEditors(True)
+    view = _singleton(scene, "vtkMRMLPlotViewNode", tag, f"{tag} view")
+    if view.GetLayoutName() != tag:
+        view.SetLayoutName(tag)
+    if view.GetParentLayoutNode() is not owner:
+        view.SetAndObserveParentLayoutNodeID(owner.GetID())
+    if chart is not None and view.GetPlotChartNodeID() != chart.GetID():
+        view.SetPlotChartNodeID(chart.GetID())
+    return view
+
+
 class RunPlots:
     """A run's history as MRML: a table node (one row per epoch; columns ``epoch``, each loss
     term, each validation metric, NaN where an epoch has no value) and two plot charts,
     ``"<name> losses"`` (a series per loss term) and ``"<name> validation Dice"``.
 
-    The nodes are created once, here; :meth:`update` appends the new epochs only (and adds the
-    columns and series of terms that appear later), and returns at once when nothing changed.
-    A history that was rewritten (a new run in the folder, a resume that repeated epochs) is
-    rebuilt. :meth:`remove` takes the nodes out of the scene.
+    ``key`` (default ``name``; the run folder where names can repeat) identifies the run: the
+    nodes a :class:`RunPlots` of the same key left in the scene are taken over (re-attaching
+    to a run adds no nodes); the others are created here. :meth:`update` appends the new epochs
+    only (and adds the columns and series of terms that appear later), and returns at once
+    when nothing changed. A history that was rewritten (a new run in the folder, a resume that
+    repeated epochs) is rebuilt in the same nodes; series of terms the run no longer has are
+    removed. :meth:`remove` takes the nodes out of the scene.
     """
 
-    def __init__(self, scene: Any, name: str):
+    def __init__(self, scene: Any, name: str, key: str | None = None):
         self.scene = scene
         self.name = name
-        self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} history")
-        self.loss_chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} losses")
-        self.val_chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} validation Dice")
-        for node in (self.table, self.loss_chart, self.val_chart):
-            node.SetAttribute("MTKD.run", name)
+        self.key = key or name
+        self.table = self._node("vtkMRMLTableNode", "table", f"{name} history")
+        self.loss_chart = self._node("vtkMRMLPlotChartNode", "losses", f"{name} losses")
+        self.val_chart = self._node("vtkMRMLPlotChartNode", "validation", f"{name} validation Dice")
         self.loss_chart.SetTitle(f"{name}: training losses")
         self.loss_chart.SetXAxisTitle("epoch")
         self.loss_chart.SetYAxisTitle("loss")
@@ -572,9 +634,23 @@ class RunPlots:
         self.val_chart.SetXAxisTitle("epoch")
         self.val_chart.SetYAxisTitle("Dice")
         self.series: dict[str, Any] = {}  # column name -> its plot series node
+        for chart in (self.loss_chart, self.val_chart):
+            for index in range(chart.GetNumberOfPlotSeriesNodes()):
+                series = chart.GetNthPlotSeriesNode(index)
+                column = series.GetAttribute(COLUMN_ATTRIBUTE) if series else None
+                if column and series.GetAttribute(RUN_ATTRIBUTE) == self.key:
+                    self.series[column] = series
         self._written: list[dict] = []  # the records in the table, in order
         self._generation: int | None = None
         self._clear()
+
+    def _node(self, class_name: str, role: str, name: str) -> Any:
+        node = _run_node(self.scene, class_name, self.key, role)
+        if node is None:
+            node = self.scene.AddNewNodeByClass(class_name, name)
+            node.SetAttribute(RUN_ATTRIBUTE, self.key)
+            node.SetAttribute(ROLE_ATTRIBUTE, role)
+        return node
 
     def nodes(self) -> tuple[Any, Any, Any]:
         """(table node, losses chart node, validation Dice chart node)."""
@@ -608,6 +684,7 @@ class RunPlots:
         self._generation = state.generation
         new = history[len(self._written) :]
         if not new:
+            self._sync_series()
             return not same_rows
         import vtk
 
@@ -633,8 +710,16 @@ class RunPlots:
         self._written.extend(new)
         self.table.Modified()
         self.table.EndModify(was_modifying)
-        for column in columns[1:]:
-            name = column.GetName()
+        self._sync_series()
+        return True
+
+    def _sync_series(self) -> None:
+        """One series per plotted column of the table: those of columns the table no longer
+        has are removed, the missing ones added."""
+        columns = self.columns[1:]
+        for name in [name for name in self.series if name not in columns]:
+            self._remove_series(self.series.pop(name))
+        for name in columns:
             if name in self.series:
                 continue
             if name.startswith("val_"):
@@ -642,11 +727,12 @@ class RunPlots:
                     self._add_series(name, self.val_chart)
             else:
                 self._add_series(name, self.loss_chart)
-        return True
 
     def _add_series(self, column: str, chart: Any) -> None:
         series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{self.name} {column}")
-        series.SetAttribute("MTKD.run", self.name)
+        series.SetAttribute(RUN_ATTRIBUTE, self.key)
+        series.SetAttribute(ROLE_ATTRIBUTE, "series")
+        series.SetAttribute(COLUMN_ATTRIBUTE, column)
         series.SetAndObserveTableNodeID(self.table.GetID())
         series.SetXColumnName(EPOCH_COLUMN)
         series.SetYColumnName(column)
@@ -657,15 +743,17 @@ class RunPlots:
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
         self.series[column] = series
 
+    def _remove_series(self, series: Any) -> None:
+        for chart in (self.loss_chart, self.val_chart):
+            chart.RemovePlotSeriesNodeID(series.GetID())
+        if series.GetScene() is not None:
+            self.scene.RemoveNode(series)
+
     def _clear(self) -> None:
-        """An empty table with only the epoch column; no series."""
+        """An empty table with only the epoch column (the series stay until
+        :meth:`_sync_series` knows the new columns)."""
         import vtk
 
-        for series in self.series.values():
-            for chart in (self.loss_chart, self.val_chart):
-                chart.RemovePlotSeriesNodeID(series.GetID())
-            self.scene.RemoveNode(series)
-        self.series = {}
         table = self.table.GetTable()
         was_modifying = self.table.StartModify()
         while table.GetNumberOfColumns():
@@ -696,4 +784,5 @@ __all__ = [
     "format_duration",
     "format_status",
     "pid_alive",
+    "plot_view_node",
 ]

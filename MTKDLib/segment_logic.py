@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from MTKDLib.devices import check_device
 from MTKDLib.mrml_io import load_segmentation, write_volume
 from MTKDLib.process import EngineLogic, EngineTask
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def check_volume(volume_node: Any) -> None:
@@ -29,12 +28,6 @@ def check_volume(volume_node: Any) -> None:
         raise ValueError(f"volume '{volume_node.GetName()}' holds no image data")
     if image.GetNumberOfScalarComponents() != 1:
         raise ValueError(f"volume '{volume_node.GetName()}' has several components; CT has one")
-
-
-def check_device(device: str) -> str:
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
-    return device
 
 
 class SegmentLogic(EngineLogic):
@@ -69,5 +62,6 @@ class SegmentLogic(EngineLogic):
     def segment(
         self, volume_node: Any, model: str | Path, device: str = "auto", **options: Any
     ) -> Any:
-        """Blocking :meth:`start` (for scripts and tests): the new segmentation node."""
+        """Blocking :meth:`start` (for scripts and tests, never on Slicer's GUI thread): the
+        new segmentation node."""
         return self.start(volume_node, model, device, **options).wait()

@@ -10,6 +10,7 @@ Slicer restarted or on a shared path where a GPU server writes it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mtkd.engine.signals import request_stop, stop_file
 from MTKDLib.process import (
     BackgroundProcess,
     EngineLogic,
@@ -32,7 +34,7 @@ class TrainingRun:
     """One run folder, followed; ``process`` is set when this session runs it."""
 
     def __init__(self, run_dir: Path, process: BackgroundProcess | None, plots: Any = None):
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).absolute()
         self.process = process
         self.plots = plots
         self.monitor = RunMonitor(self.run_dir)
@@ -65,18 +67,23 @@ class TrainingRun:
         return self.monitor.process_alive()
 
     def stop(self) -> None:
-        """Ask the run to stop at its next safe point; it saves a checkpoint first."""
+        """Ask the run to stop at its next safe point; it saves a checkpoint first. Returns
+        at once. An attached run is asked through its stop file (``RUN/STOP``, which also
+        reaches a run on another machine writing to a shared folder), plus SIGTERM on POSIX
+        when it runs on this machine."""
         if self.process is not None:
             self.process.request_stop()
             return
         state = self.poll()
-        if self.monitor.process_alive() and state.pid:  # attached, same machine
-            soft = signal.CTRL_BREAK_EVENT if sys.platform == "win32" else signal.SIGTERM
-            os.kill(state.pid, soft)
-        else:
+        alive = self.monitor.process_alive()
+        if state.ended or alive is False:
             raise RuntimeError(
-                f"this run's process is not running on this machine ({socket.gethostname()})"
+                f"this run's process is not running (checked on {socket.gethostname()})"
             )
+        request_stop(self.run_dir)
+        if alive and state.pid and sys.platform != "win32":  # attached, same machine
+            with contextlib.suppress(OSError):
+                os.kill(state.pid, signal.SIGTERM)
 
     def kill(self) -> None:
         """End the process tree now (the last checkpoint on disk stays)."""
@@ -88,11 +95,19 @@ class TrainLogic(EngineLogic):
     """Starts, resumes and attaches to distillation runs for ``scene``'s plots."""
 
     def _plots(self, run_dir: Path) -> Any:
-        return RunPlots(self.scene, run_dir.name) if self.scene is not None else None
+        """The run's plot nodes; those already in the scene for this folder are reused."""
+        if self.scene is None:
+            return None
+        return RunPlots(self.scene, run_dir.name, key=str(run_dir.resolve()))
 
     def _spawn(self, run_dir: Path, resume: bool) -> TrainingRun:
+        # absolute: the child's working directory does not matter (the run's config.yaml
+        # finds its paths from the run folder)
+        run_dir = run_dir.absolute()
         command = engine_command(distill_arguments(run_dir, resume), self.python)
-        process = BackgroundProcess(command, env=self.env or engine_environment())
+        process = BackgroundProcess(
+            command, env=self.env or engine_environment(), stop_file=stop_file(run_dir)
+        )
         return TrainingRun(run_dir, process, self._plots(run_dir))
 
     def start(self, options: TrainingOptions, run_dir: str | Path) -> TrainingRun:

@@ -247,6 +247,19 @@ def dataset_summary(folder: str | Path) -> str:
     )
 
 
+def chosen_folder(folder: str | Path | None, what: str = "dataset folder") -> Path:
+    """``folder`` as a Path, or ValueError when none was chosen: empty or ``.`` (what an
+    empty path field gives, e.g. ``Path("")``), or a relative path. Either would be read or
+    written in the application's working directory, not where the user meant."""
+    text = "" if folder is None else str(folder).strip()
+    if text in ("", "."):
+        raise ValueError(f"choose the {what} first")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        raise ValueError(f"the {what} '{text}' is not a full path: choose the folder")
+    return path
+
+
 def export_training_set(
     cases: Sequence[SceneCase],
     folder: str | Path,
@@ -255,10 +268,12 @@ def export_training_set(
 ) -> TrainingSet:
     """Write ``cases`` as a new dataset in ``folder`` with one label table.
 
-    ``structures`` default: every structure of any case. ValueError before anything is written
-    when a case misses one of them or names one differently (the message lists each problem;
-    pass ``plan_labels(cases).common`` to keep only what every case has).
+    ``folder`` must be chosen (see :func:`chosen_folder`). ``structures`` default: every
+    structure of any case. ValueError before anything is written when a case misses one of
+    them or names one differently (the message lists each problem; pass
+    ``plan_labels(cases).common`` to keep only what every case has).
     """
+    folder = chosen_folder(folder)
     plan = plan_labels(cases, structures)
     if plan.problems:
         raise ValueError("the cases do not agree on their structures:\n" + "\n".join(plan.problems))

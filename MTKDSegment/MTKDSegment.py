@@ -4,10 +4,8 @@ The widget is a thin layer: the work is done by ``MTKDLib`` (no Qt; tested again
 with ``slicer-core``), which runs the ``mtkd`` engine in a background process.
 """
 
-import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
 
 import ctk
 import qt
@@ -16,7 +14,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -24,9 +22,19 @@ from slicer.ScriptedLoadableModule import (
 )
 
 from MTKDLib.compare_logic import CompareLogic
-from MTKDLib.gui import ModuleWidget, TaskView, library_root, model_library, set_library_root
-from MTKDLib.segment_logic import DEVICES, SegmentLogic
-from MTKDLib.slicer_setup import ensure_engine_dependencies
+from MTKDLib.gui import (
+    DeviceChoice,
+    ModuleWidget,
+    TaskView,
+    choose_item,
+    library_root,
+    missing_engine_packages,
+    model_library,
+    process_events_until,
+    set_library_root,
+)
+from MTKDLib.segment_logic import SegmentLogic
+from MTKDLib.slicer_setup import ensure_engine_dependencies, ensure_model_extras
 
 OTHER_TEACHER = "other"  # teacher combo box item: a path outside the library
 
@@ -56,7 +64,7 @@ class MTKDSegmentParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     studentModel: str = ""
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    device: str = "auto"  # any device the engine accepts: the list differs between machines
     teacherIsSegmentation: bool = False
     teacherModel: str = ""
     teacherPath: str = ""
@@ -94,12 +102,23 @@ class MTKDSegmentWidget(ModuleWidget):
         self.ui.teacherModelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
         self.ui.teacherPathLineEdit.connect("currentPathChanged(QString)", self.onModelChosen)
         self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibraryMoved)
+        self.deviceChoice = DeviceChoice(self.ui.deviceComboBox, self.onDeviceChosen)
         self.refreshLibrary()
         self.initializeParameterNode()
+        self.deviceChoice.detect()
 
     def stopWork(self) -> None:
+        """Cancel what runs (returns at once: the processes are stopped in the background)."""
         for view in (self.segmentView, self.compareView, self.environmentView):
             view.cancel()
+
+    def enter(self) -> None:
+        ModuleWidget.enter(self)
+        self.deviceChoice.detect()  # at once when known; asks again when PyTorch was missing
+
+    def onDeviceChosen(self, device: str) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.device = device
 
     def onParameterNode(self) -> None:
         if not self._parameterNode.inputVolume:
@@ -113,6 +132,7 @@ class MTKDSegmentWidget(ModuleWidget):
         node = self._parameterNode
         if node is None:
             return
+        self.deviceChoice.show(node.device)
         self._select(self.ui.studentModelComboBox, node.studentModel)
         self._select(self.ui.teacherModelComboBox, node.teacherModel)
         if node.teacherPath and self.ui.teacherPathLineEdit.currentPath != node.teacherPath:
@@ -158,13 +178,14 @@ class MTKDSegmentWidget(ModuleWidget):
         if self.segmentView.running:
             self.segmentView.cancel()
             return
-        if not self.logic.ensureDependencies():
-            return
         node = self._parameterNode
+        student = self.logic.modelPath(node.studentModel)
+        if not self.logic.ensureDependencies() or not ensure_model_extras(student):
+            return
         self.segmentView.start(
             lambda: self.logic.segmenter.start(
                 node.inputVolume,
-                self.logic.modelPath(node.studentModel),
+                student,
                 node.device,
                 model_name=self.logic.modelName(node.studentModel),
             ),
@@ -181,14 +202,16 @@ class MTKDSegmentWidget(ModuleWidget):
         if self.compareView.running:
             self.compareView.cancel()
             return
-        if not self.logic.ensureDependencies():
-            return
         node = self._parameterNode
+        student = self.logic.modelPath(node.studentModel)
         teacher = node.teacherSegmentation if node.teacherIsSegmentation else self._teacherSource()
+        models = [student] if node.teacherIsSegmentation else [student, teacher]
+        if not self.logic.ensureDependencies() or not ensure_model_extras(*models):
+            return
         self.compareView.start(
             lambda: self.logic.comparer.start(
                 node.inputVolume,
-                self.logic.modelPath(node.studentModel),
+                student,
                 teacher,
                 node.device,
                 reference=node.referenceSegmentation,
@@ -301,6 +324,7 @@ class MTKDSegmentWidget(ModuleWidget):
     def onInstallDependencies(self) -> None:
         if self.logic.ensureDependencies():
             self.ui.statusLabel.text = _("All of MTKD's Python packages are installed.")
+            self.deviceChoice.detect(refresh=True)  # PyTorch may have come just now
 
 
 class MTKDSegmentLogic(ScriptedLoadableModuleLogic):
@@ -332,60 +356,154 @@ class MTKDSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class MTKDSegmentTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (Developer mode > Reload and Test, or the CTest below): the same steps as
-    the pytest suite, through the module logic, with a tiny model the engine trains here."""
+    """Runs in Slicer (Developer mode > Reload and Test, or the module's CTest), driving the
+    panel as a user does: nodes chosen in the selectors, buttons pressed, the status line and
+    the result nodes read.
+
+    - :meth:`test_panel` always runs (no torch needed): the panel with an empty model library.
+    - :meth:`test_segment_and_compare` runs when torch and MONAI are installed (otherwise it
+      says so and returns): a tiny teacher and student trained here (``mtkd demo --quick``),
+      Segment, Cancel and Compare on the bundled CT.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_panel()
+        self.setUp()
         self.test_segment_and_compare()
 
+    @staticmethod
+    def panel():
+        slicer.util.selectModule("MTKDSegment")
+        return slicer.modules.mtkdsegment.widgetRepresentation().self()
+
+    def test_panel(self):
+        import numpy as np
+
+        self.delayDisplay("MTKD Segment's panel, with an empty model library")
+        panel = self.panel()
+        ui = panel.ui
+        panel.logic.libraryRoot = Path(tempfile.mkdtemp(prefix="mtkd-selftest-library-"))
+        try:
+            ui.refreshLibraryButton.click()
+            self.assertEqual(ui.studentModelComboBox.count, 0)
+            self.assertEqual(ui.libraryTableWidget.rowCount, 0)
+            array = np.zeros((8, 32, 32), dtype=np.int16)
+            volume = slicer.util.addVolumeFromArray(array, name="self-test CT")
+            ui.inputVolumeSelector.setCurrentNode(volume)
+            self.assertEqual(panel._parameterNode.inputVolume.GetID(), volume.GetID())
+            self.assertFalse(ui.applyButton.enabled)  # no student model yet
+            ui.applyButton.click()  # a disabled button does nothing
+            self.assertFalse(panel.segmentView.running)
+
+            devices = [ui.deviceComboBox.itemData(i) for i in range(ui.deviceComboBox.count)]
+            self.assertEqual(devices[:2], ["auto", "cpu"])
+            choose_item(ui.deviceComboBox, "cpu")
+            self.assertEqual(panel._parameterNode.device, "cpu")
+
+            ui.teacherIsSegmentationCheckBox.checked = True
+            self.assertTrue(panel._parameterNode.teacherIsSegmentation)
+            self.assertTrue(ui.teacherSegmentationSelector.enabled)
+            self.assertFalse(ui.teacherModelComboBox.enabled)
+            self.assertFalse(ui.compareButton.enabled)  # no student, no teacher segmentation
+        finally:
+            panel.logic.libraryRoot = None
+            panel.refreshLibrary()
+        self.delayDisplay("MTKD Segment panel test passed")
+
     def test_segment_and_compare(self):
+        missing = missing_engine_packages()
+        if missing:
+            self.delayDisplay(
+                "Segmentation test not run: {names} not installed in Slicer's Python "
+                "(Install dependencies in the panel's Environment section installs them)".format(
+                    names=", ".join(missing)
+                )
+            )
+            return
+
         from mtkd.demo import bundled_sample
-        from MTKDLib.dependencies import missing_requirements, read_requirements
         from MTKDLib.mrml_io import labelmap_array, load_segmentation, segment_names
         from MTKDLib.process import EngineTask
 
-        self.assertEqual(missing_requirements(read_requirements()), [], "install dependencies")
-        self.delayDisplay("Training a tiny teacher and student on the bundled CT (mtkd demo)")
         work = Path(tempfile.mkdtemp(prefix="mtkd-selftest-"))
-        EngineTask(
+        self.delayDisplay("Training a tiny teacher and student on the bundled CT (mtkd demo)")
+        demo = EngineTask(
             lambda _: ["demo", "--quick", "--output", str(work / "demo")], lambda _: None
-        ).wait(timeout=1800)
-        logic = MTKDSegmentLogic()
-        logic.libraryRoot = work / "library"
-        student = logic.library().import_model(work / "demo" / "student_kd")
-        teacher = logic.library().import_model(work / "demo" / "teacher")
-        self.assertEqual(
-            [entry.key for entry in logic.library().entries()], sorted([student.key, teacher.key])
         )
+        process_events_until(lambda: demo.poll().finished, 1800, "mtkd demo --quick")
+        self.assertTrue(demo.state.succeeded, demo.state.error)
 
-        ct = bundled_sample()[0]
-        volume = slicer.util.loadVolume(str(ct))
-        oblique = vtk.vtkMatrix4x4()
-        volume.GetIJKToRASDirectionMatrix(oblique)
-        rotation = vtk.vtkTransform()
-        rotation.RotateZ(25)
-        vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), oblique, oblique)
-        volume.SetIJKToRASDirectionMatrix(oblique)
+        panel = self.panel()
+        ui = panel.ui
+        panel.logic.libraryRoot = work / "library"
+        try:
+            student = panel.logic.library().import_model(work / "demo" / "student_kd")
+            teacher = panel.logic.library().import_model(work / "demo" / "teacher")
+            ui.refreshLibraryButton.click()
+            self.assertEqual(ui.libraryTableWidget.rowCount, 2)
 
-        self.delayDisplay("Segmenting with the student")
-        segmentation = logic.segmenter.segment(volume, logic.modelPath(student.key), "auto")
-        self.assertEqual(segment_names(segmentation), student.labels)
-        self.assertGreater(int(labelmap_array(segmentation, volume).max()), 0)
+            volume = slicer.util.loadVolume(str(bundled_sample()[0]))
+            oblique = vtk.vtkMatrix4x4()
+            volume.GetIJKToRASDirectionMatrix(oblique)
+            rotation = vtk.vtkTransform()
+            rotation.RotateZ(25)
+            vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), oblique, oblique)
+            volume.SetIJKToRASDirectionMatrix(oblique)
+            ui.inputVolumeSelector.setCurrentNode(volume)
+            choose_item(ui.studentModelComboBox, student.key)
+            choose_item(ui.deviceComboBox, "cpu")
+            self.assertTrue(ui.applyButton.enabled)
 
-        self.delayDisplay("Comparing with the teacher, then with a segmentation node")
-        nodes = logic.comparer.compare(volume, logic.modelPath(student.key), logic.modelPath(
-            teacher.key), device="auto")  # fmt: skip
-        self.assertEqual(nodes.structures.GetNumberOfRows(), len(student.labels))
-        self.assertEqual(nodes.models.GetNumberOfRows(), 2)
-        teacherNode = load_segmentation(
-            slicer.mrmlScene, work / "demo" / "abdomen_student.seg.nrrd", "stored", volume
-        )
-        nodes = logic.comparer.compare(volume, logic.modelPath(student.key), teacherNode)
-        self.assertIsNone(nodes.teacher)
-        summary = json.dumps(nodes.summary)
-        self.assertIn("dice_teacher_student", summary)
-        self.delayDisplay("MTKDSegment test passed")
+            self.delayDisplay("Segment, then Cancel: nothing is added to the scene")
+            segmentations = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+            ui.applyButton.click()
+            self.assertTrue(panel.segmentView.running)
+            ui.applyButton.click()  # the same button reads "Cancel" while the model runs
+            self.assertFalse(panel.segmentView.running)
+            self.assertIn("Cancelled", ui.statusLabel.text)
+            self.assertEqual(
+                slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), segmentations
+            )
+
+            self.delayDisplay("Segmenting with the student")
+            ui.applyButton.click()
+            process_events_until(lambda: not panel.segmentView.running, 1800, "Segment")
+            self.assertEqual(ui.statusLabel.text, "Done.")
+            segmentation = slicer.mrmlScene.GetFirstNodeByName(f"{volume.GetName()} {student.name}")
+            self.assertIsNotNone(segmentation)
+            self.assertEqual(segment_names(segmentation), student.labels)
+            self.assertGreater(int(labelmap_array(segmentation, volume).max()), 0)
+
+            self.delayDisplay("Comparing the student with the teacher model")
+            ui.teacherIsSegmentationCheckBox.checked = False
+            choose_item(ui.teacherModelComboBox, teacher.key)
+            ui.compareButton.click()
+            process_events_until(lambda: not panel.compareView.running, 1800, "Compare")
+            self.assertTrue(ui.statusLabel.text.startswith("Done."), ui.statusLabel.text)
+            structures = panel._parameterNode.comparisonTable
+            self.assertEqual(structures.GetNumberOfRows(), len(student.labels))
+            self.assertEqual(panel._parameterNode.costsTable.GetNumberOfRows(), 2)
+            self.assertEqual(ui.comparisonTableView.mrmlTableNode().GetID(), structures.GetID())
+
+            self.delayDisplay("Comparing with a segmentation node as the teacher")
+            stored = load_segmentation(
+                slicer.mrmlScene, work / "demo" / "abdomen_student.seg.nrrd", "stored", volume
+            )
+            ui.teacherIsSegmentationCheckBox.checked = True
+            ui.teacherSegmentationSelector.setCurrentNode(stored)
+            self.assertTrue(ui.compareButton.enabled)
+            segmentations = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+            ui.compareButton.click()
+            process_events_until(lambda: not panel.compareView.running, 1800, "Compare")
+            self.assertTrue(ui.statusLabel.text.startswith("Done."), ui.statusLabel.text)
+            self.assertNotEqual(panel._parameterNode.comparisonTable.GetID(), structures.GetID())
+            added = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+            self.assertEqual(added - segmentations, 2)  # student and disagreement, no teacher
+        finally:
+            panel.logic.libraryRoot = None
+            panel.refreshLibrary()
+        self.delayDisplay("MTKD Segment test passed")

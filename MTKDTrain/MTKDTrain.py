@@ -24,10 +24,16 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
 )
 
-from MTKDLib.gui import ModuleWidget, model_library
-from MTKDLib.slicer_setup import ensure_engine_dependencies
+from MTKDLib.gui import (
+    DeviceChoice,
+    ModuleWidget,
+    choose_item,
+    missing_engine_packages,
+    model_library,
+    process_events_until,
+)
+from MTKDLib.slicer_setup import ensure_engine_dependencies, ensure_model_extras
 from MTKDLib.train_config import (
-    DEVICES,
     FEATURE_LOSSES,
     OUTPUT_LOSSES,
     TrainingOptions,
@@ -37,6 +43,9 @@ from MTKDLib.train_config import (
 from MTKDLib.train_logic import TrainLogic
 
 POLL_MILLISECONDS = 500  # the run's plots and status update at most twice a second
+# singleton tags of the plot view nodes the panel's two plot widgets show (one per widget)
+LOSS_PLOT_VIEW = "MTKDTrain.LossPlotView"
+DICE_PLOT_VIEW = "MTKDTrain.DicePlotView"
 TAPS = ("thesis", "all_scales", "custom", "none")
 STUDENTS = ("thesis_s1", "thesis_s2")
 
@@ -78,7 +87,7 @@ class MTKDTrainParameterNode:
     outputWeight: float = 0.2
     epochs: int = 20
     studentFraction: float = 0.5
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    device: str = "auto"  # any device the engine accepts: the list differs between machines
     runName: str = "student"
     runsFolder: Path
     runFolder: str = ""  # the run shown in the panel (re-attached when the scene is loaded)
@@ -115,11 +124,13 @@ class MTKDTrainWidget(ModuleWidget):
         for pathEdit in (self.ui.datasetPathLineEdit, self.ui.runsFolderPathLineEdit):
             pathEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", self.onDatasetChosen)
+        self.deviceChoice = DeviceChoice(self.ui.deviceComboBox, self.onDeviceChosen)
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MILLISECONDS)
         self.timer.timeout.connect(self.pollRun)
         self.refreshLibraryChoices()
         self.initializeParameterNode()
+        self.deviceChoice.detect()
 
     def stopWork(self) -> None:
         self.timer.stop()  # a run keeps going in its process; Attach follows it again
@@ -128,18 +139,31 @@ class MTKDTrainWidget(ModuleWidget):
     def enter(self) -> None:
         ModuleWidget.enter(self)
         self.refreshLibraryChoices()
+        self.deviceChoice.detect()  # at once when known; asks again when PyTorch was missing
 
     def onParameterNode(self) -> None:
         node = self._parameterNode
         if not node.runsFolder or str(node.runsFolder) == ".":
             node.runsFolder = Path.home() / "mtkd-runs"
         if node.runFolder and self.run is None and Path(node.runFolder).is_dir():
-            self.follow(self.logic.trainer.attach(node.runFolder))  # re-attach after a reload
+            try:  # re-attach after a reload
+                run = self.logic.trainer.attach(node.runFolder)
+            except Exception as error:  # noqa: BLE001 - e.g. no longer a run folder
+                self.ui.statusLabel.text = _("Cannot follow {folder}: {error}").format(
+                    folder=node.runFolder, error=error
+                )
+            else:
+                self.follow(run)
+
+    def onDeviceChosen(self, device: str) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.device = device
 
     def updateGui(self, caller=None, event=None) -> None:
         node = self._parameterNode
         if node is None:
             return
+        self.deviceChoice.show(node.device)
         running = bool(self.run is not None and self.run.running)
         self.ui.customPairsTextEdit.enabled = node.taps == "custom"
         for spinBox in (self.ui.weightEESpinBox, self.ui.weightBBSpinBox, self.ui.weightDDSpinBox):
@@ -196,23 +220,34 @@ class MTKDTrainWidget(ModuleWidget):
 
     def onDatasetChosen(self, path: str) -> None:
         """A folder the engine reads is used as it is; say what it holds."""
-        from MTKDLib.training_set import dataset_summary
+        from MTKDLib.training_set import chosen_folder, dataset_summary
 
-        if path and Path(path).is_dir() and any(Path(path).iterdir()):
-            self.ui.datasetSummaryLabel.text = dataset_summary(path)
+        try:
+            folder = chosen_folder(path)
+        except ValueError:
+            folder = None  # nothing chosen
+        if folder is not None and folder.is_dir() and any(folder.iterdir()):
+            try:
+                self.ui.datasetSummaryLabel.text = dataset_summary(folder)
+            except ImportError as error:  # the engine's packages are not installed yet
+                self.ui.datasetSummaryLabel.text = _(
+                    "Install MTKD's Python packages to read this folder ({error})."
+                ).format(error=error)
         self.updateGui()
 
     def onExport(self) -> None:
-        from MTKDLib.training_set import SceneCase, export_training_set, plan_labels
+        from MTKDLib.training_set import SceneCase, chosen_folder, export_training_set, plan_labels
 
-        folder = self._parameterNode.datasetFolder
         cases = [SceneCase(v, s) for v, s in self.cases]
         try:
+            folder = chosen_folder(self._parameterNode.datasetFolder)  # before the cases
             with slicer.util.WaitCursor():
                 plan = plan_labels(cases)
                 export_training_set(cases, folder, plan.common, added_by=getpass.getuser())
         except Exception as error:  # noqa: BLE001 - names the case and the problem
-            slicer.util.errorDisplay(_("Export failed: {error}").format(error=error))
+            message = _("Export failed: {error}").format(error=error)
+            self.ui.datasetSummaryLabel.text = message
+            slicer.util.errorDisplay(message)
             return
         self.ui.datasetSummaryLabel.text = _("Exported {count} cases to {folder}").format(
             count=len(cases), folder=folder
@@ -239,10 +274,12 @@ class MTKDTrainWidget(ModuleWidget):
         return str(self.logic.library().path_of(key)) if key else ""
 
     def options(self) -> TrainingOptions:
+        from MTKDLib.training_set import chosen_folder
+
         node = self._parameterNode
         weights = {"E-E": node.weightEE, "B-B": node.weightBB, "D-D": node.weightDD}
         return TrainingOptions(
-            dataset=str(node.datasetFolder),
+            dataset=str(chosen_folder(node.datasetFolder)),
             teacher=self.teacherPath(),
             name=node.runName,
             student=node.student,
@@ -265,20 +302,28 @@ class MTKDTrainWidget(ModuleWidget):
             return
         try:
             options = options or self.options()
+            if not ensure_model_extras(options.teacher):
+                return
             self.follow(self.logic.trainer.start(options, self.runFolderFor(options.name)))
         except Exception as error:  # noqa: BLE001 - a bad configuration, named
             slicer.util.errorDisplay(_("Cannot start: {error}").format(error=error))
 
     def onStop(self) -> None:
+        """Ask the run to stop (returns at once; the run saves a checkpoint, then ends)."""
         try:
             self.run.stop()
         except Exception as error:  # noqa: BLE001 - e.g. a run on another machine
             slicer.util.errorDisplay(str(error))
+            return
         self.ui.statusLabel.text = _("Stopping at the next safe point (saving a checkpoint)...")
 
     def onResume(self) -> None:
-        if self.logic.ensureDependencies():
+        if not self.logic.ensureDependencies():
+            return
+        try:
             self.follow(self.logic.trainer.resume(self.run.run_dir))
+        except Exception as error:  # noqa: BLE001 - e.g. no checkpoint, named
+            slicer.util.errorDisplay(_("Cannot resume: {error}").format(error=error))
 
     def onAttach(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(
@@ -291,15 +336,44 @@ class MTKDTrainWidget(ModuleWidget):
                 slicer.util.errorDisplay(str(error))
 
     def follow(self, run) -> None:
+        """Show ``run`` in the panel and follow it from the timer. A step that fails is shown
+        to the user; the run is followed all the same."""
         self.run = run
-        self._parameterNode.runFolder = str(run.run_dir)
-        self.ui.serverCommandTextEdit.setPlainText(server_commands(run.run_dir))
-        table, losses, validation = run.plots.nodes()
-        self.ui.metricsTableView.setMRMLTableNode(table)
-        self.ui.lossPlotWidget.mrmlPlotViewNode().SetPlotChartNodeID(losses.GetID())
-        self.ui.dicePlotWidget.mrmlPlotViewNode().SetPlotChartNodeID(validation.GetID())
-        self.pollRun()
         self.timer.start()
+        steps = (
+            (_("remembering the run in the scene"), self._rememberRun),
+            (_("showing the commands for a server"), self._showServerCommands),
+            (_("showing the plots"), self.showPlots),
+            (_("reading the run"), self.pollRun),
+        )
+        for what, step in steps:
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - shown; the timer keeps following
+                slicer.util.errorDisplay(
+                    _("While {what}: {error}").format(what=what, error=error),
+                    windowTitle="MTKD",
+                )
+
+    def _rememberRun(self) -> None:
+        self._parameterNode.runFolder = str(self.run.run_dir)
+
+    def _showServerCommands(self) -> None:
+        self.ui.serverCommandTextEdit.setPlainText(server_commands(self.run.run_dir))
+
+    def showPlots(self) -> None:
+        """The run's table in the table view, its charts in the two plot widgets (each
+        shows a plot view node of its own, which a qMRMLPlotWidget does not create)."""
+        from MTKDLib.run_monitor import plot_view_node
+
+        table, losses, validation = self.run.plots.nodes()
+        self.ui.metricsTableView.setMRMLTableNode(table)
+        for widget, tag, chart in (
+            (self.ui.lossPlotWidget, LOSS_PLOT_VIEW, losses),
+            (self.ui.dicePlotWidget, DICE_PLOT_VIEW, validation),
+        ):
+            widget.setMRMLScene(slicer.mrmlScene)  # no-op when the .ui connection set it
+            widget.setMRMLPlotViewNode(plot_view_node(slicer.mrmlScene, tag, chart))
 
     def pollRun(self) -> None:
         from MTKDLib.run_monitor import format_status
@@ -307,7 +381,17 @@ class MTKDTrainWidget(ModuleWidget):
         if self.run is None:
             self.timer.stop()
             return
-        state = self.run.poll()
+        try:
+            state = self.run.poll()
+        except Exception as error:  # noqa: BLE001 - e.g. the run folder went away
+            self.timer.stop()  # once, not a dialog twice a second
+            slicer.util.errorDisplay(
+                _("Following the run stopped: {error}. Attach follows it again.").format(
+                    error=error
+                ),
+                windowTitle="MTKD",
+            )
+            return
         self.ui.progressBar.value = int(round(100 * state.progress))
         self.ui.statusLabel.text = format_status(state)
         self.ui.logTextEdit.setPlainText("\n".join(state.log[-20:]))
@@ -319,7 +403,10 @@ class MTKDTrainWidget(ModuleWidget):
                     detailedText="\n".join(state.log),
                 )
             elif state.state == "finished" and self.logic.loop(self._datasetFolder()):
-                self.recordLoopVersion()
+                try:
+                    self.recordLoopVersion()
+                except Exception as error:  # noqa: BLE001 - named, the run stays shown
+                    slicer.util.errorDisplay(str(error), windowTitle="MTKD")
         self.updateGui()
 
     def onAddToLibrary(self) -> None:
@@ -333,8 +420,14 @@ class MTKDTrainWidget(ModuleWidget):
 
     # --- the annotate-then-distill loop -----------------------------------------------------
 
-    def _datasetFolder(self) -> Path:
-        return Path(self._parameterNode.datasetFolder)
+    def _datasetFolder(self) -> Path | None:
+        """The chosen dataset folder; None when none is chosen."""
+        from MTKDLib.training_set import chosen_folder
+
+        try:
+            return chosen_folder(self._parameterNode.datasetFolder)
+        except ValueError:
+            return None
 
     def updateLoop(self) -> None:
         loop = self.logic.loop(self._datasetFolder())
@@ -373,12 +466,19 @@ class MTKDTrainWidget(ModuleWidget):
             slicer.util.errorDisplay(str(error))
         self.updateGui()
 
+    def _loop(self):
+        """The loop of the chosen training set; ValueError saying what to do when none."""
+        loop = self.logic.loop(self._datasetFolder())
+        if loop is None:
+            raise ValueError(_("choose the dataset folder and begin the loop first"))
+        return loop
+
     def onAddCase(self) -> None:
         from MTKDLib.training_set import SceneCase
 
         node = self._parameterNode
         try:
-            caseId = self.logic.loop(self._datasetFolder()).add_case(
+            caseId = self._loop().add_case(
                 SceneCase(node.correctedVolume, node.correctedSegmentation)
             )
         except Exception as error:  # noqa: BLE001 - names the missing or misnamed segment
@@ -387,8 +487,12 @@ class MTKDTrainWidget(ModuleWidget):
         self.ui.statusLabel.text = _("Added case '{case}' to the training set.").format(case=caseId)
 
     def onDistillAgain(self) -> None:
-        loop = self.logic.loop(self._datasetFolder())
-        self.onStart(loop.next_options(self.options()))
+        try:
+            options = self._loop().next_options(self.options())
+        except Exception as error:  # noqa: BLE001 - a bad configuration, named
+            slicer.util.errorDisplay(_("Cannot start: {error}").format(error=error))
+            return
+        self.onStart(options)
 
     def recordLoopVersion(self) -> None:
         loop = self.logic.loop(self._datasetFolder())
@@ -410,11 +514,16 @@ class MTKDTrainWidget(ModuleWidget):
     def onSwitchVersion(self) -> None:
         key = self._selectedVersion()
         if key:
-            self.logic.loop(self._datasetFolder()).switch(key)
-            self.updateGui()
+            self._changeVersion(lambda loop: loop.switch(key))
 
     def onRollback(self) -> None:
-        self.logic.loop(self._datasetFolder()).rollback()
+        self._changeVersion(lambda loop: loop.rollback())
+
+    def _changeVersion(self, change) -> None:
+        try:
+            change(self._loop())
+        except Exception as error:  # noqa: BLE001 - e.g. no earlier version, named
+            slicer.util.errorDisplay(str(error), windowTitle="MTKD")
         self.updateGui()
 
 
@@ -434,9 +543,11 @@ class MTKDTrainLogic(ScriptedLoadableModuleLogic):
         return model_library(self.libraryRoot)
 
     def loop(self, datasetFolder):
-        """The loop of this training set, or None where none was started."""
+        """The loop of this training set, or None where none was started (or no folder)."""
         from MTKDLib.distill_loop import LOOP_FILE, DistillLoop
 
+        if datasetFolder is None:
+            return None
         folder = Path(datasetFolder)
         if not (folder / LOOP_FILE).is_file():
             return None
@@ -444,8 +555,9 @@ class MTKDTrainLogic(ScriptedLoadableModuleLogic):
 
     def startLoop(self, datasetFolder, studentKey: str, teacher: str):
         from MTKDLib.distill_loop import DistillLoop
+        from MTKDLib.training_set import chosen_folder
 
-        return DistillLoop(datasetFolder, self.library()).begin(studentKey, teacher)
+        return DistillLoop(chosen_folder(datasetFolder), self.library()).begin(studentKey, teacher)
 
     @staticmethod
     def ensureDependencies() -> bool:
@@ -453,70 +565,218 @@ class MTKDTrainLogic(ScriptedLoadableModuleLogic):
 
 
 class MTKDTrainTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer: a training set from scene nodes, a short distillation in a background
-    process, stopped, resumed and re-attached, then one turn of the loop."""
+    """Runs in Slicer (Developer mode > Reload and Test, or the module's CTest), driving the
+    panel as a user does: nodes chosen in the selectors, values typed, buttons pressed, the
+    status line, the plots and the result nodes read.
+
+    - :meth:`test_panel` always runs (no torch needed): a training set exported from scene
+      nodes (and refused while no folder is chosen), and a run folder followed in the plots.
+    - :meth:`test_distill_in_the_background` runs when torch and MONAI are installed
+      (otherwise it says so and returns): Start, Stop, Resume, Add to library, and one turn
+      of the annotate-then-distill loop, with a tiny teacher trained here.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_panel()
+        self.setUp()
         self.test_distill_in_the_background()
 
+    @staticmethod
+    def panel():
+        slicer.util.selectModule("MTKDTrain")
+        panel = slicer.modules.mtkdtrain.widgetRepresentation().self()
+        panel.cases.clear()
+        panel.showCases()
+        return panel
+
+    def choosePath(self, pathLineEdit, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        pathLineEdit.currentPath = str(folder)
+        self.assertEqual(Path(pathLineEdit.currentPath), folder)
+
+    @staticmethod
+    def syntheticCase():
+        """A small volume and a segmentation with one segment, "liver"."""
+        import numpy as np
+
+        array = np.full((8, 32, 32), -100, dtype=np.int16)
+        array[2:6, 8:24, 8:24] = 60
+        volume = slicer.util.addVolumeFromArray(array, name="self-test CT")
+        labels = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "self-test labels")
+        labels.CreateDefaultDisplayNodes()
+        labels.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segmentId = labels.GetSegmentation().AddEmptySegment("liver", "liver")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            (array > 0).astype(np.uint8), labels, segmentId, volume
+        )
+        return volume, labels
+
+    def test_panel(self):
+        import json
+
+        panel = self.panel()
+        ui = panel.ui
+        work = Path(tempfile.mkdtemp(prefix="mtkd-selftest-"))
+
+        self.delayDisplay("A training set from the scene; refused while no folder is chosen")
+        volume, labels = self.syntheticCase()
+        ui.caseVolumeSelector.setCurrentNode(volume)
+        ui.caseSegmentationSelector.setCurrentNode(labels)
+        self.assertTrue(ui.addPairButton.enabled)
+        ui.addPairButton.click()
+        self.assertEqual(ui.casesTableWidget.rowCount, 1)
+        self.assertIn("liver", ui.datasetSummaryLabel.text)
+        panel._parameterNode.datasetFolder = Path()  # nothing chosen: what an empty field reads
+        inWorkingFolder = Path("dataset.json").exists()
+        ui.exportButton.click()
+        self.assertIn("choose the dataset folder", ui.datasetSummaryLabel.text)
+        self.assertEqual(Path("dataset.json").exists(), inWorkingFolder)
+        self.choosePath(ui.datasetPathLineEdit, work / "dataset")
+        self.assertEqual(Path(panel._parameterNode.datasetFolder), work / "dataset")
+        ui.exportButton.click()
+        self.assertTrue((work / "dataset" / "dataset.json").is_file(), ui.datasetSummaryLabel.text)
+        self.assertIn("Exported 1 cases", ui.datasetSummaryLabel.text)
+
+        self.delayDisplay("A run folder followed: status line, table and plots")
+        run = work / "runs" / "followed"
+        run.mkdir(parents=True)
+        events = [
+            {"type": "status", "state": "preparing", "kind": "distill", "time": 1.0},
+            {"type": "status", "state": "training", "epochs": 2, "start_epoch": 0, "time": 2.0},
+            {"type": "metrics", "epoch": 1, "epochs": 2, "loss": 1.0, "val_dice": 0.5},
+            {"type": "metrics", "epoch": 2, "epochs": 2, "loss": 0.5, "val_dice": 0.7},
+            {"type": "done", "model": str(run / "model"), "best_val_dice": 0.7, "best_epoch": 2},
+        ]
+        (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        classes = ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode",
+                   "vtkMRMLPlotViewNode")  # fmt: skip
+        counts = []
+        for _attach in range(2):  # Attach (after its folder dialog), then Attach again
+            panel.follow(panel.logic.trainer.attach(run))
+            table, losses, validation = panel.run.plots.nodes()
+            self.assertTrue(ui.statusLabel.text.startswith("finished"), ui.statusLabel.text)
+            self.assertEqual(ui.progressBar.value, 100)
+            self.assertEqual(ui.metricsTableView.mrmlTableNode().GetID(), table.GetID())
+            self.assertEqual(table.GetNumberOfRows(), 2)
+            lossView = ui.lossPlotWidget.mrmlPlotViewNode()
+            self.assertEqual(lossView.GetPlotChartNodeID(), losses.GetID())
+            diceView = ui.dicePlotWidget.mrmlPlotViewNode()
+            self.assertEqual(diceView.GetPlotChartNodeID(), validation.GetID())
+            self.assertEqual(lossView.GetSingletonTag(), LOSS_PLOT_VIEW)
+            self.assertEqual(diceView.GetSingletonTag(), DICE_PLOT_VIEW)
+            self.assertFalse(panel.timer.isActive())  # an ended run is not polled
+            counts.append([slicer.mrmlScene.GetNumberOfNodesByClass(name) for name in classes])
+        self.assertEqual(counts[0], counts[1])  # attached again: no node added
+        self.assertEqual(counts[0][:3], [1, 2, 2])  # a table, two charts, loss and val_dice
+        self.delayDisplay("MTKD Train panel test passed")
+
     def test_distill_in_the_background(self):
-        import time
+        missing = missing_engine_packages()
+        if missing:
+            self.delayDisplay(
+                "Distillation test not run: {names} not installed in Slicer's Python "
+                "(MTKD Segment > Environment > Install dependencies installs them)".format(
+                    names=", ".join(missing)
+                )
+            )
+            return
 
         from mtkd.demo import bundled_sample
-        from MTKDLib.distill_loop import DistillLoop
         from MTKDLib.mrml_io import load_segmentation
         from MTKDLib.process import EngineTask
-        from MTKDLib.training_set import SceneCase, export_training_set
 
         work = Path(tempfile.mkdtemp(prefix="mtkd-selftest-"))
         self.delayDisplay("Training a tiny teacher on the bundled CT (mtkd demo --quick)")
-        EngineTask(
+        demo = EngineTask(
             lambda _: ["demo", "--quick", "--output", str(work / "demo")], lambda _: None
-        ).wait(timeout=1800)
-        logic = MTKDTrainLogic()
-        logic.libraryRoot = work / "library"
-        ct = bundled_sample()[0]
-        volume = slicer.util.loadVolume(str(ct))
-        labels = load_segmentation(
-            slicer.mrmlScene, work / "demo" / "abdomen_student.seg.nrrd", "labels", volume
         )
-        cases = [SceneCase(volume, labels, f"case{i}") for i in range(5)]
-        export_training_set(cases, work / "dataset")
+        process_events_until(lambda: demo.poll().finished, 1800, "mtkd demo --quick")
+        self.assertTrue(demo.state.succeeded, demo.state.error)
 
-        def waitFor(run, condition, timeout=1800):
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                state = run.poll()
-                if condition(state):
-                    return state
-                self.assertNotEqual(state.state, "failed", state.error)
-                slicer.app.processEvents()
-                time.sleep(0.2)
-            self.fail("timed out")
+        panel = self.panel()
+        ui = panel.ui
+        panel.logic.libraryRoot = work / "library"
+        try:
+            teacher = panel.logic.library().import_model(work / "demo" / "teacher")
+            panel.refreshLibraryChoices()  # as entering the module does
+            volume = slicer.util.loadVolume(str(bundled_sample()[0]))
+            labels = load_segmentation(
+                slicer.mrmlScene, work / "demo" / "abdomen_student.seg.nrrd", "labels", volume
+            )
 
-        options = TrainingOptions(dataset=str(work / "dataset"),
-                                  teacher=str(work / "demo" / "teacher"), epochs=30,
-                                  batch_size=4, student_fraction=1.0)  # fmt: skip
-        run = logic.trainer.start(options, work / "runs" / "student")
-        waitFor(run, lambda s: s.epoch >= 1)
-        run.stop()
-        self.assertEqual(waitFor(run, lambda s: s.ended).state, "interrupted")
-        run = logic.trainer.resume(run.run_dir)
-        waitFor(run, lambda s: s.state == "finished")
-        attached = logic.trainer.attach(run.run_dir).poll()
-        self.assertEqual(attached.epoch, 30)
+            self.delayDisplay("Building the training set from the scene")
+            ui.caseVolumeSelector.setCurrentNode(volume)
+            ui.caseSegmentationSelector.setCurrentNode(labels)
+            for _copy in range(5):
+                ui.addPairButton.click()
+            self.choosePath(ui.datasetPathLineEdit, work / "dataset")
+            ui.exportButton.click()
+            self.assertTrue((work / "dataset" / "dataset.json").is_file(),
+                            ui.datasetSummaryLabel.text)  # fmt: skip
 
-        student = logic.library().import_model(run.run_dir)
-        loop = DistillLoop(work / "dataset", logic.library())
-        loop.begin(student.key, work / "demo" / "teacher")
-        loop.add_case(SceneCase(volume, labels, "corrected"))
-        again = logic.trainer.start(loop.next_options(options), work / "runs" / "v2")
-        waitFor(again, lambda s: s.state == "finished")
-        version = loop.record(again.run_dir)
-        self.assertEqual(version.previous, student.key)
-        self.assertEqual(version.cases_added, ["corrected"])
-        self.delayDisplay("MTKDTrain test passed")
+            self.delayDisplay("Distilling in the background: Start, Stop, Resume")
+            choose_item(ui.teacherModelComboBox, teacher.key)
+            ui.epochsSpinBox.value = 30
+            ui.studentFractionSpinBox.value = 1.0
+            choose_item(ui.deviceComboBox, "cpu")
+            ui.runNameLineEdit.text = "student"
+            self.choosePath(ui.runsFolderPathLineEdit, work / "runs")
+            self.assertEqual(Path(panel._parameterNode.runsFolder), work / "runs")
+            self.assertTrue(ui.startButton.enabled)
+            ui.startButton.click()
+            self.assertIsNotNone(panel.run, ui.statusLabel.text)
+
+            def run_state():
+                return panel.run.state
+
+            process_events_until(
+                lambda: run_state().epoch >= 1 or run_state().ended, 1800, "the first epoch"
+            )
+            self.assertTrue(ui.stopButton.enabled)
+            ui.stopButton.click()
+            process_events_until(lambda: run_state().ended and not panel.run.running, 600, "Stop")
+            self.assertEqual(run_state().state, "interrupted", ui.statusLabel.text)
+            self.assertTrue(ui.statusLabel.text.startswith("stopped at epoch"))
+            self.assertTrue(ui.resumeButton.enabled)
+            ui.resumeButton.click()
+            process_events_until(
+                lambda: run_state().state == "finished" and not panel.run.running, 1800, "Resume"
+            )
+            self.assertTrue(ui.statusLabel.text.startswith("finished"), ui.statusLabel.text)
+            table, losses, _validation = panel.run.plots.nodes()
+            self.assertEqual(table.GetNumberOfRows(), 30)
+            self.assertEqual(ui.metricsTableView.mrmlTableNode().GetID(), table.GetID())
+            lossView = ui.lossPlotWidget.mrmlPlotViewNode()
+            self.assertEqual(lossView.GetPlotChartNodeID(), losses.GetID())
+
+            self.assertTrue(ui.addToLibraryButton.enabled)
+            ui.addToLibraryButton.click()
+            (student,) = [e for e in panel.logic.library().entries() if e.key != teacher.key]
+            self.assertIn(student.name, ui.statusLabel.text)
+
+            self.delayDisplay("One turn of the annotate-then-distill loop")
+            choose_item(ui.loopStudentComboBox, student.key)
+            ui.beginLoopButton.click()
+            self.assertEqual(ui.currentVersionLabel.text, student.name)
+            ui.correctedVolumeSelector.setCurrentNode(volume)
+            ui.correctedSegmentationSelector.setCurrentNode(labels)
+            ui.addCaseButton.click()
+            self.assertIn("Added case", ui.statusLabel.text)
+            ui.epochsSpinBox.value = 3
+            self.assertTrue(ui.distillAgainButton.enabled)
+            ui.distillAgainButton.click()
+            process_events_until(
+                lambda: run_state().state == "finished" and not panel.run.running,
+                1800,
+                "Distill again",
+            )
+            self.assertTrue(ui.statusLabel.text.startswith("New version"), ui.statusLabel.text)
+            self.assertEqual(ui.versionsTableWidget.rowCount, 2)
+        finally:
+            panel.logic.libraryRoot = None
+            panel.refreshLibraryChoices()
+        self.delayDisplay("MTKD Train test passed")

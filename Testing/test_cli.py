@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -90,14 +91,27 @@ def test_evaluate_writes_per_volume_scores(teacher_run, slab_dataset, data_dir, 
         "--labels-json",
         str(data_dir / "labels_total_v2.json"),
     ]
-    assert main([*args, "--split", str(teacher_run / "split.json"), "--csv", str(out)]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*args, "--split", str(teacher_run / "split.json"), "--csv", str(out)]) == 0
+    # no deprecated MONAI argument (get_mask_edges(always_return_as_numpy=...)) per case
+    assert not [w for w in caught if "deprecat" in str(w.message).lower()]
     rows = list(csv.DictReader(out.open()))
     assert {r["case"] for r in rows} == set(split["test"])
     assert {r["structure"] for r in rows} == {"liver", "spleen", "kidney_right"}
     dice = [float(r["dice"]) for r in rows if r["dice"] != "n/a"]
     assert dice and all(0.0 <= d <= 1.0 for d in dice)
+    assert {r["outcome"] for r in rows} <= {"found", "missed", "spurious", "absent"}
+    assert all(r["hd95_mm"] != "inf" for r in rows)  # a miss scores the penalty distance
     printed = capsys.readouterr().out
     assert "HD95" in printed and "kidney_right" in printed
+    table = printed.splitlines()
+    assert table[1].split()[-1] == "missed"
+    mean = next(line for line in table if line.startswith("mean ")).split()
+    missed = sum(r["outcome"] == "missed" for r in rows)
+    spurious = sum(r["outcome"] == "spurious" for r in rows)
+    expected = [str(missed)] + ([f"+{spurious}", "spurious"] if spurious else [])
+    assert mean[3:] == expected
 
 
 def test_taps_lists_names_and_shapes(capsys):

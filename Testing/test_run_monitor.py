@@ -28,6 +28,7 @@ from MTKDLib.run_monitor import (
     format_duration,
     format_status,
     pid_alive,
+    plot_view_node,
 )
 
 HOST = socket.gethostname()
@@ -434,6 +435,65 @@ def test_plots_from_a_hand_made_state_are_rebuilt_only_when_it_changes():
     copy = RunState(state="training", history=[dict(r) for r in history])  # equal, not same
     assert not plots.update(copy)
     assert plots.table.GetNumberOfRows() == 2
+
+
+def node_counts(scene) -> dict[str, int]:
+    classes = ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode",
+               "vtkMRMLPlotViewNode", "vtkMRMLScriptedModuleNode")  # fmt: skip
+    return {name: scene.GetNumberOfNodesByClass(name) for name in classes}
+
+
+def test_reattaching_a_run_reuses_its_table_chart_and_series_nodes(tmp_path):
+    """Attach, Resume or a reloaded scene make a new RunPlots for the same run folder: it takes
+    over the nodes already in the scene instead of adding a table, two charts and series."""
+    scene, _ = new_scene()
+    log = event_log(tmp_path)
+    start(log, epochs=3)
+    for epoch in (1, 2):
+        log.emit("metrics", **epoch_record(epoch, 3, True))
+    first = RunPlots(scene, "student", key=str(tmp_path))
+    first.update(RunMonitor(tmp_path).update())
+    counts = node_counts(scene)
+    assert counts["vtkMRMLPlotSeriesNode"] == 3  # loss, seg, val_dice
+    ids = [node.GetID() for node in [*first.nodes(), *first.series.values()]]
+
+    log.emit("metrics", **epoch_record(3, 3, True))
+    for _ in range(2):  # attached twice more
+        again = RunPlots(scene, "student", key=str(tmp_path))
+        assert again.update(RunMonitor(tmp_path).update())
+        assert node_counts(scene) == counts
+        assert [node.GetID() for node in [*again.nodes(), *again.series.values()]] == ids
+        assert column(again.table, "epoch") == [1, 2, 3]
+        losses = again.loss_chart
+        assert losses.GetNumberOfPlotSeriesNodes() == 2
+        assert again.val_chart.GetNumberOfPlotSeriesNodes() == 1
+
+    other = RunPlots(scene, "student", key=str(tmp_path / "elsewhere"))  # same name, other run
+    assert other.table.GetID() not in ids
+    assert node_counts(scene)["vtkMRMLTableNode"] == 2
+
+
+def test_plot_view_node_is_created_once_per_widget_tag():
+    scene, _ = new_scene()
+    losses = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "losses")
+    dice = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "dice")
+    view = plot_view_node(scene, "MTKDTrain.loss", losses)
+    assert view.IsA("vtkMRMLPlotViewNode") and view.GetPlotChartNodeID() == losses.GetID()
+    owner = view.GetParentLayoutNode()  # shown in a module panel, not in the view layout
+    assert owner is not None and owner.GetHideFromEditors()
+    for _ in range(3):
+        assert plot_view_node(scene, "MTKDTrain.loss", dice) is view
+    assert view.GetPlotChartNodeID() == dice.GetID()
+    other = plot_view_node(scene, "MTKDTrain.dice")
+    assert other is not view and other.GetParentLayoutNode() is owner
+    assert node_counts(scene)["vtkMRMLPlotViewNode"] == 2
+    assert node_counts(scene)["vtkMRMLScriptedModuleNode"] == 1
+
+    scene.Clear(0)  # File > Close Scene keeps singletons (reset)
+    after = plot_view_node(scene, "MTKDTrain.loss")
+    assert after.GetSingletonTag() == "MTKDTrain.loss"
+    assert node_counts(scene)["vtkMRMLPlotViewNode"] == 2
+    assert after.GetParentLayoutNode() is not None
 
 
 # ------------------------------------------------------------------ real runs

@@ -19,6 +19,7 @@ MODULES = ["MTKDSegment", "MTKDTrain"]
 HEADLESS = [
     "compare_logic",
     "dependencies",
+    "devices",
     "distill_loop",
     "library_table",
     "mrml_io",
@@ -155,3 +156,60 @@ def test_shared_logic_imports_without_qt_or_torch():
 def test_every_shared_module_is_classified():
     files = {p.stem for p in (ROOT / "MTKDLib").glob("*.py")} - {"__init__"}
     assert files == set(HEADLESS) | APPLICATION_ONLY
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_device_is_any_device_this_machine_has(module):
+    """The device list differs between machines (cuda:0, cuda:1, mps, ...): the parameter is a
+    plain string, and the combo box is not bound to it by the parameterNodeWrapper (whose
+    QComboBox connector needs a fixed Choice and replaces the items with it)."""
+    assert parameter_fields(module)["device"] == "str"
+    assert "device" not in ui_parameter_names(module)
+    assert ui_widgets(module)["deviceComboBox"] == "QComboBox"
+    assert "DeviceChoice(self.ui.deviceComboBox" in module_source(module)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_plot_widgets_get_a_plot_view_node(module):
+    """A qMRMLPlotWidget creates no plot view node (Slicer's qMRMLPlotWidget.cxx): the code
+    must give it one (``setMRMLPlotViewNode``) and never use the one it assumes is there."""
+    plots = [name for name, kind in ui_widgets(module).items() if kind == "qMRMLPlotWidget"]
+    source = module_source(module)
+    assert not re.search(r"mrmlPlotViewNode\(\)\s*\.\s*Set", source)
+    if plots:
+        assert "setMRMLPlotViewNode(plot_view_node(" in source
+
+
+BLOCKING_CALLS = {"wait", "join", "communicate", "sleep", "run", "segment", "compare"}
+
+
+def blocking_calls(path: Path) -> list[str]:
+    """Calls in ``path`` that block until a process or thread ends (``x.wait()``, ``join``,
+    ``subprocess.run``, ``time.sleep``, the logic's blocking ``segment``/``compare``), as
+    "function:line", except in :func:`MTKDLib.gui.process_events_until`, which keeps Slicer's
+    events going while it waits."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if function.name == "process_events_until":
+            continue
+        for node in ast.walk(function):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in BLOCKING_CALLS
+                and not isinstance(node.func.value, ast.Constant)  # "...".join(...)
+            ):
+                found.append(f"{function.name}:{node.lineno}: .{node.func.attr}()")
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize(
+    "path", ["MTKDSegment/MTKDSegment.py", "MTKDTrain/MTKDTrain.py", "MTKDLib/gui.py"]
+)
+def test_nothing_waits_on_slicers_gui_thread(path):
+    """Cancel, Stop, closing the scene and the self-tests never block Slicer's main thread:
+    the widgets (and their self-tests) only start processes and poll them from timers."""
+    assert blocking_calls(ROOT / path) == []

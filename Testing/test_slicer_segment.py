@@ -116,12 +116,17 @@ def test_cancel_leaves_the_scene_as_it_was(teacher_run, scene_with_ct):
     scene, volume = scene_with_ct
     before = node_count(scene)
     task = SegmentLogic(scene, python=PYTHON).start(volume, teacher_run, "cpu")
-    task.cancel()
+    task.cancel()  # returns at once; the process tree ends and the scratch folder goes after
     assert task.state.cancelled and task.state.finished
-    assert task.process.returncode is not None  # the process tree is gone
     assert task.poll().finished and task.result is None
-    assert node_count(scene) == before
+    deadline = time.monotonic() + 60
+    while (task.process.returncode is None or task.workdir.exists()) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert task.process.returncode is not None  # the process tree is gone
     assert not task.workdir.exists()
+    assert node_count(scene) == before
 
 
 def test_a_broken_model_fails_clearly_and_adds_nothing(scene_with_ct, tmp_path):
@@ -145,6 +150,10 @@ def test_bad_inputs_are_refused_before_anything_runs(teacher_run, scene_with_ct)
         logic.start(labelmap, teacher_run)
     with pytest.raises(ValueError, match="device"):
         logic.start(volume, teacher_run, device="tpu")
+    before = node_count(scene)
+    with pytest.raises(ValueError, match="cuda:N"):  # the same device rule as Segment
+        CompareLogic(scene, python=PYTHON).start(volume, teacher_run, teacher_run, "cuda:x")
+    assert node_count(scene) == before
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ stopped (checkpoint kept), resumed and re-attached, and the annotate-then-distil
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 import yaml
 from slicer_scene import load_volume, new_scene
 
-from mtkd.config import RunConfig
+from mtkd.config import RunConfig, load_config
 from mtkd.data.datasets import load_dataset
 from mtkd.data.labels import LabelTable, remap_label_array
 from mtkd.data.segnrrd import write_segmentation
@@ -133,6 +134,20 @@ def test_cases_that_disagree_are_reported_and_nothing_is_written(case_files, tmp
     assert load_dataset(folder).labels.names == ["liver"]
 
 
+def test_export_without_a_chosen_folder_is_refused(case_files, tmp_path, monkeypatch):
+    """An empty dataset path field reads as Path("") == Path("."): Export must refuse it (and
+    a relative path) instead of writing into the application's working directory."""
+    scene, _ = new_scene()
+    cases = scene_cases(scene, case_files[:1])
+    monkeypatch.chdir(tmp_path)
+    for folder in ("", ".", Path(""), Path("."), None, "dataset"):
+        with pytest.raises(ValueError, match="choose"):
+            export_training_set(cases, folder)
+    assert list(tmp_path.iterdir()) == []  # nothing written in the working directory
+    export_training_set(cases, tmp_path / "dataset")
+    assert (tmp_path / "dataset" / "dataset.json").is_file()
+
+
 def test_panel_options_become_a_valid_config(teacher_run, tmp_path):
     options = TrainingOptions(dataset=str(tmp_path), teacher=str(teacher_run), name="s1",
                               taps="all_scales", feature_loss="mse",
@@ -168,7 +183,12 @@ def test_panel_options_become_a_valid_config(teacher_run, tmp_path):
 
     run = tmp_path / "run"
     path = write_config(options, run)
-    assert yaml.safe_load(path.read_text()) == config
+    # written as a run writes it: paths relative to the run folder, read back absolute
+    written = yaml.safe_load(path.read_text())
+    assert written["data"]["source"] == os.path.relpath(tmp_path.resolve(), run.resolve())
+    assert written["absolute_paths"]["distill.teacher"] == str(teacher_run.resolve())
+    expected = RunConfig.from_dict(config).with_absolute_paths()
+    assert load_config(path).to_dict() == expected.to_dict()
     commands = server_commands(run)
     assert f"mtkd distill {run / 'config.yaml'} --run-dir {run}" in commands
     assert f"mtkd distill --resume {run}" in commands
@@ -260,6 +280,18 @@ def test_reattach_to_a_finished_run(stopped_and_resumed):
     assert run.running is False  # its process has ended
     table, _, _ = run.plots.nodes()
     assert table.GetNumberOfRows() == 40
+
+    # Attach again (twice): the same table, charts and series, nothing added
+    classes = ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode")
+    counts = [scene.GetNumberOfNodesByClass(name) for name in classes]
+    for _ in range(2):
+        again = TrainLogic(scene, python=PYTHON).attach(stopped_and_resumed["dir"])
+        again.poll()
+        assert [scene.GetNumberOfNodesByClass(name) for name in classes] == counts
+        assert again.plots.table is table and again.plots.table.GetNumberOfRows() == 40
+    # the run's start and its resume, in one scene, shared one table and two charts
+    started_in = stopped_and_resumed["scene"]
+    assert [started_in.GetNumberOfNodesByClass(name) for name in classes[:2]] == [1, 2]
 
 
 def test_a_crashing_run_shows_its_error(training_set, teacher_run, tmp_path):

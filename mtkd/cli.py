@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", nargs="?", help="run configuration (YAML)")
         sub.add_argument("--run-dir", help="run folder (default runs/<name>)")
         sub.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
-        sub.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:1)")
+        sub.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N, mps)")
         sub.set_defaults(func=function)
 
     sub = commands.add_parser(
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--subset", default="test", choices=["train", "val", "test", "student_train"])
     sub.add_argument("--labels-json", help="label names when the dataset has none")
     sub.add_argument("--csv", help="where to write per-volume scores (CSV)")
-    sub.add_argument("--device", default="auto")
+    sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     sub.set_defaults(func=cmd_evaluate)
 
     sub = commands.add_parser("segment", help="segment CT images with a model")
@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["seg.nrrd", "nii.gz", "nrrd", "mha"],
         help="file type when -o is a folder (default seg.nrrd)",
     )
-    sub.add_argument("--device", default="auto")
+    sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
     sub.set_defaults(func=cmd_segment)
 
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write teacher.seg.nrrd and student.seg.nrrd (on the CT's grid)",
     )
-    sub.add_argument("--device", default="auto")
+    sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
     sub.set_defaults(func=cmd_compare)
 
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="mirror each run's events to OUTPUT/tensorboard (needs the tensorboard package)",
     )
-    sub.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:1)")
+    sub.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N, mps)")
     sub.set_defaults(func=cmd_ablate)
 
     sub = commands.add_parser(
@@ -488,6 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
     item.add_argument("--root", help=root_help)
     item.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     item.set_defaults(func=cmd_library_delete)
+
+    sub = commands.add_parser(
+        "config",
+        help="every configuration key with its default (commented YAML), or where a "
+        "protocol preset departs from the defaults",
+    )
+    sub.add_argument(
+        "--preset", metavar="PROTOCOL", help="table a protocol's changes to the defaults"
+    )
+    sub.set_defaults(func=cmd_config)
 
     sub = commands.add_parser(
         "env", help="Python, package, CUDA, GPU, CPU and memory report (for bug reports)"
@@ -551,6 +561,13 @@ def cmd_library_delete(args: argparse.Namespace) -> int:
             return 1
     library.delete(entry.key)
     print(f"deleted {entry.key}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from mtkd.config_reference import annotated_defaults, preset_differences
+
+    print(preset_differences(args.preset) if args.preset else annotated_defaults(), end="")
     return 0
 
 

@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mtkd.config import RunConfig
+from mtkd.config import PATH_KEYS, RunConfig
 from mtkd.data.datasets import DatasetIndex, load_dataset
 from mtkd.data.loading import PatchDataset, SliceDataset, VolumeCache
 from mtkd.data.preprocess import Preprocessing
@@ -58,7 +58,7 @@ from mtkd.engine.distributed import Distributed, shard_indices
 from mtkd.engine.optim import build_optimizer, build_scheduler
 from mtkd.engine.run_dir import EventLog, RunDir
 from mtkd.engine.seg_loss import SegmentationLoss
-from mtkd.engine.signals import StopRequest
+from mtkd.engine.signals import StopRequest, stop_file
 from mtkd.engine.step import TrainingStep
 from mtkd.engine.teacher_source import (
     TeacherSource,
@@ -111,12 +111,25 @@ def _spacing(spacing: tuple[float, ...] | None) -> tuple[float, ...] | None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """ "auto" -> CUDA when available, else the CPU; an unavailable CUDA request is an error."""
+    """ "auto" -> CUDA when available, else the CPU; "cpu", "cuda", "cuda:N", "mps" as named.
+    A device this machine does not have (or an unknown name) is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise MTKDError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MTKDError(f"device '{name}' requested but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise MTKDError(
+            f"device '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s)"
+            f" (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MTKDError(f"device '{name}' requested but MPS (Apple GPU) is not available")
     return device
 
 
@@ -146,14 +159,16 @@ class Trainer:
         progress: bool | None = None,
         log=print,
     ):
-        self.config = config
+        self.config = config.with_absolute_paths()  # the run no longer needs the working dir
         self.run_dir = RunDir(run_dir)
         self.resume = resume
         self.dist = Distributed.from_environment()
         main = self.dist.is_main
         self.progress = main and (sys.stderr.isatty() if progress is None else progress)
         self.log = log if main else _silent
-        self.stop = StopRequest()
+        # SIGINT/SIGTERM or the file RUN/STOP ask to stop at the next safe point; rank 0
+        # removes a stop file left from before
+        self.stop = StopRequest(stop_file(self.run_dir.root), clear=main)
         self.device = self.dist.device(resolve_device(config.train.device))
         self.events = EventLog(self.run_dir.events, enabled=main)
 
@@ -666,6 +681,12 @@ class Trainer:
         elif self.dist.is_main:
             self.run_dir.create(cfg)
         self.dist.barrier()  # the folder exists before any other process uses it
+        # a resumed run has the init_from weights in its checkpoint; only distillation uses
+        # a teacher
+        skip = {"model.init_from"} if self.resume else set()
+        skip |= {"distill.teacher"} if cfg.kind != "distill" else set()
+        needed = [key for key in PATH_KEYS if key not in skip]
+        cfg.check_paths(needed, run_dir=self.run_dir.root)
         self.events.emit(
             "status",
             state="preparing",
