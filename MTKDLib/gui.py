@@ -303,6 +303,29 @@ def process_events_until(condition: Callable[[], bool], timeout: float, what: st
         time.sleep(0.05)
 
 
+def quick_demo_in_scratch_folder(test: str, message: Callable[[str], None]) -> Path | None:
+    """For the self-tests' end-to-end part: a new scratch folder in which ``mtkd demo --quick``
+    has trained the demo's teacher and students (``FOLDER/demo``), run in the background while
+    Slicer stays responsive. None, after ``message`` (e.g. ``delayDisplay``) says that ``test``
+    did not run and why, when torch or MONAI is not installed."""
+    import tempfile
+
+    missing = missing_engine_packages()
+    if missing:
+        message(
+            f"{test} not run: {', '.join(missing)} not installed in Slicer's Python "
+            "(MTKD Segment > Environment > Install dependencies installs them)"
+        )
+        return None
+    work = Path(tempfile.mkdtemp(prefix="mtkd-selftest-"))
+    message("Training a tiny teacher and students on the bundled CT (mtkd demo --quick)")
+    demo = EngineTask(lambda _: ["demo", "--quick", "--output", str(work / "demo")], lambda _: None)
+    process_events_until(lambda: demo.poll().finished, 1800, "mtkd demo --quick")
+    if not demo.state.succeeded:
+        raise AssertionError(f"mtkd demo --quick failed: {demo.state.error}")
+    return work
+
+
 def choose_item(comboBox: Any, data: str) -> None:
     """Select the item of ``comboBox`` whose data is ``data``, as a user picking it does
     (the box's signals fire); AssertionError when the box does not offer it."""

@@ -28,9 +28,9 @@ from MTKDLib.gui import (
     TaskView,
     choose_item,
     library_root,
-    missing_engine_packages,
     model_library,
     process_events_until,
+    quick_demo_in_scratch_folder,
     set_library_root,
 )
 from MTKDLib.segment_logic import SegmentLogic
@@ -415,27 +415,11 @@ class MTKDSegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay("MTKD Segment panel test passed")
 
     def test_segment_and_compare(self):
-        missing = missing_engine_packages()
-        if missing:
-            self.delayDisplay(
-                "Segmentation test not run: {names} not installed in Slicer's Python "
-                "(Install dependencies in the panel's Environment section installs them)".format(
-                    names=", ".join(missing)
-                )
-            )
+        work = quick_demo_in_scratch_folder("Segmentation test", self.delayDisplay)
+        if work is None:
             return
-
         from mtkd.demo import bundled_sample
         from MTKDLib.mrml_io import labelmap_array, load_segmentation, segment_names
-        from MTKDLib.process import EngineTask
-
-        work = Path(tempfile.mkdtemp(prefix="mtkd-selftest-"))
-        self.delayDisplay("Training a tiny teacher and student on the bundled CT (mtkd demo)")
-        demo = EngineTask(
-            lambda _: ["demo", "--quick", "--output", str(work / "demo")], lambda _: None
-        )
-        process_events_until(lambda: demo.poll().finished, 1800, "mtkd demo --quick")
-        self.assertTrue(demo.state.succeeded, demo.state.error)
 
         panel = self.panel()
         ui = panel.ui

@@ -28,9 +28,9 @@ from MTKDLib.gui import (
     DeviceChoice,
     ModuleWidget,
     choose_item,
-    missing_engine_packages,
     model_library,
     process_events_until,
+    quick_demo_in_scratch_folder,
 )
 from MTKDLib.slicer_setup import ensure_engine_dependencies, ensure_model_extras
 from MTKDLib.train_config import (
@@ -675,27 +675,11 @@ class MTKDTrainTest(ScriptedLoadableModuleTest):
         self.delayDisplay("MTKD Train panel test passed")
 
     def test_distill_in_the_background(self):
-        missing = missing_engine_packages()
-        if missing:
-            self.delayDisplay(
-                "Distillation test not run: {names} not installed in Slicer's Python "
-                "(MTKD Segment > Environment > Install dependencies installs them)".format(
-                    names=", ".join(missing)
-                )
-            )
+        work = quick_demo_in_scratch_folder("Distillation test", self.delayDisplay)
+        if work is None:
             return
-
         from mtkd.demo import bundled_sample
         from MTKDLib.mrml_io import load_segmentation
-        from MTKDLib.process import EngineTask
-
-        work = Path(tempfile.mkdtemp(prefix="mtkd-selftest-"))
-        self.delayDisplay("Training a tiny teacher on the bundled CT (mtkd demo --quick)")
-        demo = EngineTask(
-            lambda _: ["demo", "--quick", "--output", str(work / "demo")], lambda _: None
-        )
-        process_events_until(lambda: demo.poll().finished, 1800, "mtkd demo --quick")
-        self.assertTrue(demo.state.succeeded, demo.state.error)
 
         panel = self.panel()
         ui = panel.ui
