@@ -7,7 +7,7 @@ student's training curves from ``student_kd/events.jsonl``. Slices and plots are
 matplotlib; the 3-D view is rendered offscreen with VTK (the ``vtk`` that ``slicer-core``
 installs; it needs an EGL or OSMesa library, which headless Linux machines usually have).
 
-Reproduce it (about 3 minutes on a 2-core CPU for the demo)::
+Reproduce it (about 5 minutes on a 2-core CPU for the demo)::
 
     .venv/bin/mtkd demo --output runs/demo
     .venv/bin/python Resources/Screenshots/render_screenshot.py runs/demo
