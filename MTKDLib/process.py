@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from mtkd.engine.signals import LAUNCHED_AT_ENV
 from mtkd.engine.signals import request_stop as write_stop_file
 from mtkd.progress import parse_progress
 
@@ -138,7 +139,8 @@ class BackgroundProcess:
 
     ``stop_file``: the stop-request file of the run the process works on (see
     :mod:`mtkd.engine.signals`); :meth:`request_stop` creates it. A stale one is removed
-    before the process starts.
+    before the process starts, and the process is told when that was (``$MTKD_LAUNCHED_AT``),
+    so that it keeps a request made while it starts up.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class BackgroundProcess:
         if self.stop_file is not None:
             with contextlib.suppress(OSError):
                 self.stop_file.unlink(missing_ok=True)
+            env = {**(os.environ if env is None else env), LAUNCHED_AT_ENV: repr(time.time())}
         options = popen_keywords()
         self._process = subprocess.Popen(
             self.command,

@@ -130,14 +130,18 @@ def test_request_stop_creates_the_stop_file_and_a_stale_one_is_removed_first(tmp
         import os, signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stale file:", os.path.exists({str(stop)!r}), flush=True)
+        print("launched at", os.environ["MTKD_LAUNCHED_AT"], flush=True)
         while not os.path.exists({str(stop)!r}):
             time.sleep(0.02)
         print("stop file seen", flush=True)
         """
     )
+    stale_written = stop.stat().st_mtime
     process = BackgroundProcess([PYTHON, "-c", script], stop_file=stop)
-    assert wait_until(lambda: any("stale file" in line for line in process.tail(5)))
+    assert wait_until(lambda: any("launched at" in line for line in process.tail(5)))
     assert "stale file: False" in process.tail(5)
+    launched = float(process.tail(5)[-1].split()[-1])  # told to the engine: see mtkd.engine.signals
+    assert stale_written <= launched
     assert process.request_stop() is True
     assert process.wait(60) == 0
     assert process.tail(1) == ["stop file seen"]

@@ -17,7 +17,14 @@ from conftest import tiny_config
 
 from mtkd.engine.checkpoint import load_checkpoint
 from mtkd.engine.run_dir import read_events
-from mtkd.engine.signals import STOP_FILE_NAME, StopRequest, request_stop, stop_file
+from mtkd.engine.signals import (
+    LAUNCHED_AT_ENV,
+    STOP_FILE_NAME,
+    StopRequest,
+    launch_time,
+    request_stop,
+    stop_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +40,29 @@ def test_the_stop_file_is_a_request_checked_when_read(tmp_path):
 
 
 def test_a_stale_stop_file_is_removed_on_entering(tmp_path):
-    request_stop(tmp_path)
+    path = request_stop(tmp_path)
+    os.utime(path, (time.time() - 60, time.time() - 60))  # written before this process began
     with StopRequest(stop_file(tmp_path)) as stop:
         assert not stop_file(tmp_path).exists()
         assert not stop.requested
+
+
+def test_a_stop_requested_while_the_run_starts_up_is_kept(tmp_path):
+    """A request written after the process was launched (before the run reads the file)
+    stops the run; only a file older than the launch is stale."""
+    path = request_stop(tmp_path)
+    written = path.stat().st_mtime
+    with StopRequest(path, launched_at=written - 5) as stop:
+        assert path.exists()
+        assert stop.requested
+    os.utime(path := request_stop(tmp_path), (written - 60, written - 60))
+    with StopRequest(path, launched_at=written - 5) as stop:
+        assert not path.exists() and not stop.requested
+
+
+def test_the_launch_time_comes_from_the_front_end(monkeypatch):
+    assert launch_time({LAUNCHED_AT_ENV: "1234.5"}) == 1234.5
+    assert launch_time({}) == launch_time({LAUNCHED_AT_ENV: "not a number"}) <= time.time()
 
 
 def test_without_clear_the_file_is_left_for_the_process_that_owns_it(tmp_path):
