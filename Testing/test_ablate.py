@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 import sys
 
 import matplotlib.image
@@ -16,7 +17,7 @@ import yaml
 from conftest import tiny_config
 from helpers import expect_error
 
-from mtkd.ablate import ablation_from_dict, load_ablation, run_ablation
+from mtkd.ablate import _claim_folder, ablation_from_dict, load_ablation, run_ablation
 from mtkd.ablation.grid import cell_name
 from mtkd.ablation.report import markdown_table, mean_std, summarise_cells, write_plots
 from mtkd.ablation.tensorboard import event_scalars, mirror_run, summary_writer_class
@@ -57,6 +58,36 @@ def ablation_config(dataset, teacher_run, section, epochs=1) -> dict:
     config["train"]["epochs"] = epochs
     config["ablation"] = section
     return config
+
+
+def test_a_grid_moved_with_its_data_continues_and_other_data_is_another_grid(
+    slab_dataset, teacher_run, tmp_path
+):
+    """``ablation.yaml`` stores its paths relative to the ablation folder (absolute beside
+    them): after the folder moved together with its data and teacher, the same grid continues
+    there; a grid on other data is still refused."""
+    folder, split = slab_dataset
+    project = tmp_path / "project"
+    shutil.copytree(folder, project / "data")
+    shutil.copytree(teacher_run, project / "teacher")
+
+    def claim(where, data):
+        config = ablation_config((data, split), where / "teacher", {"seeds": [0]})
+        _claim_folder(where / "ABL", ablation_from_dict(config))
+
+    claim(project, project / "data")
+    stored = yaml.safe_load((project / "ABL" / "ablation.yaml").read_text(encoding="utf-8"))
+    assert stored["teacher"] == "../teacher"
+    assert stored["recipe"]["data"]["source"] == "../data"
+    assert stored["absolute_paths"]["../data"] == str((project / "data").resolve())
+
+    moved = tmp_path / "elsewhere" / "project"
+    moved.parent.mkdir()
+    shutil.move(project, moved)
+    claim(moved, moved / "data")  # the same grid: no error
+    shutil.copytree(folder, tmp_path / "other-data")
+    with pytest.raises(MTKDError, match="another ablation grid"):
+        claim(moved, tmp_path / "other-data")
 
 
 @pytest.fixture(scope="module")

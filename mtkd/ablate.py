@@ -7,7 +7,8 @@ several seeds. Every run has the same data, split, recipe and epochs; the seed s
 ``train.seed``. Each run is scored on the split's test cases (per-volume Dice and HD95 on the
 original grid, as ``mtkd evaluate``)::
 
-    ABL/ablation.yaml              the resolved grid (a different grid is refused here)
+    ABL/ablation.yaml              the resolved grid (a different grid is refused here); its
+                                   paths relative to ABL, absolute beside them, as in a run
     ABL/cells/<cell>/seed<k>/      a normal run folder per cell and seed; its report/ holds
                                    test_scores.csv (per volume) and ablation_result.json
     ABL/teacher/                   the teacher's test scores (the teacher is not retrained)
@@ -24,6 +25,7 @@ stops the run in progress at a safe point (its checkpoint saved) and ends the gr
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +54,13 @@ from mtkd.ablation.report import (
 )
 from mtkd.ablation.tensorboard import mirror_run, summary_writer_class
 from mtkd.config import RunConfig
+from mtkd.config_paths import (
+    ABSOLUTE_PATHS,
+    PATH_KEYS,
+    is_path_value,
+    relative_paths,
+    resolve_paths,
+)
 from mtkd.data.atomic import atomic_write_bytes
 from mtkd.data.datasets import DatasetIndex, load_dataset
 from mtkd.data.splits import split_cases
@@ -136,16 +145,60 @@ def _stopped(cell: Cell, seed: int, done: int, total: int, root: Path) -> str:
     )
 
 
+def _grid_paths(grid: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """The places of a grid (``Ablation.to_dict()``) that hold a file or folder: (mapping,
+    key) for the teacher, each cell's teacher and the recipe's path keys."""
+    places = [(grid, "teacher")]
+    places += [(cell["distill"], "teacher") for cell in grid.get("cells") or []]
+    for key in PATH_KEYS:
+        if key == "distill.teacher":
+            continue
+        *parents, last = key.split(".")
+        mapping = grid.get("recipe") or {}
+        for part in parents:
+            mapping = mapping.get(part) or {}
+        places.append((mapping, last))
+    return [(mapping, key) for mapping, key in places if is_path_value(mapping.get(key))]
+
+
+def _grid_with_relative_paths(grid: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``grid`` as ``ablation.yaml`` stores it: paths relative to the ablation folder ``root``
+    and, under ``absolute_paths``, each relative path's absolute form (as a run's config)."""
+    grid = copy.deepcopy(grid)
+    section: dict[str, str] = {}
+    for mapping, key in _grid_paths(grid):
+        written, absolute = relative_paths({"path": mapping[key]}, root, keys=("path",))
+        mapping[key] = written["path"]
+        if "path" in absolute:
+            section[written["path"]] = absolute["path"]
+    return {**grid, ABSOLUTE_PATHS: section} if section else grid
+
+
+def _grid_with_absolute_paths(grid: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A stored grid with its paths absolute: read from ``root`` where they exist there (the
+    folder moved with its data), else the absolute path stored beside them."""
+    grid = copy.deepcopy(grid)
+    section = grid.pop(ABSOLUTE_PATHS, None)
+    section = section if isinstance(section, dict) else {}
+    for mapping, key in _grid_paths(grid):
+        fallback = {"path": section[mapping[key]]} if mapping[key] in section else None
+        resolved, _ = resolve_paths({"path": mapping[key]}, root, fallback, keys=("path",))
+        mapping[key] = resolved["path"]
+    return grid
+
+
 def _claim_folder(root: Path, ablation: Ablation) -> None:
-    """Write ``ablation.yaml`` into a new or empty folder; refuse one holding another grid."""
-    grid = ablation.to_dict()
+    """Write ``ablation.yaml`` into a new or empty folder; refuse one holding another grid.
+    Paths are compared where they point, so a grid moved together with its data continues."""
+    grid = _grid_with_absolute_paths(ablation.to_dict(), Path.cwd())
     path = root / "ablation.yaml"
     if path.is_file():
         try:
             stored = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise MTKDError(f"not valid YAML ({error})", path=path) from None
-        differences = grid_differences(stored if isinstance(stored, dict) else {}, grid)
+        stored = _grid_with_absolute_paths(stored, root) if isinstance(stored, dict) else {}
+        differences = grid_differences(stored, grid)
         if differences:
             raise MTKDError(
                 "this folder holds another ablation grid (it differs in "
@@ -160,7 +213,8 @@ def _claim_folder(root: Path, ablation: Ablation) -> None:
             path=root,
         )
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, yaml.safe_dump(grid, sort_keys=False).encode())
+    stored = _grid_with_relative_paths(grid, root)
+    atomic_write_bytes(path, yaml.safe_dump(stored, sort_keys=False).encode())
 
 
 def _test_cases(base: RunConfig, dataset: DatasetIndex) -> list[str]:
