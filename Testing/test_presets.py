@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from mtkd.cli import main
 from mtkd.config import differing_keys, load_config
@@ -194,6 +195,9 @@ def test_written_configs_run_as_the_same_protocol_and_twins_stay_twins(tmp_path)
     folder = tmp_path / "mine"
     written = write_configs(load_protocol(SPLEEN, **_paths(tmp_path)), folder)
     assert [p.name for p in written] == ["protocol.yaml"] + [f"{s}.yaml" for s in THESIS_STAGES]
+    stage_file = yaml.safe_load((folder / "teacher.yaml").read_text())
+    assert stage_file["data"]["source"] == "../data"  # relative to the file, as a run's config
+    assert stage_file["absolute_paths"]["data.source"] == str((tmp_path / "data").resolve())
     again = load_protocol(folder, **_paths(tmp_path))
     original = load_protocol(SPLEEN, **_paths(tmp_path))
     assert [s.config for s in again.stages] == [s.config for s in original.stages]

@@ -423,7 +423,7 @@ def write_configs(protocol: Protocol, folder: str | Path) -> list[Path]:
                 f"# The no-KD twin of {stage.baseline_of}.yaml: keep both identical but for "
                 "distill.scale (0 here); `mtkd protocol` checks it.\n"
             )
-        atomic_write_bytes(path, (header + dump_config(stage.config)).encode())
+        atomic_write_bytes(path, (header + dump_config(stage.config, folder)).encode())
         written.append(path)
         entry: dict[str, Any] = {"config": path.name}
         if stage.baseline_of:
