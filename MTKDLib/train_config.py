@@ -17,7 +17,6 @@ from typing import Any
 from mtkd.config import RunConfig, dump_config
 from mtkd.data.atomic import atomic_write_bytes
 from mtkd.infer.model_files import METADATA
-from MTKDLib.devices import DEFAULT_DEVICES as DEVICES  # noqa: F401 - the widgets' choices
 from MTKDLib.devices import check_device
 
 # student size presets: shown text -> registered network name
