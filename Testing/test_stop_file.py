@@ -41,7 +41,8 @@ def test_the_stop_file_is_a_request_checked_when_read(tmp_path):
 
 def test_a_stale_stop_file_is_removed_on_entering(tmp_path):
     path = request_stop(tmp_path)
-    os.utime(path, (time.time() - 60, time.time() - 60))  # written before this process began
+    before_launch = launch_time() - 60  # written before this process was launched
+    os.utime(path, (before_launch, before_launch))
     with StopRequest(stop_file(tmp_path)) as stop:
         assert not stop_file(tmp_path).exists()
         assert not stop.requested
