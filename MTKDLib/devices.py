@@ -66,6 +66,19 @@ def available_devices(
     return list(_cache[python])
 
 
+NOT_FOUND = "{device} (not found on this computer)"
+
+
+def device_items(devices: Sequence[str], selected: str) -> list[tuple[str, str]]:
+    """(shown text, device) of each item of a device combo box: every device of
+    ``devices``, and ``selected`` when it is not one of them (e.g. ``cuda:1`` in a scene made
+    on another computer), marked, so that the box shows what will be used."""
+    items = [(device, device) for device in devices]
+    if selected and selected not in devices:
+        items.append((NOT_FOUND.format(device=selected), selected))
+    return items
+
+
 def _environment_report(
     command: Sequence[str], env: dict[str, str] | None, timeout: float
 ) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-from MTKDLib.devices import DEFAULT_DEVICES, available_devices
+from MTKDLib.devices import DEFAULT_DEVICES, available_devices, device_items
 from MTKDLib.process import EngineTask
 
 LIBRARY_SETTING = "MTKD/ModelLibrary"
@@ -192,19 +192,6 @@ class TaskView:
         self.button.text = self._idle_text
         self.progress.visible = False
         self.status.text = text
-
-
-NOT_FOUND = "{device} (not found on this computer)"
-
-
-def device_items(devices: Sequence[str], selected: str) -> list[tuple[str, str]]:
-    """(shown text, device) of each item of a device combo box: every device of
-    ``devices``, and ``selected`` when it is not one of them (e.g. ``cuda:1`` in a scene made
-    on another computer), marked, so that the box shows what will be used."""
-    items = [(device, device) for device in devices]
-    if selected and selected not in devices:
-        items.append((NOT_FOUND.format(device=selected), selected))
-    return items
 
 
 class DeviceChoice:

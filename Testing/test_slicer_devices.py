@@ -21,6 +21,7 @@ from MTKDLib.devices import (
     DEFAULT_DEVICES,
     available_devices,
     check_device,
+    device_items,
     devices_from_report,
 )
 from MTKDLib.train_config import TrainingOptions, build_config
@@ -123,3 +124,14 @@ def test_the_engine_accepts_a_second_gpu_and_mps_by_name():
     if gpus:
         with pytest.raises(MTKDError, match=f"has {gpus} GPU"):
             resolve_device(f"cuda:{gpus}")
+
+
+def test_the_device_box_lists_every_device_and_keeps_one_this_computer_lacks():
+    """A scene made on another computer may name ``cuda:1``: the box still shows it, marked,
+    so that what will be used is what is shown."""
+    found = ["auto", "cpu", "cuda:0"]
+    assert device_items(found, "cuda:0") == [(name, name) for name in found]
+    items = device_items(found, "cuda:1")
+    assert items[:3] == [(name, name) for name in found]
+    assert items[3] == ("cuda:1 (not found on this computer)", "cuda:1")
+    assert device_items(found, "") == [(name, name) for name in found]
