@@ -8,27 +8,23 @@ the answer is cached per interpreter.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from collections.abc import Sequence
 from typing import Any
 
+from mtkd.engine.devices import check_device_name, is_device_name
 from MTKDLib.process import engine_command, engine_environment, engine_python, popen_keywords
 
 # Always offered, also when torch is missing or the engine cannot be asked
 DEFAULT_DEVICES = ("auto", "cpu")
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 _cache: dict[str, list[str]] = {}
 
 
 def check_device(device: str) -> str:
     """``device`` when it is a device name the engine accepts ("auto", "cpu", "cuda",
-    "cuda:N", "mps"); ValueError naming the accepted forms otherwise."""
-    if not isinstance(device, str) or DEVICE_PATTERN.fullmatch(device) is None:
-        raise ValueError(
-            f"device must be auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps, got '{device}'"
-        )
-    return device
+    "cuda:N", "mps": the engine's rule, :mod:`mtkd.engine.devices`); MTKDError (a ValueError)
+    naming the accepted forms otherwise."""
+    return check_device_name(device)
 
 
 def devices_from_report(report: dict[str, Any]) -> list[str]:
@@ -37,7 +33,7 @@ def devices_from_report(report: dict[str, Any]) -> list[str]:
     listed = report.get("devices") or []
     names = list(DEFAULT_DEVICES)
     for name in listed:
-        if isinstance(name, str) and DEVICE_PATTERN.fullmatch(name) and name not in names:
+        if is_device_name(name) and name not in names:
             names.append(name)
     return names
 

@@ -6,6 +6,11 @@ when this session started it) into a :class:`~MTKDLib.run_monitor.RunState` and,
 scene, into table and plot nodes. Stop asks the process to stop (it saves a checkpoint first);
 Resume continues from that checkpoint; a run folder can be attached to at any time, e.g. after
 Slicer restarted or on a shared path where a GPU server writes it.
+
+One process writes a run folder at a time (:mod:`mtkd.folder_lock`): Start and Resume are
+refused, naming the holder, while another run (a command line, another Slicer) writes it. A
+process that Stop or Kill ended leaves no lock that blocks the next start: a lock whose holder
+died on this machine is recovered.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from mtkd.engine.signals import request_stop, stop_file
+from mtkd.folder_lock import FolderLock, check_unlocked
 from MTKDLib.process import (
     BackgroundProcess,
     EngineLogic,
@@ -33,9 +40,18 @@ from MTKDLib.train_config import TrainingOptions, distill_arguments, write_confi
 class TrainingRun:
     """One run folder, followed; ``process`` is set when this session runs it."""
 
-    def __init__(self, run_dir: Path, process: BackgroundProcess | None, plots: Any = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        process: BackgroundProcess | None,
+        plots: Any = None,
+        launched_at: float | None = None,
+    ):
         self.run_dir = Path(run_dir).absolute()
         self.process = process
+        # when ``process`` was started (default: now): events older than this are an earlier
+        # process's
+        self.launched_at = time.time() if launched_at is None else launched_at
         self.plots = plots
         self.monitor = RunMonitor(self.run_dir)
         self.state = RunState()
@@ -50,10 +66,13 @@ class TrainingRun:
             # a resumed run's process has not written its first event yet: the end read is
             # the previous session's
             state.state, state.phase = "preparing", "resuming"
-        if process is not None and process.returncode not in (None, 0) and not state.ended:
-            # ended without saying so (killed, crashed before its first event): say why
-            state.state = "failed"
-            state.error = error_message(process.tail(50), process.returncode)
+        if process is not None and process.returncode not in (None, 0):
+            own = state.started_at is not None and state.started_at >= self.launched_at
+            if not state.ended or not own:
+                # ended without saying so (killed, crashed or refused before its first event,
+                # e.g. by the folder's lock; the end read is then an earlier process's): say why
+                state.state = "failed"
+                state.error = error_message(process.tail(50), process.returncode)
         if self.plots is not None:
             self.plots.update(state)
         self.state = state
@@ -105,22 +124,29 @@ class TrainLogic(EngineLogic):
         # finds its paths from the run folder)
         run_dir = run_dir.absolute()
         command = engine_command(distill_arguments(run_dir, resume), self.python)
+        launched_at = time.time()
         process = BackgroundProcess(
             command, env=self.env or engine_environment(), stop_file=stop_file(run_dir)
         )
-        return TrainingRun(run_dir, process, self._plots(run_dir))
+        return TrainingRun(run_dir, process, self._plots(run_dir), launched_at)
 
     def start(self, options: TrainingOptions, run_dir: str | Path) -> TrainingRun:
-        """Write ``RUN/config.yaml`` from ``options`` and start ``mtkd distill`` on it."""
+        """Write ``RUN/config.yaml`` from ``options`` and start ``mtkd distill`` on it.
+        FolderLocked (naming the holder) while another process writes the folder: its
+        configuration is never overwritten under it."""
         run_dir = Path(run_dir)
-        write_config(options, run_dir)
+        with FolderLock(run_dir, "MTKD Train (writing config.yaml)"):
+            write_config(options, run_dir)
         return self._spawn(run_dir, resume=False)
 
     def resume(self, run_dir: str | Path) -> TrainingRun:
-        """Continue a stopped or interrupted run from its last checkpoint."""
+        """Continue a stopped or interrupted run from its last checkpoint. FolderLocked at
+        once while another process writes the folder (the engine refuses it too, and its
+        one-line error becomes the run's error: :func:`MTKDLib.process.error_message`)."""
         run_dir = Path(run_dir)
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise ValueError(f"{run_dir}: no checkpoint to resume from (checkpoints/last.pt)")
+        check_unlocked(run_dir)
         return self._spawn(run_dir, resume=True)
 
     def attach(self, run_dir: str | Path) -> TrainingRun:

@@ -26,7 +26,13 @@ from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.export.bundle import SCHEMA_URL, verify_bundle, write_bundle
 from mtkd.export.verify import sample_input
-from mtkd.infer.bundle import THESIS_TARGET, load_bundle, safe_extract
+from mtkd.infer.bundle import (
+    MAX_ZIP_MEMBER,
+    THESIS_TARGET,
+    check_zip_sizes,
+    load_bundle,
+    safe_extract,
+)
 from mtkd.infer.model_io import build_from_spec, export_model, load_model, sha256_of
 from mtkd.infer.sources import load_any_model
 from mtkd.models import MultiTaskNet, build_network
@@ -541,3 +547,82 @@ def test_zip_without_a_bundle_is_refused(tmp_path):
     with expect_error(archive, "no MONAI bundle"):
         load_bundle(archive, extract_to=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- sizes of zips and the metadata's checks ---------------------------------------------------
+
+
+def test_zip_bomb_bundle_is_refused_before_extracting(tmp_path, monkeypatch):
+    """A bundle zip whose weights member unpacks to 64 MiB of zeros from about 64 KiB is
+    refused before anything is written (given target and cache alike)."""
+    bundle = tmp_path / "bundle"
+    _third_party(bundle, tmp_path / "unused.txt")
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for name in ("configs/metadata.json", "configs/inference.json"):
+            zipped.write(bundle / name, name)
+        with zipped.open("models/model.pt", "w") as member:
+            for _ in range(64):
+                member.write(bytes(1 << 20))
+    monkeypatch.setenv("MTKD_CACHE", str(tmp_path / "cache"))
+    for options in ({"extract_to": tmp_path / "out"}, {}):
+        with expect_error(archive, "models/model.pt", "zip bomb"):
+            load_bundle(archive, **options)
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").rglob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "words"),
+    [
+        ([MAX_ZIP_MEMBER + 1], ("would unpack to", "more than 2.0 GiB")),
+        ([MAX_ZIP_MEMBER, MAX_ZIP_MEMBER, 1], ("more than 4.0 GiB",)),
+    ],
+)
+def test_zip_size_limits_hold_for_declared_sizes(tmp_path, sizes, words):
+    """The limits apply to the sizes a zip declares (zipfile never unpacks more than that)."""
+    members = []
+    for number, size in enumerate(sizes):
+        info = zipfile.ZipInfo(f"part{number}.bin")
+        info.file_size = info.compress_size = size
+        members.append(info)
+    with expect_error(tmp_path / "x.zip", *words):
+        check_zip_sizes(members, tmp_path / "x.zip")
+    check_zip_sizes(members[:1] if len(sizes) > 2 else [], tmp_path / "x.zip")  # within limits
+
+
+def test_edited_mtkd_section_is_refused(bundles, tmp_path):
+    """The mtkd section records its checksum: an edit is refused; without the checksum (an
+    older mtkd's bundle) a reversed HU window or labels short of the outputs are refused."""
+    folder = _copy(bundles["unet3d"][1], tmp_path)
+    metadata_file = folder / "configs" / "metadata.json"
+    original = json.loads(metadata_file.read_text())
+    assert original["mtkd"]["metadata_sha256"]
+    edits = [
+        (True, ("preprocessing", "hu_window"), [0, 80], ("mtkd.metadata_sha256", "changed")),
+        (False, ("preprocessing", "hu_window"), [240, -160], ("mtkd.preprocessing.hu_window",)),
+        (False, ("labels",), {"1": "liver"}, ("mtkd.labels", "output channel")),
+    ]
+    for keep, keys, value, words in edits:
+        metadata = copy.deepcopy(original)
+        section = metadata["mtkd"]
+        if not keep:
+            del section["metadata_sha256"]
+        target = section
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+        metadata_file.write_text(json.dumps(metadata))
+        with expect_error(metadata_file, *words):
+            load_bundle(folder)
+
+
+def test_third_party_reversed_window_is_refused(tmp_path):
+    bundle = tmp_path / "bundle"
+    _third_party(bundle, tmp_path / "unused.txt")
+    config_file = bundle / "configs" / "inference.json"
+    config = json.loads(config_file.read_text())
+    scale = config["preprocessing"]["transforms"][4]
+    scale["a_min"], scale["a_max"] = 164, -57
+    config_file.write_text(json.dumps(config))
+    with expect_error(config_file, "hu_window", "low < high"):
+        load_bundle(bundle)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
+from mtkd.cli import main
 from mtkd.config import RunConfig, dump_config, load_config
 from mtkd.distill.spec import TapPair
 from mtkd.engine.terms import resolve_terms
@@ -82,3 +84,109 @@ def test_unknown_loss_and_preset_names_are_refused():
 def test_missing_config_file(tmp_path):
     with pytest.raises(MTKDError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("train: {optimizer: {lr: .nan}}\n", "train.optimizer.lr"),
+        ("train: {optimizer: {lr: .inf}}\n", "train.optimizer.lr"),
+        ("train: {optimizer: {lr: -.inf}}\n", "train.optimizer.lr"),
+        ("train: {optimizer: {weight_decay: .nan}}\n", "train.optimizer.weight_decay"),
+        ("train: {optimizer: {weight_decay: -0.1}}\n", "train.optimizer.weight_decay"),
+        ("train: {optimizer: {momentum: 1.5}}\n", "train.optimizer.momentum"),
+        ("train: {seg_weight: .nan}\n", "train.seg_weight"),
+        ("train: {seed: -1}\n", "train.seed"),
+        ("train: {num_workers: -2}\n", "train.num_workers"),
+        ("split: {seed: 100000000000000000000000}\n", "split.seed"),
+        ("data: {hu_window: [.nan, 300]}\n", "data.hu_window[0]"),
+        ("data: {spacing: [.inf, 1, 1]}\n", "data.spacing[0]"),
+        ("data: {patches_per_volume: 0}\n", "data.patches_per_volume"),
+        ("data: {augment: {prob: 2}}\n", "data.augment.prob"),
+        ("data: {augment: {noise_std: -1}}\n", "data.augment.noise_std"),
+        ("multitask: {mask_ratio: 1.0}\n", "multitask.mask_ratio"),
+        ("multitask: {weight: .nan}\n", "multitask.weight"),
+        ("distill: {teacher: t, output: {temperature: 0}}\n", "distill.output.temperature"),
+        ("distill: {teacher: t, pairs: [{student: a, teacher: b, weight: .nan}]}\n", "weight"),
+        ("split: {fixed: {train: 3}}\n", "split.fixed.train"),
+        ("split: {fixed: {train: [1, 2]}}\n", "split.fixed.train[0]"),
+        ("name: ../elsewhere\n", "name"),
+        ("name: ''\n", "name"),
+        ("data: null\n", "'data'"),
+        ("data: {source: ~nobody9/ct}\n", "data.source"),
+        ('distill: {teacher: "a\\0b"}\n', "distill.teacher"),
+    ],
+)
+def test_numbers_out_of_range_name_the_key_and_the_file(tmp_path, text, key):
+    """NaN, infinity, negative and out-of-range values are refused when the file is read."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(MTKDError) as error:
+        load_config(path)
+    assert key in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("device", ["tpu:7", "cuda:-1", "cpu:0", "CUDA", "cuda:٣", ""])
+def test_an_unknown_train_device_is_refused_when_the_config_is_read(tmp_path, device):
+    path = tmp_path / "device.yaml"
+    path.write_text(yaml.safe_dump({"train": {"device": device}}))
+    with pytest.raises(MTKDError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "train.device" in message and str(path) in message and "cuda:N" in message
+
+
+# nine lines that YAML aliases expand to a billion values
+ALIAS_BOMB = (
+    "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+    + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    + "model: {params: {x: *a8}}\n"
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (bytes(range(256)) * 8, "binary"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
+        (b"1: 2\n", "config key 1"),
+        (b"data: {1: x}\n", "must be a name"),
+        (b"train: {device: 3}\n", "train.device"),
+        (b"data: {dims: 2, source: x}\nkind: [\n", "not valid YAML"),
+        (b"[" * 5000, "not"),
+        (b"0\n", "mapping"),
+        (b"model: {params: &a {x: *a}}\n", "loop"),
+        (b"model: {params: {x: &b [*b]}}\n", "loop"),
+        (ALIAS_BOMB, "aliases are expanded"),
+    ],
+)
+def test_a_file_that_is_not_a_config_is_refused_naming_it(tmp_path, content, words):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(MTKDError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert str(path) in message and words in message and "\n" not in message
+
+
+def test_a_folder_given_as_config_is_named_as_a_folder(tmp_path):
+    with pytest.raises(MTKDError, match="is a folder") as error:
+        load_config(tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "# nothing\n", "train: {epochs: 1}\n", "data: {source: ''}\n"]
+)
+def test_a_config_without_a_dataset_is_refused_naming_the_file(tmp_path, monkeypatch, capsys, text):
+    """An empty ``data.source`` was read as the working directory; now the command stops with
+    one line naming the configuration file and the key."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()  # the working directory looks a little like a dataset
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    assert main(["train", str(path), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith("mtkd: error:"), error
+    assert str(path) in error and "config key 'data.source'" in error, error
+    assert not (tmp_path / "runs").exists()  # a run refused at its start leaves no folder

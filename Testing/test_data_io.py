@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,10 +18,12 @@ from helpers import expect_error, write_dicom_series
 from mtkd.data.image_io import (
     atomic_path,
     atomic_write_bytes,
+    quiet_itk,
     read_image,
     read_label,
     write_image,
 )
+from mtkd.errors import MTKDError
 
 DATA = Path(__file__).parent / "Data"
 ROI_SIZE, ROI_INDEX = [40, 30, 20], [40, 30, 40]
@@ -146,6 +150,164 @@ def test_dicom_series_with_a_missing_slice(tmp_path: Path, ct) -> None:
     write_dicom_series(ct[:, :, :8], tmp_path, "1.2.826.0.1.3680043.8.498.3", skip=4)
     with expect_error(tmp_path, "evenly spaced"):
         read_image(tmp_path)
+
+
+def _truncate(path: Path, fraction: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.03, 0.5, 0.999])
+def test_truncated_dicom_slice_is_named(tmp_path: Path, ct, fraction: float) -> None:
+    """GDCM leaves a truncated slice out of the series without a word: it was reported as
+    "slices not evenly spaced" for the folder. The file and the real problem are named."""
+    write_dicom_series(ct[:, :, :8], tmp_path, "1.2.826.0.1.3680043.8.498.4")
+    _truncate(tmp_path / "slice004.dcm", fraction)
+    with expect_error(tmp_path / "slice004.dcm", "truncated or corrupt") as info:
+        read_image(tmp_path)
+    assert "evenly spaced" not in str(info.value)
+
+
+def test_several_truncated_dicom_slices_are_listed(tmp_path: Path, ct) -> None:
+    write_dicom_series(ct[:, :, :8], tmp_path, "1.2.826.0.1.3680043.8.498.5")
+    for k in (0, 3, 7):  # the ends too: a series cut at its end is evenly spaced
+        _truncate(tmp_path / f"slice{k:03d}.dcm", 0.6)
+    with expect_error(tmp_path, "3 DICOM files", "truncated", "slice000.dcm", "slice007.dcm"):
+        read_image(tmp_path)
+
+
+def test_only_dicom_slice_truncated(tmp_path: Path, ct) -> None:
+    """A folder whose single DICOM file is cut short: not "no DICOM series"."""
+    write_dicom_series(ct[:, :, :1], tmp_path, "1.2.826.0.1.3680043.8.498.6")
+    _truncate(tmp_path / "slice000.dcm", 0.5)
+    with expect_error(tmp_path / "slice000.dcm", "truncated or corrupt"):
+        read_image(tmp_path)
+
+
+def test_truncated_slice_without_dicom_name_is_found_by_its_marker(tmp_path: Path, ct) -> None:
+    """DICOM files often have no extension: the ``DICM`` marker identifies them."""
+    write_dicom_series(ct[:, :, :6], tmp_path, "1.2.826.0.1.3680043.8.498.7")
+    for path in tmp_path.iterdir():
+        path.rename(path.with_suffix(""))
+    _truncate(tmp_path / "slice002", 0.5)
+    with expect_error(tmp_path / "slice002", "truncated or corrupt"):
+        read_image(tmp_path)
+
+
+def test_other_files_beside_a_series_are_ignored(tmp_path: Path, ct) -> None:
+    write_dicom_series(ct[:, :, :6], tmp_path, "1.2.826.0.1.3680043.8.498.8")
+    (tmp_path / "notes.txt").write_text("scanned on Tuesday")
+    (tmp_path / ".DS_Store").write_bytes(np.random.default_rng(1).bytes(300))
+    (tmp_path / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 50)
+    image = read_image(tmp_path)
+    assert image.GetSize() == (40, 30, 6)
+
+
+def test_empty_folder_is_called_empty(tmp_path: Path) -> None:
+    with expect_error(tmp_path) as info:
+        read_image(tmp_path)
+    assert "folder is empty" in info.value.problem
+
+
+def test_folder_of_image_files_says_to_name_the_file(tmp_path: Path, ct) -> None:
+    write_image(ct, tmp_path / "ct.nii.gz")
+    with expect_error(tmp_path, "not a DICOM series", "ct.nii.gz"):
+        read_image(tmp_path)
+
+
+@pytest.mark.parametrize("problem", ["empty", "missing_slice", "truncated_slice", "good"])
+def test_dicom_and_folder_reads_print_no_itk_warnings(tmp_path: Path, ct, capfd, problem):
+    """ITK wrote multi-line ``WARNING: In .../itk...`` text straight to the process's standard
+    error (file descriptor 2) for these folders; only our own message remains."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    if problem != "empty":
+        write_dicom_series(ct[:, :, :8], folder, "1.2.826.0.1.3680043.8.498.9", skip=4)
+    if problem == "truncated_slice":
+        write_dicom_series(ct[:, :, 4:5], tmp_path / "one", "1.2.826.0.1.3680043.8.498.9")
+        (tmp_path / "one" / "slice000.dcm").rename(folder / "slice004.dcm")
+        _truncate(folder / "slice004.dcm", 0.7)
+    if problem == "good":
+        write_dicom_series(ct[:, :, :8], folder, "1.2.826.0.1.3680043.8.498.9")
+        assert read_image(folder).GetSize() == (40, 30, 8)
+    else:
+        with pytest.raises(MTKDError):
+            read_image(folder)
+    captured = capfd.readouterr()
+    assert "WARNING" not in captured.err and "itk" not in captured.err.lower(), captured.err
+    assert captured.out == ""
+
+
+def test_quiet_itk_restores_the_warning_setting() -> None:
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    try:
+        for setting in (True, False):
+            sitk.ProcessObject.SetGlobalWarningDisplay(setting)
+            with quiet_itk():
+                assert not sitk.ProcessObject.GetGlobalWarningDisplay()
+            assert sitk.ProcessObject.GetGlobalWarningDisplay() == setting
+            with pytest.raises(RuntimeError), quiet_itk():
+                raise RuntimeError("a failed read")
+            assert sitk.ProcessObject.GetGlobalWarningDisplay() == setting
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
+def _tiny_model(folder: Path) -> Path:
+    """An untrained 2-D thesis U-Net exported as our model folder (instant, real files)."""
+    from mtkd.data.labels import LabelTable
+    from mtkd.data.preprocess import Preprocessing
+    from mtkd.infer.model_io import build_from_spec, export_model
+
+    spec = {
+        "name": "thesis_unet",
+        "params": {"in_channels": 1, "out_channels": 2, "channels": [4], "bottleneck": 8},
+        "reconstruction": "none",
+    }
+    prep = Preprocessing(
+        dims=2,
+        hu_window=(-160.0, 240.0),
+        spacing=None,
+        crop_foreground=False,
+        slice_size=(32, 32),
+        patch_size=(32, 32, 32),
+        in_channels=1,
+    )
+    export_model(
+        build_from_spec(spec),
+        folder,
+        spec=spec,
+        labels=LabelTable({1: "liver"}),
+        prep=prep,
+        activation="softmax",
+        lineage={"kind": "test"},
+    )
+    return folder
+
+
+@pytest.mark.parametrize("problem", ["empty", "missing_slice"])
+def test_segment_command_stderr_has_one_clear_line(tmp_path: Path, ct, problem: str) -> None:
+    """``python -m mtkd segment`` on an empty folder and on a DICOM series with a gap: the
+    process's standard error holds one ``mtkd: error:`` line and no ITK warning text."""
+    model = _tiny_model(tmp_path / "model")
+    folder = tmp_path / "series"
+    folder.mkdir()
+    if problem == "missing_slice":
+        write_dicom_series(ct[:, :, :8], folder, "1.2.826.0.1.3680043.8.498.12", skip=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "mtkd", "segment", str(model), str(folder), "-o", "out.nii.gz"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "WARNING" not in result.stderr and "itk" not in result.stderr.lower(), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"mtkd: error: {folder}"), result.stderr
+    assert ("folder is empty" if problem == "empty" else "evenly spaced") in lines[0]
+    assert not (tmp_path / "out.nii.gz").exists()
 
 
 # ---------------------------------------------------------------- bad inputs

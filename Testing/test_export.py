@@ -4,6 +4,7 @@ corruption refusals, lone files with and without metadata, sabotaged exports."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -334,3 +335,41 @@ def test_export_model_as_bundle(sources, tmp_path):
     assert 0 <= record["max_abs_diff"] <= record["bound"]
     source, bundle = load_model(sources["3d"]), load_any_model(tmp_path / "bundle")
     assert bundle.labels == source.labels and bundle.prep == source.prep
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_metadata_is_sealed_and_checked(exports, tmp_path, fmt):
+    """An export's metadata (in the folder and embedded in the file) records its checksum: an
+    edit is refused; without the checksum, a reversed HU window is refused by the schema, for
+    the folder and for a lone file's sidecar."""
+    folder = Path(shutil.copytree(exports["3d", fmt], tmp_path / "copy"))
+    metadata_file = folder / METADATA
+    original = json.loads(metadata_file.read_text())
+    assert original["metadata_sha256"]
+    edited = copy.deepcopy(original)
+    edited["preprocessing"]["hu_window"] = [0, 80]
+    metadata_file.write_text(json.dumps(edited))
+    with expect_error(metadata_file, "metadata_sha256", "changed"):
+        load_any_model(folder)
+    del edited["metadata_sha256"]
+    edited["preprocessing"]["hu_window"] = [240, -160]
+    metadata_file.write_text(json.dumps(edited))
+    with expect_error(metadata_file, "preprocessing.hu_window", "low < high"):
+        load_any_model(folder)
+
+    lone = tmp_path / "lone" / FILES[fmt]
+    lone.parent.mkdir()
+    shutil.copy(folder / FILES[fmt], lone)
+    assert load_any_model(lone).prep.hu_window == tuple(original["preprocessing"]["hu_window"])
+    if fmt == "torchscript":  # the sidecar is read when the file embeds nothing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(load_torchscript(lone).network, str(lone))
+    else:
+        proto = onnx.load(str(lone))
+        del proto.metadata_props[:]
+        onnx.save(proto, str(lone))
+    sidecar = {k: edited[k] for k in ("labels", "preprocessing", "activation")}
+    lone.with_name(lone.name + ".json").write_text(json.dumps(sidecar))
+    with expect_error(lone, "preprocessing.hu_window"):
+        load_any_model(lone)

@@ -231,10 +231,103 @@ def test_metadata_without_sha_or_unusable_is_refused(library, teacher_run, tmp_p
     with expect_error(folder / "mtkd_model.json", "no weights_sha256"):
         library.import_model(folder)
     metadata = {**_metadata(teacher_run / "model"), "labels": {}}
+    metadata.pop("metadata_sha256", None)  # as an older mtkd wrote it: checked by the schema only
     (folder / "mtkd_model.json").write_text(json.dumps(metadata))
-    with expect_error(folder, "cannot open"):
+    with expect_error(folder / "mtkd_model.json", "labels"):
         library.import_model(folder)
     _assert_empty(library)
+
+
+def _edited_copy(source: Path, target: Path, keep_checksum: bool, **changes) -> Path:
+    """A copy of model folder ``source`` whose metadata (its checksum kept or dropped) holds
+    ``changes``; ``preprocessing`` changes are merged into the preprocessing."""
+    folder = Path(shutil.copytree(source, target))
+    metadata = _metadata(folder)
+    if not keep_checksum:
+        metadata.pop("metadata_sha256", None)
+    prep = changes.pop("preprocessing", {})
+    metadata["preprocessing"].update(prep)
+    metadata.update(changes)
+    (folder / "mtkd_model.json").write_text(json.dumps(metadata))
+    return folder
+
+
+def test_edited_metadata_is_refused_by_its_checksum(library, teacher_run, tmp_path):
+    """A valid-looking edit (another HU window) of metadata that records its checksum is
+    refused by the loaders and by an import, naming the metadata file."""
+    folder = _edited_copy(
+        teacher_run / "model", tmp_path / "edited", True, preprocessing={"hu_window": [0, 80]}
+    )
+    for call in (lambda: load_model(folder), lambda: load_any_model(folder)):
+        with expect_error(folder / "mtkd_model.json", "metadata_sha256", "changed"):
+            call()
+    with expect_error(folder / "mtkd_model.json", "changed"):
+        library.import_model(folder)
+    _assert_empty(library)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"preprocessing": {"hu_window": [300, -200]}}, "hu_window"),  # reversed
+        ({"preprocessing": {"hu_window": [40, 40]}}, "hu_window"),  # equal: no contrast left
+        ({"preprocessing": {"hu_window": "abc"}}, "hu_window"),
+        ({"preprocessing": {"slice_size": [0, 0]}}, "slice_size"),
+        ({"labels": {"1": "liver", "2": "spleen"}}, "labels"),  # the network has 4 outputs
+        ({"labels": {"1": "liver", "2": "spleen", "5": "kidney"}}, "labels"),  # not 1..K
+    ],
+)
+def test_metadata_values_are_checked_on_load_and_import(
+    library, teacher_run, tmp_path, changes, key
+):
+    """Metadata without a checksum (an older mtkd's) is checked by the schema: a reversed or
+    empty HU window, sizes of 0, labels that do not name every output channel or values
+    beyond them are refused (not a wrong segmentation, not a traceback), by load and import."""
+    folder = _edited_copy(teacher_run / "model", tmp_path / "old", False, **changes)
+    for call in (lambda: load_model(folder), lambda: load_any_model(folder)):
+        with expect_error(folder / "mtkd_model.json", key, "invalid model metadata"):
+            call()
+    with expect_error(folder / "mtkd_model.json", key):
+        library.import_model(folder)
+    _assert_empty(library)
+
+
+def test_old_metadata_without_checksum_still_loads(library, teacher_run, tmp_path):
+    folder = _edited_copy(teacher_run / "model", tmp_path / "old", False)
+    assert load_model(folder).labels.names == STRUCTURES
+    assert library.import_model(folder).labels == STRUCTURES
+
+
+# --- zips: sizes and the files kept ----------------------------------------------------------
+
+
+def test_zip_bomb_member_is_refused_before_extracting(library, teacher_run, tmp_path):
+    """A zipped model whose weights member unpacks to far more than it packs (64 MiB of zeros
+    in about 64 KiB) is refused before anything is extracted."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.write(teacher_run / "model" / "mtkd_model.json", "mtkd_model.json")
+        with zipped.open("model.pt", "w") as member:
+            for _ in range(64):
+                member.write(bytes(1 << 20))
+    with expect_error(archive, "model.pt", "zip bomb"):
+        library.import_model(archive)
+    _assert_empty(library)
+
+
+def test_imports_keep_only_the_files_the_model_needs(library, teacher_run, tmp_path):
+    """Extra members of a zip (and extra files of a folder) are not copied into the entry."""
+    folder = Path(shutil.copytree(teacher_run / "model", tmp_path / "with-extras"))
+    (folder / "notes.txt").write_text("not part of the model")
+    (folder / "cache").mkdir()
+    (folder / "cache" / "big.bin").write_bytes(bytes(1 << 20))
+    archive = _zip(folder, tmp_path / "extras.zip", "top", extra={"top/zeros.bin": bytes(8 << 20)})
+    needed = [ENTRY_FILE, "model.pt", "mtkd_model.json"]
+    for source in (folder, archive):
+        entry = library.import_model(source)
+        files = sorted(p.relative_to(entry.path).as_posix() for p in entry.path.rglob("*"))
+        assert files == needed, files
+        assert entry.size_bytes < (1 << 20) + (teacher_run / "model" / "model.pt").stat().st_size
 
 
 def test_things_that_are_not_models_are_refused(library, tmp_path):
@@ -266,17 +359,18 @@ def test_failed_copy_leaves_no_entry_and_no_staging(library, teacher_run, monkey
     _assert_empty(library)
 
 
-def test_unreadable_entry_is_listed_with_its_problem(library, student_folder):
+def test_only_entries_are_listed_and_an_unusable_entry_says_why(library, student_folder):
     library.import_model(student_folder)
     broken = library.root / "broken"
     broken.mkdir()
     (broken / ENTRY_FILE).write_text("{not json")
-    entries = {e.key: e for e in library.entries()}
-    assert set(entries) == {"broken", "tiny-student"}
-    assert entries["tiny-student"].problem is None
-    assert ENTRY_FILE in entries["broken"].problem
+    (library.root / "photos").mkdir()
+    assert [e.key for e in library.entries()] == ["tiny-student"]
+    assert library.entries()[0].problem is None
+    assert library.other_folders() == ["broken", "photos"]
     (library.path_of("tiny-student") / "model.pt").unlink()
     assert "missing" in library.get("tiny-student").problem
+    assert [e.key for e in library.entries()] == ["tiny-student"]  # still an entry
 
 
 # --- delete ----------------------------------------------------------------------------------
@@ -293,6 +387,27 @@ def test_delete_removes_only_that_entry(library, student_folder):
         library.get(first.key)
     with expect_error(library.root, "no model"):
         library.delete(first.key)
+
+
+@pytest.mark.parametrize("entry_file", [None, "{not json", "[]", '{"format": "pytorch"}'])
+def test_delete_refuses_folders_that_are_not_entries(library, student_folder, entry_file):
+    """A folder of the library root without a valid library_entry.json (a user's folder under
+    a mistaken $MTKD_LIBRARY) is never deleted, opened or listed."""
+    library.import_model(student_folder)
+    mine = library.root / "my-scans"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "sub" / "scan.nii.gz").write_bytes(b"precious")
+    if entry_file is not None:
+        (mine / ENTRY_FILE).write_text(entry_file)
+    for call in (
+        lambda: library.delete("my-scans"),
+        lambda: library.get("my-scans"),
+        lambda: library.path_of("my-scans"),
+    ):
+        with expect_error(mine, "not a library entry"):
+            call()
+    assert (mine / "sub" / "scan.nii.gz").read_bytes() == b"precious"
+    assert [e.key for e in library.entries()] == ["tiny-student"]
 
 
 @pytest.mark.parametrize("key", ["..", "../outside", "/tmp", ".", "", "a/b", ".staging-x"])
@@ -344,6 +459,32 @@ def test_cli_import_list_delete_round_trip(student_folder, tmp_path, capsys, mon
     capsys.readouterr()
     assert main(["library", "list", "--root", root]) == 0
     assert "no models" in capsys.readouterr().out
+
+
+def test_cli_delete_and_list_leave_other_folders_alone(student_folder, tmp_path, capsys):
+    root = tmp_path / "lib"
+    assert main(["library", "import", str(student_folder), "--root", str(root)]) == 0
+    (root / "thesis").mkdir()
+    (root / "thesis" / "chapter1.tex").write_text("mine")
+    capsys.readouterr()
+    assert main(["library", "delete", "thesis", "--root", str(root), "--yes"]) == 2
+    error = capsys.readouterr().err
+    assert str(root / "thesis") in error and "not a library entry" in error
+    assert (root / "thesis" / "chapter1.tex").read_text() == "mine"
+    assert main(["library", "list", "--root", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert "tiny-student" in out and "thesis" not in out
+    assert "not library entries" in err and "1 folder(s)" in err and "thesis" in err
+
+
+def test_cli_list_of_a_root_that_is_a_file_is_an_error(tmp_path, capsys):
+    root = tmp_path / "models.txt"
+    root.write_text("not a folder")
+    assert main(["library", "list", "--root", str(root)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and str(root) in err and "is a file" in err
+    assert main(["library", "list", "--root", str(tmp_path / "new")]) == 0
+    assert "no models" in capsys.readouterr().out and not (tmp_path / "new").exists()
 
 
 def test_cli_refusal_names_the_path(tmp_path, capsys, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from mtkd.config import DataConfig
+from mtkd.data.ct_check import ct_intensity_warning
 from mtkd.data.preprocess import (
     Preprocessing,
     build_transforms,
@@ -99,3 +100,64 @@ def test_window_scales_to_unit_range(ct_and_label):
     raw = sitk.GetArrayFromImage(image)
     inside = ((raw > -100) & (raw < 100)).mean()
     assert abs(float(((values > 0) & (values < 1)).float().mean()) - inside) < 1e-3
+
+
+# ---------------------------------------------------------------- the HU plausibility check
+
+
+@pytest.fixture(scope="module")
+def abdomen(data_dir) -> sitk.Image:
+    return sitk.ReadImage(str(data_dir / "abdomen_ct.nii.gz"))
+
+
+def test_air_only_crop_of_a_real_ct_is_called_air(abdomen, tmp_path):
+    """The rows of the real CT in front of the body hold only air (noisy, -1024..-947 HU):
+    said to hold only air (the old check passed it silently as a plausible CT)."""
+    air = abdomen[:, 98:, :]
+    assert sitk.GetArrayViewFromImage(air).max() < -900
+    warning = ct_intensity_warning(air, tmp_path / "air.nii.gz")
+    assert warning is not None and str(tmp_path / "air.nii.gz") in warning
+    assert "only air" in warning and "normalised" not in warning
+
+
+@pytest.mark.parametrize("value", [-1000.0, -1024.0, -3024.0])
+def test_constant_air_is_called_air_not_normalised(abdomen, tmp_path, value):
+    """An image filled with air (the old check said "look normalised")."""
+    air = sitk.Image(abdomen.GetSize(), sitk.sitkInt16) + int(value)
+    air.CopyInformation(abdomen)
+    warning = ct_intensity_warning(air, tmp_path / "air.nii.gz")
+    assert warning is not None and "only air" in warning and "normalised" not in warning
+
+
+@pytest.mark.parametrize("value", [0.0, 40.0, 1.0])
+def test_constant_image_is_called_constant(abdomen, tmp_path, value):
+    blank = sitk.Image(abdomen.GetSize(), sitk.sitkFloat32) + value
+    warning = ct_intensity_warning(blank, tmp_path / "blank.nii.gz")
+    assert warning is not None and str(tmp_path / "blank.nii.gz") in warning
+    assert "same intensity" in warning and f"{value:.4g}" in warning
+    assert "normalised" not in warning
+
+
+@pytest.mark.parametrize(
+    "crop",
+    [
+        "whole",  # abdomen: air, fat, soft tissue, bone, contrast
+        "body_surface",  # the last rows of the body and the air in front: mostly air
+        "inside_body",  # a block inside the body: no air
+        "spine",  # the oblique lumbar crop (no air at all, fat present)
+    ],
+)
+def test_real_ct_crops_are_not_flagged(abdomen, data_dir, crop):
+    image = {
+        "whole": lambda: abdomen,
+        "body_surface": lambda: abdomen[:, 94:, :],
+        "inside_body": lambda: abdomen[40:80, 30:70, 30:70],
+        "spine": lambda: sitk.ReadImage(str(data_dir / "spine_ct.nii.gz")),
+    }[crop]()
+    assert ct_intensity_warning(image) is None
+
+
+def test_normalised_image_is_still_called_normalised(abdomen):
+    unit = sitk.RescaleIntensity(sitk.Cast(abdomen, sitk.sitkFloat32), 0.0, 1.0)
+    warning = ct_intensity_warning(unit)
+    assert warning is not None and "normalised" in warning

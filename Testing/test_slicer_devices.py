@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtkd.cli import main
 from mtkd.engine.trainer import resolve_device
 from mtkd.environment import device_names
 from mtkd.errors import MTKDError
@@ -135,3 +136,39 @@ def test_the_device_box_lists_every_device_and_keeps_one_this_computer_lacks():
     assert items[:3] == [(name, name) for name in found]
     assert items[3] == ("cuda:1 (not found on this computer)", "cuda:1")
     assert device_items(found, "") == [(name, name) for name in found]
+
+
+# Names torch.device parses (or that look like device names) outside the rule: one rule refuses
+# them on both sides (the Slicer panels and the engine), naming the accepted forms.
+OUTSIDE_THE_RULE = ["tpu:7", "cpu:0", "cpu:7", "mps:0", "cuda:٣", "cuda:1\n", " cpu", "meta", "xla"]
+
+
+@pytest.mark.parametrize("name", OUTSIDE_THE_RULE)
+def test_the_engine_and_the_modules_share_one_device_rule(name):
+    with pytest.raises(ValueError, match=r"auto, cpu, cuda, cuda:N .* or mps"):
+        check_device(name)
+    with pytest.raises(MTKDError, match=r"auto, cpu, cuda, cuda:N .* or mps"):
+        resolve_device(name)
+
+
+def test_a_gpu_number_past_any_machine_is_refused_clearly():
+    name = "cuda:99999999999999999999"
+    assert check_device(name) == name  # a device name; no machine has that GPU
+    with pytest.raises(MTKDError, match="CUDA is not available|GPU"):
+        resolve_device(name)
+
+
+@pytest.mark.parametrize("command", ["segment", "compare"])
+@pytest.mark.parametrize("name", ["tpu:7", "cpu:7"])
+def test_segment_and_compare_refuse_an_unknown_device_in_one_line(tmp_path, capsys, command, name):
+    model, image = tmp_path / "model", tmp_path / "ct.nii.gz"
+    if command == "segment":
+        argv = ["segment", str(model), str(image), "-o", str(tmp_path / "out.nii.gz")]
+    else:
+        argv = ["compare", str(image), "--teacher", str(model), "--student", str(model)]
+        argv += ["-o", str(tmp_path / "comparison")]
+    assert main([*argv, "--device", name]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mtkd: error:") and "\n" not in error, error
+    assert f"unknown device '{name}'" in error and "cuda:N" in error, error
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

@@ -251,8 +251,7 @@ def test_library_rows_show_what_the_panel_lists(teacher_run, tmp_path):
     library = ModelLibrary(tmp_path / "library")
     entry = library.import_model(teacher_run, name="Abdomen teacher")
     broken = library.import_model(teacher_run, name="Broken later")
-    (broken.path / "model.pt").write_bytes(b"tampered")  # noticed when the entry is read
-    (broken.path / "library_entry.json").write_text("{ not json")
+    (broken.path / "model.pt").unlink()  # noticed when the entry is read
     entries = library.entries()
     rows = dict(zip([e.key for e in entries], library_rows(entries), strict=True))
     name, structures, fmt, size, created, _teacher, dice, version = rows[entry.key]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mtkd.cli import main
 from mtkd.data.datasets import Case
-from mtkd.data.splits import Split, split_cases
+from mtkd.data.splits import Split, read_split, split_cases
 from mtkd.errors import MTKDError
 
 
@@ -148,3 +149,98 @@ def test_split_dict_round_trip() -> None:
     assert Split.from_dict({"train": ["a", "b"], "val": [], "test": []}).student_train == ["a", "b"]
     with pytest.raises(MTKDError, match="not in train"):
         Split.from_dict({"train": ["a"], "val": ["b"], "test": [], "student_train": ["b"]})
+
+
+# ---------------------------------------------------------------- split files (read_split)
+VALID_SPLIT = {"train": ["a", "b"], "val": ["c"], "test": ["d"], "student_train": ["a"]}
+HOSTILE_SPLITS = {
+    "binary": (bytes(range(256)) * 4, "binary"),
+    "truncated": (json.dumps(VALID_SPLIT).encode()[:25], "not valid JSON"),
+    "strings": (b'{"train": "slab_a", "test": "slab_b"}', "split 'train' must be a list"),
+    "a list": (b'["a", "b"]', "JSON object"),
+    "numbers": (b'{"train": ["a"], "test": [1, 2]}', "split 'test'[0] must be a case id"),
+    "nested": (b'{"test": [["a"]]}', "split 'test'[0]"),
+    "null": (b"null", "JSON object"),
+    "unknown key": (b'{"train": ["a"], "tset": ["b"]}', "unknown split key(s) tset"),
+    "in two lists": (b'{"train": ["a"], "test": ["a"]}', "both 'train' and 'test'"),
+    "deep": (b"[" * 100000, "nested too deeply"),
+    "student outside": (b'{"train": ["a"], "student_train": ["b"]}', "not in train"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_SPLITS)
+def test_a_bad_split_file_is_refused_naming_it(tmp_path, name):
+    content, words = HOSTILE_SPLITS[name]
+    path = tmp_path / "split.json"
+    path.write_bytes(content)
+    with pytest.raises(MTKDError) as error:
+        read_split(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and words in message and "\n" not in message
+
+
+def test_read_split_reads_a_run_s_split_and_requires_what_is_asked(tmp_path):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(VALID_SPLIT))
+    assert read_split(path, require=["test"]) == Split(["a", "b"], ["c"], ["d"], ["a"])
+    path.write_text('{"train": ["a", "b"]}')
+    assert read_split(path, require=["student_train"]).student_train == ["a", "b"]
+    with pytest.raises(MTKDError, match="split has no 'test' list"):
+        read_split(path, require=["test"])
+    with pytest.raises(MTKDError, match="is a folder"):
+        read_split(tmp_path)
+    with pytest.raises(MTKDError, match="not found"):
+        read_split(tmp_path / "missing.json")
+
+
+# ------------------------------------------------- mtkd evaluate: its split and score files
+@pytest.fixture
+def evaluate_args(teacher_run, slab_dataset, data_dir):
+    labels = ["--labels-json", str(data_dir / "labels_total_v2.json"), "--device", "cpu"]
+    return ["evaluate", str(teacher_run), str(slab_dataset[0]), *labels]
+
+
+def one_error_line(capsys) -> str:
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mtkd: error:") and "\n" not in error, error
+    return error
+
+
+@pytest.mark.parametrize("name", ["binary", "truncated", "strings", "a list", "numbers"])
+def test_evaluate_refuses_a_bad_split_file_in_one_line(evaluate_args, tmp_path, capsys, name):
+    path = tmp_path / "split.json"
+    path.write_bytes(HOSTILE_SPLITS[name][0])
+    out = tmp_path / "scores.csv"
+    assert main([*evaluate_args, "--split", str(path), "--csv", str(out)]) == 2
+    error = one_error_line(capsys)
+    assert f"{path}: " in error and HOSTILE_SPLITS[name][1] in error, error
+    assert not out.exists()
+
+
+def test_evaluate_refuses_a_folder_as_split(evaluate_args, tmp_path, capsys):
+    assert main([*evaluate_args, "--split", str(tmp_path), "--csv", str(tmp_path / "s.csv")]) == 2
+    assert f"{tmp_path}: is a folder" in one_error_line(capsys)
+
+
+def test_evaluate_refuses_a_csv_that_is_a_folder_or_under_a_file(evaluate_args, tmp_path, capsys):
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    assert main([*evaluate_args, "--csv", str(folder)]) == 2
+    assert f"{folder}: is a folder" in one_error_line(capsys)
+    assert list(folder.iterdir()) == []
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert main([*evaluate_args, "--csv", str(afile / "sub" / "scores.csv")]) == 2
+    assert f"{afile} is a file" in one_error_line(capsys)
+    assert afile.read_text() == "keep"
+
+
+def test_evaluate_never_writes_its_scores_over_its_split(
+    evaluate_args, teacher_run, tmp_path, capsys
+):
+    split = tmp_path / "split.json"
+    split.write_bytes((teacher_run / "split.json").read_bytes())
+    before = split.read_bytes()
+    assert main([*evaluate_args, "--split", str(split), "--csv", str(split)]) == 2
+    assert "inputs" in one_error_line(capsys)
+    assert split.read_bytes() == before

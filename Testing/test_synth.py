@@ -137,3 +137,36 @@ def test_cli_writes_cohort_and_refuses_foreign_folder(tmp_path, capsys):
     assert sorted(p.name for p in foreign.iterdir()) == ["dataset.json"]
     with pytest.raises(MTKDError, match="at least 1"):
         write_cohort(tmp_path / "none", 0)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["--size", "32", "32", "16"], "at least 48x40x16"),
+        (["--size", "47", "40", "16"], "at least 48x40x16"),
+        (["--size", "48", "39", "16"], "at least 48x40x16"),
+        (["--size", "48", "40", "15"], "at least 48x40x16"),
+        (["--size", "100000", "100000", "100000"], "at most 16,777,216 voxels"),
+        (["--size", "4096", "4096", "2"], "at least"),
+        (["--size", "1024", "1024", "17"], "at most 16,777,216 voxels"),
+        (["--spacing", "1e308", "1e308", "1e308"], "between 0.01 and 100.0 mm"),
+        (["--spacing", "nan", "3", "3"], "between 0.01 and 100.0 mm"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_cli_refuses_a_grid_it_cannot_draw_before_drawing(tmp_path, capsys, options, words):
+    """A grid too small for the structures, too large for memory, or a spacing or seed the
+    drawing cannot use: one line naming the limit, before anything is drawn or written."""
+    out = tmp_path / "cohort"
+    assert main(["synth", str(out), "--subjects", "1", *options]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mtkd: error:") and "\n" not in error and words in error, error
+    assert not out.exists()
+
+
+def test_every_subject_draws_at_the_smallest_grid():
+    """The smallest grid the check accepts draws every structure, for every seed tried."""
+    for seed in range(6):
+        for index in range(3):
+            subject = make_subject(seed, index, size=(48, 40, 16))
+            assert set(np.unique(subject.label)) == {0, *LABELS}

@@ -17,6 +17,7 @@ original grid, as ``mtkd evaluate``)::
     ABL/plots/dice.png             Dice and HD95 per cell with error bars (needs matplotlib)
     ABL/plots/curves.png           validation Dice and training loss per epoch, one line a cell
     ABL/tensorboard/<cell>/seed<k> the runs' events as TensorBoard scalars (--tensorboard)
+    ABL/.mtkd.lock                 while a grid runs here (a second one is refused at once)
 
 Running it again continues: a finished run (its model exported) is scored from its cached
 result, a run with a checkpoint is resumed exactly, the others are started. Ctrl-C or SIGTERM
@@ -68,6 +69,7 @@ from mtkd.engine.run_dir import RunDir, read_events
 from mtkd.engine.signals import StopRequest
 from mtkd.engine.trainer import Trainer, TrainingInterrupted, resolve_device, resume_run
 from mtkd.errors import MTKDError
+from mtkd.folder_lock import LOCK_NAME, FolderLock
 from mtkd.infer.evaluate import evaluate, summarise, write_scores_csv
 from mtkd.infer.model_files import METADATA
 from mtkd.infer.model_io import LoadedModel, load_model
@@ -101,9 +103,21 @@ def run_ablation(
     root = Path(output)
     if tensorboard:
         summary_writer_class()  # no tensorboard: say so before any training
+    ablation.base.check_paths()  # the data and the teacher, named by their keys, before any folder
+    _refuse_unrelated(root)  # before the lock file is written there
+    with FolderLock(root, "mtkd ablate"):  # one grid process per folder (each run locks its own)
+        _claim_folder(root, ablation)
+        return _run_grid(ablation, root, log, progress, tensorboard)
+
+
+def _run_grid(
+    ablation: Ablation,
+    root: Path,
+    log: Callable[[str], None],
+    progress: bool | None,
+    tensorboard: bool,
+) -> AblationResult:
     base = ablation.base
-    base.check_paths()  # the data and the teacher, named by their keys, before any folder
-    _claim_folder(root, ablation)
     dataset = load_dataset(base.data.source, labels_json=base.data.labels_json)
     test = _test_cases(base, dataset)
     device = resolve_device(base.train.device)
@@ -207,14 +221,21 @@ def _claim_folder(root: Path, ablation: Ablation) -> None:
                 path=root,
             )
         return
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    _refuse_unrelated(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stored = _grid_with_relative_paths(grid, root)
+    atomic_write_bytes(path, yaml.safe_dump(stored, sort_keys=False).encode())
+
+
+def _refuse_unrelated(root: Path) -> None:
+    """MTKDError unless ``root`` is missing, empty or holds an ablation (its lock aside)."""
+    if (root / "ablation.yaml").is_file() or not root.exists():
+        return
+    if not root.is_dir() or any(path.name != LOCK_NAME for path in root.iterdir()):
         raise MTKDError(
             "not an ablation folder (no ablation.yaml) and not empty; choose another output folder",
             path=root,
         )
-    root.mkdir(parents=True, exist_ok=True)
-    stored = _grid_with_relative_paths(grid, root)
-    atomic_write_bytes(path, yaml.safe_dump(stored, sort_keys=False).encode())
 
 
 def _test_cases(base: RunConfig, dataset: DatasetIndex) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mtkd import __version__
 from mtkd.errors import MTKDError
+from mtkd.infer.output_paths import SEGMENT_FORMATS
 from mtkd.progress import ProgressReporter
 
 
@@ -54,26 +55,35 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
     from mtkd.data.datasets import load_dataset
+    from mtkd.data.splits import read_split
     from mtkd.engine.trainer import resolve_device
-    from mtkd.infer.evaluate import evaluate, summarise, summary_table, write_scores_csv
+    from mtkd.infer.evaluate import (
+        check_scores_csv,
+        evaluate,
+        summarise,
+        summary_table,
+        write_scores_csv,
+    )
     from mtkd.infer.model_io import load_model
     from mtkd.infer.predictor import Predictor
 
+    inputs = [path for path in (args.split, args.labels_json) if path]
+    if args.csv:  # cheap checks first: the model and the data take a while to load
+        check_scores_csv(args.csv, inputs)
+    split = read_split(args.split, require=[args.subset]) if args.split else None
     device = resolve_device(args.device)
     model = load_model(args.model, device)
     dataset = load_dataset(args.data, labels_json=args.labels_json)
     case_ids = [case.case_id for case in dataset.cases]
-    if args.split:
-        split = json.loads(Path(args.split).read_text())
-        if args.subset not in split:
-            raise MTKDError(f"split has no '{args.subset}' list", path=args.split)
-        case_ids = split[args.subset]
-    scores = evaluate(Predictor(model, device), dataset, case_ids)
+    if split is not None:
+        case_ids = getattr(split, args.subset)
+        if not case_ids:
+            raise MTKDError(f"the split's '{args.subset}' list is empty", path=args.split)
+    inputs += [case.image for case in dataset.cases] + [c.label for c in dataset.cases if c.label]
     output = Path(args.csv or Path(model.folder).parent / "report" / "evaluation.csv")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_scores_csv(output, inputs)
+    scores = evaluate(Predictor(model, device), dataset, case_ids)
     write_scores_csv(scores, output)
     print(f"{model.name}: {len(case_ids)} case(s), per-volume scores in {output}")
     print(summary_table(summarise(scores)))
@@ -85,13 +95,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from mtkd.data.image_io import check_writable, expand_image_inputs, read_image
     from mtkd.data.segnrrd import write_segmentation
     from mtkd.engine.trainer import resolve_device
+    from mtkd.infer.output_paths import segment_outputs
     from mtkd.infer.predictor import Predictor
     from mtkd.infer.sources import load_any_model
 
     progress = ProgressReporter(args.progress)
     device = resolve_device(args.device)
     images = expand_image_inputs(args.images)
-    outputs = [check_writable(o) for o in _output_paths(images, args.output, args.format)]
+    planned = segment_outputs(images, args.output, args.format, model=args.model)
+    outputs = [check_writable(output) for output in planned]  # before anything is loaded
     progress(0.0, "loading the model")
     predictor = Predictor(load_any_model(args.model, device), device)  # loaded once
     share = 0.9 / len(images)
@@ -116,19 +128,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_paths(images: list[Path], output: str, extension: str) -> list[Path]:
-    """One output per image: ``-o`` is a file for one image, a folder for several."""
-    from mtkd.data.image_io import strip_image_suffix
-
-    target = Path(output)
-    if len(images) == 1 and not output.endswith(("/", "\\")) and not target.is_dir():
-        return [target]
-    stems = [strip_image_suffix(path.name) for path in images]
-    if len(set(stems)) != len(stems):
-        raise MTKDError("several inputs have the same name; segment them into separate folders")
-    return [target / f"{stem}.{extension}" for stem in stems]
-
-
 def _segmenter(path: str, labels_json: str | None, device):
     """A model (any source) or a stored segmentation of another tool, for ``compare``."""
     from mtkd.data.labels import LabelTable
@@ -143,17 +142,24 @@ def _segmenter(path: str, labels_json: str | None, device):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from mtkd.data.atomic import removed_if_left_empty
     from mtkd.data.ct_check import ct_intensity_warning
     from mtkd.data.image_io import check_writable, read_image, read_label
     from mtkd.data.labels import LabelTable
     from mtkd.data.segnrrd import write_segmentation
     from mtkd.engine.trainer import resolve_device
-    from mtkd.infer.compare import compare, format_comparison, write_comparison
+    from mtkd.infer.compare import compare, comparison_paths, format_comparison, write_comparison
+    from mtkd.infer.output_paths import check_compare_outputs, compare_inputs
 
     progress = ProgressReporter(args.progress)
     device = resolve_device(args.device)
     output = Path(args.output)
-    check_writable(output / "comparison.json")
+    paths = comparison_paths(output, png=args.png, segmentations=args.save_segmentations)
+    others = (args.reference, args.teacher_labels, args.student_labels, args.reference_labels)
+    inputs = compare_inputs(args.image, args.teacher, args.student, others)
+    check_compare_outputs(output, paths.values(), *inputs)
+    for path in paths.values():  # before anything is loaded
+        check_writable(path)
     progress(0.0, "reading the image")
     image = read_image(args.image)
     warning = ct_intensity_warning(image, args.image)
@@ -173,12 +179,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     print(format_comparison(result))
     progress(0.9, "writing the comparison")
-    paths = write_comparison(result, output, image, png=args.png)
-    if args.save_segmentations:
-        paths["teacher"] = output / "teacher.seg.nrrd"
-        paths["student"] = output / "student.seg.nrrd"
-        write_segmentation(result.teacher_labelmap, result.labels, paths["teacher"])
-        write_segmentation(result.student_labelmap, result.labels, paths["student"])
+    with removed_if_left_empty(output):
+        paths.update(write_comparison(result, output, image, png=args.png))
+        if args.save_segmentations:
+            write_segmentation(result.teacher_labelmap, result.labels, paths["teacher"])
+            write_segmentation(result.student_labelmap, result.labels, paths["student"])
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     progress(1.0, "done")
@@ -335,12 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "images", nargs="+", help="NIfTI/NRRD/MHA files, folders of them, DICOM series folders"
     )
-    sub.add_argument("-o", "--output", required=True, help=".nii.gz/.nrrd/.seg.nrrd, or a folder")
+    sub.add_argument(
+        "-o", "--output", required=True, help=".seg.nrrd/.nii.gz/.nii/.nrrd/.mha, or a folder/"
+    )
     sub.add_argument(
         "--format",
-        default="seg.nrrd",
-        choices=["seg.nrrd", "nii.gz", "nrrd", "mha"],
-        help="file type when -o is a folder (default seg.nrrd)",
+        choices=SEGMENT_FORMATS,
+        help="file type when -o is a folder (default seg.nrrd); with a file, its ending's",
     )
     sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
@@ -519,9 +525,19 @@ def _size_text(size: int) -> str:
 
 def cmd_library_list(args: argparse.Namespace) -> int:
     library = _library(args)
+    library.check_root()
     entries = library.entries()
+    others = library.other_folders()
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        print(
+            f"mtkd: note: not library entries (no valid library_entry.json), left alone: "
+            f"{len(others)} folder(s) in {library.root}: {shown}",
+            file=sys.stderr,
+        )
     if not entries:
-        print(f"no models in {library.root}")
+        missing = "" if library.root.is_dir() else " (the folder does not exist yet)"
+        print(f"no models in {library.root}{missing}")
         return 0
     print(f"{len(entries)} model(s) in {library.root}")
     for entry in entries:

@@ -2,7 +2,9 @@
 
 One :class:`RunConfig` drives a run (teacher training, plain student training or
 distillation) from the command line, from Slicer, and in the run folder's ``config.yaml``.
-Unknown keys, wrong types and unknown names are errors that name the key and the file.
+Unknown keys, wrong types, unknown names, NaN or infinite numbers, values out of range, an
+unknown ``train.device`` and files that are not YAML text are errors that name the key and the
+file.
 A relative path in a configuration file is read from the file's folder (see
 :mod:`mtkd.config_paths`). PyYAML is imported when a file is read or written, so that Slicer
 can import this module before the engine's dependencies are installed.
@@ -29,7 +31,8 @@ from mtkd.config_paths import (
     relative_paths,
     resolve_paths,
 )
-from mtkd.errors import MTKDError
+from mtkd.engine.devices import check_device_name
+from mtkd.errors import MTKDError, one_line
 
 
 @dataclass
@@ -173,6 +176,40 @@ class DistillConfig:
     scale_weights: dict[str, float] | None = None
 
 
+SEED_LIMIT = 2**32 - 1
+# dotted key -> (lowest, highest, how the range reads); None: no bound on that side
+RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "train.epochs": (1, None, ">= 1"),
+    "train.batch_size": (1, None, ">= 1"),
+    "train.grad_accum": (1, None, ">= 1"),
+    "train.val_every": (1, None, ">= 1"),
+    "train.num_workers": (0, None, ">= 0"),
+    "train.seed": (0, SEED_LIMIT, f"in [0, {SEED_LIMIT}]"),
+    "train.seg_weight": (0, None, ">= 0"),
+    "train.optimizer.weight_decay": (0, None, ">= 0"),
+    "split.seed": (0, SEED_LIMIT, f"in [0, {SEED_LIMIT}]"),
+    "data.patches_per_volume": (1, None, ">= 1"),
+    "data.in_channels": (1, None, ">= 1"),
+    "data.augment.flip_prob": (0, 1, "in [0, 1]"),
+    "data.augment.rotate90_prob": (0, 1, "in [0, 1]"),
+    "data.augment.prob": (0, 1, "in [0, 1]"),
+    "data.augment.intensity_scale": (0, None, ">= 0"),
+    "data.augment.intensity_shift": (0, None, ">= 0"),
+    "data.augment.noise_std": (0, None, ">= 0"),
+    "multitask.weight": (0, None, ">= 0"),
+    "multitask.mask_patch": (1, None, ">= 1"),
+    "distill.output.weight": (0, None, ">= 0"),
+}
+
+
+def is_run_name(name: Any) -> bool:
+    """A run's name is the name of its folder: one non-empty path component of printable
+    text."""
+    if not isinstance(name, str) or not name.strip() or not name.isprintable():
+        return False
+    return name not in (".", "..") and not any(c in name for c in "/\\")
+
+
 @dataclass
 class RunConfig:
     """A whole run. ``kind``: train (teacher or plain student) or distill."""
@@ -204,13 +241,22 @@ class RunConfig:
         self, keys: typing.Iterable[str] = PATH_KEYS, run_dir: str | Path | None = None
     ) -> None:
         """MTKDError naming the key, the paths tried and the run folder when a path among
-        ``keys`` that the configuration sets exists nowhere."""
+        ``keys`` that the configuration sets exists nowhere, or naming the configuration file
+        when ``data.source`` (among ``keys``) is not set: an empty path would be read as the
+        working directory."""
+        keys = list(keys)
+        file = self.origin.file if self.origin else None
         for key in keys:
             value = get_key(self.to_dict(), key)
             if isinstance(value, str) and value and not Path(value).expanduser().exists():
-                file = self.origin.file if self.origin else None
                 message = missing_path_message(key, value, self.origin, run_dir)
                 raise MTKDError(message, path=file)
+        if "data.source" in keys and not self.data.source.strip():
+            raise MTKDError(
+                "config key 'data.source' is not set: name the dataset (an MSD folder, images/ "
+                "and labels/ folders, an image file or a DICOM series folder)",
+                path=file,
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> RunConfig:
@@ -224,16 +270,10 @@ class RunConfig:
         def fail(key: str, problem: str) -> None:
             raise MTKDError(f"config key '{key}': {problem}", path=source)
 
-        if self.train.epochs < 1:
-            fail("train.epochs", "must be >= 1")
-        if self.train.batch_size < 1:
-            fail("train.batch_size", "must be >= 1")
-        if self.train.grad_accum < 1:
-            fail("train.grad_accum", "must be >= 1")
-        if self.train.val_every < 1:
-            fail("train.val_every", "must be >= 1")
-        if self.train.optimizer.lr <= 0:
-            fail("train.optimizer.lr", "must be > 0")
+        self._validate_ranges(fail)
+        check_device_name(self.train.device, source, "train.device")
+        if not is_run_name(self.name):
+            fail("name", f"must be a folder name (no '/', '\\', '.' or '..'), got {self.name!r}")
         low, high = (self.data.hu_window + [0, 0])[:2]
         if len(self.data.hu_window) != 2 or not low < high:
             fail("data.hu_window", "must be [low, high] with low < high")
@@ -243,8 +283,6 @@ class RunConfig:
             fail("data.patch_size", "must be three sizes >= 8")
         if self.data.spacing is not None and len(self.data.spacing) != 3:
             fail("data.spacing", "must be three values (x, y, z) in mm")
-        if self.data.in_channels < 1:
-            fail("data.in_channels", "must be >= 1")
         if not 0 < self.split.student_fraction <= 1:
             fail("split.student_fraction", "must be in (0, 1]")
         if not (0 <= self.split.val_fraction < 1 and 0 <= self.split.test_fraction < 1):
@@ -268,6 +306,29 @@ class RunConfig:
             self._validate_overrides(self.distill, fail)
         if self.model.init_from is not None and not self.model.init_from.strip():
             fail("model.init_from", "must be a model or run folder (or null)")
+
+    def _validate_ranges(self, fail: typing.Callable) -> None:
+        """Every number of :data:`RANGES` in its range (NaN and infinity were refused when
+        the values were read)."""
+        data = self.to_dict()
+        for key, (low, high, text) in RANGES.items():
+            value = get_key(data, key)
+            if value is None:
+                continue
+            if (low is not None and value < low) or (high is not None and value > high):
+                fail(key, f"must be {text}, got {value!r}")
+        if not 0 <= self.multitask.mask_ratio < 1:
+            fail("multitask.mask_ratio", f"must be in [0, 1), got {self.multitask.mask_ratio!r}")
+        if not 0 <= self.train.optimizer.momentum < 1:
+            fail(
+                "train.optimizer.momentum",
+                f"must be in [0, 1), got {self.train.optimizer.momentum!r}",
+            )
+        if self.train.optimizer.lr <= 0:
+            fail("train.optimizer.lr", f"must be > 0, got {self.train.optimizer.lr!r}")
+        output = self.distill.output if self.distill else None
+        if output is not None and output.temperature <= 0:
+            fail("distill.output.temperature", f"must be > 0, got {output.temperature!r}")
 
     @staticmethod
     def _validate_overrides(distill: DistillConfig, fail: typing.Callable) -> None:
@@ -293,7 +354,13 @@ class RunConfig:
                 or not math.isfinite(weight)
                 or weight < 0
             ):
-                fail(f"distill.scale_weights.{label}", f"must be a number >= 0, got {weight!r}")
+                fail(
+                    f"distill.scale_weights.{_name(label)}",
+                    f"must be a number >= 0, got {weight!r}",
+                )
+
+
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -302,14 +369,58 @@ def read_yaml(path: str | Path) -> Any:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise MTKDError("is a folder, not a configuration file (YAML)", path=path)
     if not path.is_file():
         raise MTKDError("configuration file not found", path=path)
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise MTKDError(
+                f"too large for a configuration file (over {MAX_CONFIG_BYTES // 2**20} MiB)", path
+            )
+        text = path.read_bytes().decode("utf-8")
+        data = yaml.safe_load(text)
+        _check_expanded_size(data, path)
     except OSError as error:
-        raise MTKDError(f"cannot read ({error.strerror})", path=path) from None
+        raise MTKDError(f"cannot read ({error.strerror or error})", path=path) from None
+    except UnicodeDecodeError:
+        raise MTKDError(
+            "not a configuration file: binary content, not UTF-8 text", path=path
+        ) from None
     except yaml.YAMLError as error:
-        raise MTKDError(f"not valid YAML ({error})", path=path) from None
+        raise MTKDError(f"not valid YAML ({one_line(error)})", path=path) from None
+    except RecursionError:
+        raise MTKDError("not a configuration: nested too deeply", path=path) from None
+    return {} if data is None else data
+
+
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_expanded_size(data: Any, path: Path) -> None:
+    """MTKDError when YAML aliases (``&a`` ... ``*a``) make ``data`` refer to itself, or
+    expand it past MAX_CONFIG_VALUES values (a few lines can stand for billions)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in open_nodes:
+            raise MTKDError("a YAML alias refers to a value that contains it (a loop)", path)
+        if id(node) not in sizes:
+            open_nodes.add(id(node))
+            children = node.values() if isinstance(node, dict) else node
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+            open_nodes.discard(id(node))
+        return sizes[id(node)]
+
+    if size(data) > MAX_CONFIG_VALUES:
+        raise MTKDError(
+            f"too many values for a configuration (over {MAX_CONFIG_VALUES:,} once YAML "
+            "aliases are expanded)",
+            path,
+        )
 
 
 def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -342,7 +453,7 @@ def resolve_file_paths(data: dict[str, Any], path: str | Path) -> tuple[dict, Pa
     ``absolute_paths`` section taken out), and where they were read from."""
     data = dict(data)
     fallback = fallback_section(data.pop(ABSOLUTE_PATHS, None), path)
-    data, tried = resolve_paths(data, Path(path).absolute().parent, fallback)
+    data, tried = resolve_paths(data, Path(path).absolute().parent, fallback, source=path)
     return data, PathOrigin(Path(path), tried)
 
 
@@ -365,14 +476,16 @@ def dump_config(config: RunConfig, folder: str | Path | None = None) -> str:
 def _build(cls: type, data: Any, prefix: str, source: str | Path | None) -> Any:
     """Instantiate dataclass ``cls`` from a mapping, checking keys and types recursively."""
     if not isinstance(data, dict):
-        raise MTKDError(f"config key '{prefix or '<root>'}' must be a mapping", path=source)
+        raise MTKDError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping", source)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    where = f" in '{prefix.rstrip('.')}'" if prefix else ""
+    _check_names(data, where, source)
     unknown = sorted(set(data) - known)
     if unknown:
-        where = f" in '{prefix.rstrip('.')}'" if prefix else ""
         raise MTKDError(
-            f"unknown config key(s) {', '.join(unknown)}{where}; known: {', '.join(sorted(known))}",
+            f"unknown config key(s) {', '.join(map(_name, unknown))}{where}; known: "
+            f"{', '.join(sorted(known))}",
             path=source,
         )
     values = {
@@ -403,12 +516,58 @@ def _coerce(hint: Any, value: Any, key: str, source: str | Path | None) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise MTKDError(f"config key '{key}' must be a mapping", path=source)
-        return dict(value)
+        _check_names(value, f" in '{key}'", source)
+        return {
+            name: _coerce(args[1], item, f"{key}.{_name(name)}", source)
+            for name, item in value.items()
+        }
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is Any or (isinstance(hint, type) and isinstance(value, hint)):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise MTKDError(f"config key '{key}' must be a finite number, got {value!r}", source)
+        return number
+    if hint is Any:
+        _check_finite(value, key, source)
+        return value
+    if isinstance(hint, type) and isinstance(value, hint):
         if hint is int and isinstance(value, bool):
             raise MTKDError(f"config key '{key}' must be an integer", path=source)
         return value
     name = getattr(hint, "__name__", str(hint))
-    raise MTKDError(f"config key '{key}' must be {name}, got {value!r}", path=source)
+    raise MTKDError(f"config key '{key}' must be {name}, got {_shown(value)}", path=source)
+
+
+def _check_finite(value: Any, key: str, source: str | Path | None) -> None:
+    """MTKDError naming the key of a NaN or infinity anywhere in a free-form value (network
+    parameters): no setting of ours takes one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MTKDError(f"config key '{key}' must be a finite number, got {value!r}", source)
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{_name(name)}", source)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{key}[{index}]", source)
+
+
+def _check_names(data: dict, where: str, source: str | Path | None) -> None:
+    """MTKDError when a key of the mapping ``data`` is not text (YAML allows ``1:``, ``[a]:``)."""
+    for name in data:
+        if not isinstance(name, str):
+            raise MTKDError(f"config key {_shown(name)}{where} must be a name (text)", source)
+
+
+def _name(name: Any) -> str:
+    """A key for messages: as written when it is plain text, else quoted with escapes."""
+    plain = isinstance(name, str) and name.isprintable() and name.strip() == name
+    plain = plain and 0 < len(name) <= 60
+    return name if plain else _shown(name, 60)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line messages."""
+    text = one_line(repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

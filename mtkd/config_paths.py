@@ -67,11 +67,22 @@ def is_path_value(value: Any) -> bool:
 
 def absolute(value: str | Path, folder: str | Path | None = None) -> Path:
     """``value`` as an absolute path (``~`` expanded), a relative one read from ``folder``
-    (default: the working directory); symbolic links resolved."""
-    path = Path(value).expanduser()
+    (default: the working directory); symbolic links resolved. MTKDError when ``value`` cannot
+    be a path (a NUL character, ``~name`` of an unknown user)."""
+    if "\0" in str(value):
+        raise MTKDError(f"{_quoted(value)} is not a path: it holds a NUL character")
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~name of a user this computer does not have
+        raise MTKDError(f"{_quoted(value)}: no such user's home folder") from None
     if not path.is_absolute() and folder is not None:
         path = Path(folder) / path
     return path.resolve()
+
+
+def _quoted(value: str | Path) -> str:
+    text = repr(str(value))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def fallback_section(value: Any, source: str | Path | None) -> dict[str, str]:
@@ -83,7 +94,7 @@ def fallback_section(value: Any, source: str | Path | None) -> dict[str, str]:
     for key, path in value.items():
         if key not in PATH_KEYS:
             raise MTKDError(
-                f"config key '{ABSOLUTE_PATHS}.{key}': not a path key; known: "
+                f"config key {_quoted(f'{ABSOLUTE_PATHS}.{key}')}: not a path key; known: "
                 f"{', '.join(PATH_KEYS)}",
                 path=source,
             )
@@ -97,8 +108,11 @@ def resolve_paths(
     folder: str | Path | None,
     fallback: Mapping[str, str] | None = None,
     keys: Iterable[str] = PATH_KEYS,
+    source: str | Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[Path]]]:
-    """A copy of the configuration ``data`` with every path absolute, and the paths tried.
+    """A copy of the configuration ``data`` with every path absolute, and the paths tried;
+    MTKDError naming the key and ``source`` (the file ``data`` was read from) for a value
+    that cannot be a path.
 
     A relative path is read from ``folder`` (None: the working directory). When it does not
     exist and ``fallback`` (an ``absolute_paths`` section) holds the key, that path is used
@@ -113,11 +127,14 @@ def resolve_paths(
         value = get_key(resolved, key)
         if not is_path_value(value):
             continue
-        candidates = [absolute(value, folder)]
-        if fallback and is_path_value(fallback.get(key)):
-            other = absolute(fallback[key])
-            if other != candidates[0]:
-                candidates.append(other)
+        try:
+            candidates = [absolute(value, folder)]
+            if fallback and is_path_value(fallback.get(key)):
+                other = absolute(fallback[key])
+                if other != candidates[0]:
+                    candidates.append(other)
+        except MTKDError as error:
+            raise MTKDError(f"config key '{key}': {error.problem}", source) from None
         chosen = next((path for path in candidates if path.exists()), candidates[0])
         _set_key(resolved, key, str(chosen))
         tried[key] = candidates

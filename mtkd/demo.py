@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mtkd.config import RunConfig
 from mtkd.data.datasets import load_dataset
-from mtkd.data.image_io import read_image
+from mtkd.data.image_io import check_writable, read_image
 from mtkd.data.segnrrd import write_seg_nrrd
 from mtkd.demo_data import SLAB, STRUCTURES, write_slab_dataset, write_whole_ct_slabs
 from mtkd.engine.trainer import Trainer, resolve_device
@@ -120,8 +120,8 @@ def run_demo(
         sample_ct, sample_seg, names = Path(ct), Path(labels), bundled_names()
         if not names.is_file():
             raise MTKDError("TotalSegmentator label names not found", path=names)
-    output.mkdir(parents=True, exist_ok=True)
-    dataset = output / "dataset"
+    check_writable(output / SEG_NAME)  # a file in the way fails now, not after training
+    dataset = output / "dataset"  # made (with ``output``) once the inputs have been read
     case_ids, split, bounds = write_whole_ct_slabs(
         sample_ct, sample_seg, names, dataset, STRUCTURES
     )

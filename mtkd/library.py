@@ -7,11 +7,18 @@
     LIBRARY/<key>/library_entry.json  name, format, labels, lineage and metrics summary,
                                       imported_from, imported_at, sha256 of the weights
 
-An import is checked (metadata present, SHA-256 of the weights equal to the metadata's, zip
-members that stay inside the folder, the model opens with mtkd) in a hidden staging folder
-inside the library and then renamed into place, so no half-imported entry is ever visible
-and a failed import leaves nothing. Each entry folder is a model source that
+An import is checked (metadata present, valid and unchanged, SHA-256 of the weights equal to
+the metadata's, zip members that stay inside the folder and within the size limits of
+:func:`mtkd.infer.bundle.check_zip_sizes`, the model opens with mtkd) in a hidden staging
+folder inside the library and then renamed into place, so no half-imported entry is ever
+visible and a failed import leaves nothing. Only the files the model needs are copied (its
+metadata and weights; a bundle's metadata, inference config, weights, LICENSE and
+docs/README.md). Each entry folder is a model source that
 :func:`mtkd.infer.sources.load_any_model` opens.
+
+A folder of the library is an entry only if its ``library_entry.json`` is present and valid
+(a JSON object with a known ``library_format`` and ``format``): other folders are never
+listed, opened or deleted.
 """
 
 from __future__ import annotations
@@ -29,15 +36,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtkd.data.atomic import _fsync_dir, atomic_write_bytes
+from mtkd.data.atomic import _fsync_dir, atomic_write_bytes, missing_folders, remove_if_empty
 from mtkd.errors import MTKDError, error_summary
 from mtkd.infer.model_files import METADATA, WEIGHTS, sha256_of
+from mtkd.infer.model_metadata import check_seal, file_name, validate_metadata
 
 ENTRY_FILE = "library_entry.json"
 ENTRY_VERSION = 1
 FORMATS = ("pytorch", "torchscript", "onnx", "bundle")
 BUNDLE_METADATA = Path("configs") / "metadata.json"
 BUNDLE_WEIGHTS = Path("models") / "model.pt"
+# The files of a bundle that an entry keeps (those present): what loading reads, and its
+# licence and description.
+BUNDLE_FILES = (
+    BUNDLE_METADATA.as_posix(),
+    *(f"configs/inference{suffix}" for suffix in (".json", ".yaml", ".yml")),
+    BUNDLE_WEIGHTS.as_posix(),
+    "LICENSE",
+    "docs/README.md",
+)
 _EXPORT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 _STAGING = ".staging-"
 _DELETING = ".deleting-"
@@ -101,6 +118,7 @@ class _Candidate:
     weights: str  # relative to ``folder``
     sha256: str
     name: str
+    files: list[str]  # relative to ``folder``: what the entry keeps
 
 
 def _read_json(path: Path, shown: Path) -> dict[str, Any]:
@@ -153,18 +171,23 @@ def _inspect(folder: Path, shown: Path, fallback_name: str) -> _Candidate:
         expected = metadata.get("weights_sha256")
         if not isinstance(expected, str) or not expected:
             raise MTKDError("the model metadata has no weights_sha256", shown / METADATA)
+        check_seal(metadata, shown / METADATA)
+        validate_metadata(metadata, shown / METADATA, require_network=fmt == "pytorch")
         digest = _check_weights(folder, shown, relative, expected)
         name = _text(metadata.get("name")) or fallback_name
-        return _Candidate(folder, shown, fmt, relative, digest, name)
+        return _Candidate(folder, shown, fmt, relative, digest, name, [METADATA, relative])
     if (folder / BUNDLE_METADATA).is_file():
         metadata = _read_json(folder / BUNDLE_METADATA, shown / BUNDLE_METADATA)
         section = metadata.get("mtkd")
+        if isinstance(section, dict):
+            check_seal(section, shown / BUNDLE_METADATA, prefix="mtkd.")
         expected = section.get("weights_sha256") if isinstance(section, dict) else None
         relative = BUNDLE_WEIGHTS.as_posix()
         digest = _check_weights(folder, shown, relative, expected)  # third party: recorded
         section_name = section.get("name") if isinstance(section, dict) else None
         name = _text(metadata.get("name")) or _text(section_name) or fallback_name
-        return _Candidate(folder, shown, "bundle", relative, digest, name)
+        files = [f for f in BUNDLE_FILES if (folder / f).is_file()]
+        return _Candidate(folder, shown, "bundle", relative, digest, name, files)
     weights_like = (WEIGHTS, *_EXPORT_FILES.values(), BUNDLE_WEIGHTS.as_posix(), "model/model.pt")
     if any((folder / relative).is_file() for relative in weights_like):
         raise MTKDError(
@@ -175,17 +198,47 @@ def _inspect(folder: Path, shown: Path, fallback_name: str) -> _Candidate:
     raise MTKDError(_NOT_A_MODEL, shown)
 
 
-def _zip_model_root(unpacked: Path) -> Path:
-    """The model folder inside an extracted zip: its root or its one top folder."""
+def _zip_model_prefix(names: list[str]) -> str:
+    """Where the model lies in a zip, from its member names: ``""`` (its root) or ``"TOP/"``
+    (its one top folder); a run folder's ``model/`` is added."""
+    names = [n.replace("\\", "/").removeprefix("./") for n in names]
+    present = set(names)
+    prefix = ""
     markers = (METADATA, f"model/{METADATA}", BUNDLE_METADATA.as_posix())
-    if any((unpacked / marker).is_file() for marker in markers):
-        return unpacked
-    children = [
-        c for c in unpacked.iterdir() if not c.name.startswith(".") and c.name != "__MACOSX"
-    ]
-    if len(children) == 1 and children[0].is_dir():
-        return children[0]
-    return unpacked
+    if not any(marker in present for marker in markers):
+        tops = {n.split("/")[0] for n in names if not n.startswith(".")}
+        tops = {t for t in tops if t and not t.startswith(".") and t != "__MACOSX"}
+        if len(tops) == 1 and any(n.startswith(f"{next(iter(tops))}/") for n in names):
+            prefix = f"{next(iter(tops))}/"
+    if f"{prefix}{METADATA}" not in present and f"{prefix}model/{METADATA}" in present:
+        prefix += "model/"
+    return prefix
+
+
+def _zip_needed(source: Path) -> tuple[str, set[str]]:
+    """(prefix, member names) of the files a model in zip ``source`` needs: our metadata and
+    the weights it may name, or a bundle's :data:`BUNDLE_FILES`."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            infos = archive.infolist()
+            prefix = _zip_model_prefix([info.filename for info in infos])
+            wanted = {*BUNDLE_FILES, METADATA, WEIGHTS, f"model/{WEIGHTS}", *_EXPORT_FILES.values()}
+            by_name = {info.filename.replace("\\", "/").removeprefix("./"): info for info in infos}
+            info = by_name.get(prefix + METADATA)
+            if info is not None:
+                from mtkd.infer.bundle import check_zip_sizes
+
+                check_zip_sizes([info], source)
+                metadata = json.loads(archive.read(info).decode("utf-8"))
+                named = metadata.get("weights_file") if isinstance(metadata, dict) else None
+                if file_name(named) is None:
+                    wanted.add(named)
+    except MTKDError:
+        raise
+    except Exception as error:  # noqa: BLE001 - damaged zips and metadata fail in many ways
+        problem = f"unreadable zip or model metadata ({error_summary(error)})"
+        raise MTKDError(problem, source) from None
+    return prefix, {prefix + name for name in wanted}
 
 
 def _teacher_text(lineage: Any) -> str:
@@ -227,7 +280,10 @@ def _open_check(folder: Path, shown: Path) -> dict[str, Any]:
     try:
         model = load_any_model(folder, "cpu")
     except MTKDError as error:
-        raise MTKDError(f"mtkd cannot open this model: {error.problem}", shown) from None
+        where = shown
+        if error.path is not None and Path(error.path).is_relative_to(folder):
+            where = shown / Path(error.path).relative_to(folder)  # the user's file, not ours
+        raise MTKDError(f"mtkd cannot open this model: {error.problem}", where) from None
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # malformed metadata
         raise MTKDError(f"mtkd cannot open this model ({error_summary(error)})", shown) from None
     metadata = model.metadata
@@ -262,6 +318,25 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _entry_record(folder: Path) -> dict[str, Any] | None:
+    """The parsed ``library_entry.json`` of ``folder`` if it makes ``folder`` a library entry
+    (a JSON object with a known ``library_format`` and ``format``), else None."""
+    try:
+        if folder.is_symlink() or not (folder / ENTRY_FILE).is_file():
+            return None
+        record = json.loads((folder / ENTRY_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    version = record.get("library_format")
+    if isinstance(version, bool) or not isinstance(version, int):
+        return None
+    if not 1 <= version <= ENTRY_VERSION or record.get("format") not in FORMATS:
+        return None
+    return record
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -275,25 +350,53 @@ class ModelLibrary:
     # --- reading ---------------------------------------------------------------------------
 
     def entries(self) -> list[LibraryEntry]:
-        """All entries, sorted by name; an unreadable entry is listed with its ``problem``."""
+        """All entries, sorted by name; an entry whose model is unusable (e.g. its weights
+        file is gone) is listed with its ``problem``. Folders that are not entries are left
+        out (:meth:`other_folders`). A missing library folder, or one that is a file, has no
+        entries (:meth:`check_root` tells the latter apart)."""
+        found = []
+        for child in self._children():
+            record = _entry_record(child)
+            if record is not None:
+                found.append(self._read_entry(child, record))
+        return sorted(found, key=lambda entry: (entry.name.lower(), entry.key))
+
+    def other_folders(self) -> list[str]:
+        """Names of the library's visible subfolders that are not entries (sorted)."""
+        return sorted(c.name for c in self._children() if _entry_record(c) is None)
+
+    def check_root(self) -> None:
+        """MTKDError naming the root if it exists and is not a folder."""
+        if self.root.exists() and not self.root.is_dir():
+            raise MTKDError("the model library is a file, not a folder", self.root)
+
+    def _children(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        found = [
-            self._read_entry(child)
-            for child in self.root.iterdir()
-            if not child.name.startswith(".") and child.is_dir()
-        ]
-        return sorted(found, key=lambda entry: (entry.name.lower(), entry.key))
+        try:
+            return [c for c in self.root.iterdir() if not c.name.startswith(".") and c.is_dir()]
+        except OSError as error:
+            raise MTKDError(
+                f"cannot read the model library ({error_summary(error)})", self.root
+            ) from None
 
     def get(self, key: str) -> LibraryEntry:
         """The entry ``key``; MTKDError if the library has none."""
-        return self._read_entry(self.path_of(key))
+        path = self.path_of(key)
+        return self._read_entry(path, _entry_record(path) or {})
 
     def path_of(self, key: str) -> Path:
-        """The folder of entry ``key`` (a model source for ``load_any_model``)."""
+        """The folder of entry ``key`` (a model source for ``load_any_model``); MTKDError if
+        there is none or the folder is not a library entry."""
         path = self._entry_path(key)
         if not path.is_dir():
             raise MTKDError(f"the model library has no model {key!r}", self.root)
+        if _entry_record(path) is None:
+            raise MTKDError(
+                f"{key!r} is not a library entry (no valid {ENTRY_FILE}): mtkd never opens or "
+                "deletes other folders of the library",
+                path,
+            )
         return path
 
     def _entry_path(self, key: str) -> Path:
@@ -311,7 +414,7 @@ class ModelLibrary:
             raise MTKDError(f"{key!r} is not a model key of this library", self.root)
         return self.root / key
 
-    def _read_entry(self, path: Path) -> LibraryEntry:
+    def _read_entry(self, path: Path, record: dict[str, Any]) -> LibraryEntry:
         entry = LibraryEntry(
             key=path.name,
             path=path,
@@ -326,13 +429,6 @@ class ModelLibrary:
             imported_from="",
             imported_at="",
         )
-        try:
-            record = json.loads((path / ENTRY_FILE).read_text(encoding="utf-8"))
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            entry.problem = f"unreadable {ENTRY_FILE} ({error_summary(error)})"
-            return entry
         labels = record.get("labels")
         entry.name = _text(record.get("name")) or path.name
         entry.format = record.get("format") if record.get("format") in FORMATS else ""
@@ -348,9 +444,7 @@ class ModelLibrary:
         history = record.get("history")
         entry.history = history if isinstance(history, dict) else {}
         weights = record.get("weights_file")
-        if not entry.format:
-            entry.problem = f"{ENTRY_FILE} names no known format"
-        elif not isinstance(weights, str) or not (path / weights).is_file():
+        if not isinstance(weights, str) or not (path / weights).is_file():
             entry.problem = f"the weights file is missing ({weights})"
         return entry
 
@@ -371,8 +465,9 @@ class ModelLibrary:
         source = Path(source).expanduser()
         if not source.exists():
             raise MTKDError("model not found", source)
-        self._prepare_root()
+        created = self._prepare_root()
         staging = self.root / f"{_STAGING}{secrets.token_hex(6)}"
+        imported = False
         try:
             staging.mkdir()
             staged, candidate = self._stage(source, staging)
@@ -396,18 +491,18 @@ class ModelLibrary:
             atomic_write_bytes(staged / ENTRY_FILE, text.encode())
             _fsync_tree(staged)
             key = self._place(staged, slugify(display))
+            imported = True
         except OSError as error:
             raise MTKDError(f"import failed ({error_summary(error)})", source) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if not imported:
+                remove_if_empty(created)  # a failed first import leaves no empty library behind
         return self.get(key)
 
     def delete(self, key: str) -> None:
         """Remove entry ``key`` (a folder name of this library; nothing else is accepted)."""
         path = self.path_of(key)
-        if path.is_symlink():
-            path.unlink()
-            return
         doomed = self.root / f"{_DELETING}{secrets.token_hex(6)}-{key}"
         try:
             os.rename(path, doomed)  # the entry disappears at once, then its files go
@@ -415,9 +510,11 @@ class ModelLibrary:
             raise MTKDError(f"cannot delete ({error_summary(error)})", path) from None
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def _prepare_root(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise MTKDError("the model library is a file, not a folder", self.root)
+    def _prepare_root(self) -> list[Path]:
+        """Make the root (and the folders above it that are missing); clear leftovers of a
+        crash. Returns the folders it made, innermost first."""
+        self.check_root()
+        created = missing_folders(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -434,6 +531,7 @@ class ModelLibrary:
                     continue
                 if stale:
                     shutil.rmtree(child, ignore_errors=True)
+        return created
 
     def _stage(self, source: Path, staging: Path) -> tuple[Path, _Candidate]:
         """Copy (folder) or extract (zip) the checked model of ``source`` to ``staging/entry``."""
@@ -447,7 +545,10 @@ class ModelLibrary:
                 nested = False
             if nested:
                 raise MTKDError("the model library lies inside this model folder", source)
-            shutil.copytree(candidate.folder, target, copy_function=shutil.copy2)
+            target.mkdir()
+            for relative in candidate.files:  # only what the model needs
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(candidate.folder / relative, target / relative)
             return target, candidate
         if not zipfile.is_zipfile(source):
             raise MTKDError(_NOT_A_MODEL, source)
@@ -460,9 +561,10 @@ class ModelLibrary:
                 "'mtkd export --format torchscript' wrote (or a zip of it)",
                 source,
             )
-        unpacked = safe_extract(source, staging / "unpacked")
-        root = _zip_model_root(unpacked)
-        shown = source / root.relative_to(unpacked)
+        prefix, needed = _zip_needed(source)
+        unpacked = safe_extract(source, staging / "unpacked", keep=needed.__contains__)
+        root = unpacked / prefix if prefix else unpacked
+        shown = source / prefix.rstrip("/") if prefix else source
         candidate = _inspect(root, shown, source.stem)
         os.rename(candidate.folder, target)
         return target, candidate

@@ -39,10 +39,18 @@ from typing import Any
 
 import yaml
 
-from mtkd.config import RunConfig, differing_keys, dump_config, read_yaml, resolve_file_paths
+from mtkd.config import (
+    RunConfig,
+    differing_keys,
+    dump_config,
+    is_run_name,
+    read_yaml,
+    resolve_file_paths,
+)
 from mtkd.config_paths import PATH_KEYS, absolute, is_path_value, resolve_paths
 from mtkd.data.atomic import atomic_write_bytes
-from mtkd.errors import MTKDError
+from mtkd.data.splits import read_split
+from mtkd.errors import MTKDError, one_line
 from mtkd.metrics import format_missed
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -167,7 +175,7 @@ def _fill(value: Any, values: dict[str, str | None], where: Path) -> Any:
 def _paths_from(data: dict[str, Any], file: Path) -> dict[str, Any]:
     """``data`` (configuration keys read from ``file``) with its relative paths read from the
     file's folder; ``${NAME}`` placeholders are left for :func:`_fill`."""
-    return resolve_paths(data, file.absolute().parent)[0]
+    return resolve_paths(data, file.absolute().parent, source=file)[0]
 
 
 def _command_line_path(
@@ -228,7 +236,7 @@ def load_protocol(
     overrides and validate every stage as a :class:`RunConfig`."""
     source = protocol_file(name)
     raw = _read_yaml(source)
-    unknown = sorted(set(raw) - set(PROTOCOL_KEYS))
+    unknown = sorted(str(key) for key in set(raw) - set(PROTOCOL_KEYS))
     if unknown:
         raise MTKDError(
             f"unknown protocol key(s) {', '.join(unknown)}; known: {', '.join(PROTOCOL_KEYS)}",
@@ -237,6 +245,13 @@ def load_protocol(
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise MTKDError("a protocol needs 'stages': a mapping of stage names to configs", source)
+    for stage in stages_raw:
+        if not is_run_name(stage):
+            raise MTKDError(
+                f"stage name {one_line(repr(stage), 60)} must be a folder name (printable "
+                "text without '/' or '\\')",
+                source,
+            )
     common = raw.get("common") or {}
     if not isinstance(common, dict):
         raise MTKDError("'common' must be a mapping of run-configuration keys", source)
@@ -322,19 +337,30 @@ def load_protocol(
     for stage, twin_of in twins.items():
         if stage not in own_file:  # derived: the KD stage's final config, no distillation
             dicts[stage] = copy.deepcopy(dicts[twin_of])
-            dicts[stage].setdefault("distill", {})["scale"] = 0.0
+            distill = dicts[stage].setdefault("distill", {})
+            if isinstance(distill, dict):  # else the stage's validation names the key
+                distill["scale"] = 0.0
     stages = []
     for stage in stages_raw:  # the order of the file
         body = dicts[stage]
         body["name"] = stage
         config = RunConfig.from_dict(body, source=f"{source} (stage '{stage}')")
         stages.append(Stage(stage, config, twins.get(stage)))
+    for key in ("expects", "reference"):
+        if not isinstance(raw.get(key) or {}, dict):
+            raise MTKDError(f"protocol key '{key}' must be a mapping", source)
+    expects = dict(raw.get("expects") or {})
+    if not isinstance(expects.get("layout") or "", str):
+        raise MTKDError("protocol key 'expects.layout' must be a layout name (msd)", source)
+    structures = expects.get("structures") or []
+    if not isinstance(structures, list) or not all(isinstance(n, str) for n in structures):
+        raise MTKDError("protocol key 'expects.structures' must be a list of names", source)
     protocol = Protocol(
         name=str(raw.get("protocol") or source.stem),
         description=str(raw.get("description") or ""),
         source=source,
         stages=stages,
-        expects=dict(raw.get("expects") or {}),
+        expects=expects,
         reference=dict(raw.get("reference") or {}),
     )
     _check_twins(protocol)
@@ -408,7 +434,10 @@ def write_configs(protocol: Protocol, folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise MTKDError("not a folder", folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MTKDError(f"cannot create the folder ({error.strerror or error})", folder) from None
     written = []
     stages: dict[str, Any] = {}
     for stage in protocol.stages:
@@ -495,13 +524,30 @@ def run_protocol(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """Run the selected stages in order (skip finished ones, resume stopped ones), then
-    evaluate every finished model of the protocol; returns the report (None without)."""
-    from mtkd.engine.run_dir import RunDir
-    from mtkd.engine.trainer import Trainer
+    evaluate every finished model of the protocol; returns the report (None without).
+
+    One protocol process per ``runs`` folder (its lock; each stage's run folder has its own).
+    """
+    from mtkd.folder_lock import FolderLock
 
     require_filled(protocol)
     runs = Path(runs)
     check_expectations(protocol)
+    with FolderLock(runs, f"mtkd protocol {protocol.name}"):
+        return _run_stages(protocol, runs, selection, device, evaluate, log)
+
+
+def _run_stages(
+    protocol: Protocol,
+    runs: Path,
+    selection: Iterable[str] | None,
+    device: str,
+    evaluate: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any] | None:
+    from mtkd.engine.run_dir import RunDir
+    from mtkd.engine.trainer import Trainer
+
     for stage in select_stages(protocol, selection):
         run_dir = runs / stage.name
         state = stage_state(run_dir)
@@ -551,7 +597,7 @@ def _shared_split(protocol: Protocol, runs: Path, finished: list[Stage]) -> dict
         path = runs / stage.name / "split.json"
         if not path.is_file():
             raise MTKDError("run folder without split.json", path.parent)
-        current = json.loads(path.read_text())
+        current = read_split(path).to_dict()
         if split is None:
             split, first = current, stage.name
             continue
@@ -617,10 +663,10 @@ def evaluate_protocol(
         pooled, per_slice = result.pooled(), result.mean_slice()
         pooled["mean"] = _mean(list(pooled.values()))
         per_slice["mean"] = _mean(list(per_slice.values()))
-        run_split = json.loads((runs / stage.name / "split.json").read_text())
-        trained_on = run_split[
-            "student_train" if stage.config.train_on == "student_train" else "train"
-        ]
+        run_split = read_split(runs / stage.name / "split.json")
+        trained_on = (
+            run_split.student_train if stage.config.train_on == "student_train" else run_split.train
+        )
         metadata = model.metadata
         models[stage.name] = {
             "run": str((runs / stage.name).resolve()),

@@ -3,7 +3,8 @@
 Models trained on CT window Hounsfield units; an MR image, a CT stored without its rescale
 intercept or data already normalised to 0..1 runs without error but gives nonsense. The
 check warns (never refuses): a CT cropped tightly inside the body may lack air, so only
-images with no fat or air at all, or with a tiny value range, are flagged.
+images with no fat or air at all, with a tiny value range, holding only air (below -900 HU:
+no body in the image) or a single value are flagged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ _SAMPLE_VOXELS = 1 << 21
 _LOWEST_TISSUE_HU = -50.0
 # A CT spans at least the ~1000 HU between air or fat and bone; normalised data spans ~1..10.
 _MIN_HU_SPAN = 20.0
+# Air is about -1000 HU; lung, the least dense tissue, lies above about -900 HU.
+_AIR_HU = -900.0
 
 
 def ct_intensity_warning(image: sitk.Image, path: str | Path | None = None) -> str | None:
@@ -33,6 +36,16 @@ def ct_intensity_warning(image: sitk.Image, path: str | Path | None = None) -> s
         return f"{name}: no finite intensities; is this a CT in Hounsfield units?"
     low, high = np.percentile(sample, [0.5, 99.5])
     found = f"0.5-99.5 percentiles {low:.4g} .. {high:.4g}"
+    if high <= _AIR_HU:
+        return (
+            f"{name}: the image holds only air ({found} HU); no body to segment (a scan of "
+            "the empty table, or a crop outside the body?)"
+        )
+    if high - low < 1e-6 * max(1.0, abs(float(high))):
+        return (
+            f"{name}: every voxel has the same intensity ({float(high):.4g}); a blank or "
+            "empty image, not a CT"
+        )
     if high - low < _MIN_HU_SPAN:
         return (
             f"{name}: intensities look normalised ({found}), not Hounsfield units; "

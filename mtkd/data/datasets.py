@@ -13,9 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import SimpleITK as sitk
-
-from mtkd.data.image_io import IMAGE_SUFFIXES, image_suffix, read_label, strip_image_suffix
+from mtkd.data.image_io import (
+    IMAGE_SUFFIXES,
+    checked_reader,
+    dicom_series_ids,
+    image_suffix,
+    read_label,
+    strip_image_suffix,
+)
 from mtkd.data.labels import LabelTable, label_values_in
 from mtkd.errors import MTKDError
 
@@ -218,13 +223,6 @@ def _single_label(label: str | Path | None) -> Path | None:
     return label
 
 
-def _dicom_series(folder: Path) -> tuple[str, ...]:
-    try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError:
-        return ()
-
-
 def load_dataset(
     path: str | Path, labels_json: str | Path | None = None, label: str | Path | None = None
 ) -> DatasetIndex:
@@ -256,6 +254,7 @@ def _load(path: Path, labels_json: str | Path | None, label: str | Path | None) 
     if path.is_file():
         if image_suffix(path) is None:
             raise MTKDError(f"not an image file; expected one of {', '.join(IMAGE_SUFFIXES)}", path)
+        checked_reader(path)  # an unreadable image is named now, not after a split of it
         case = Case(_case_id(path), path, _single_label(label))
         return DatasetIndex(path, [case], _table([case], None, None, labels_json), "single")
 
@@ -281,7 +280,7 @@ def _load(path: Path, labels_json: str | Path | None, label: str | Path | None) 
             cases = _check_unique(cases, path)
             return DatasetIndex(path, cases, _table(cases, None, None, labels_json), "folders")
 
-    series = _dicom_series(path)
+    series = dicom_series_ids(path)
     if len(series) > 1:
         raise MTKDError(
             f"folder holds {len(series)} DICOM series ({', '.join(series)}); "

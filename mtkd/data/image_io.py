@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +38,10 @@ __all__ = [
     "check_writable",
     "checked_reader",
     "describe_grid",
+    "dicom_series_ids",
     "expand_image_inputs",
     "itk_error_reason",
+    "quiet_itk",
     "image_suffix",
     "read_image",
     "read_label",
@@ -185,29 +189,155 @@ def _check_finite(image: sitk.Image, path: Path) -> None:
         raise MTKDError(f"image has {nan} NaN and {inf} infinite voxels", path)
 
 
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_DICOM_MAGIC_OFFSET = 128  # the "DICM" prefix follows a 128-byte preamble
+
+
+@contextmanager
+def quiet_itk() -> Iterator[None]:
+    """ITK's own warnings off while reading (they go straight to standard error as multi-line
+    ``WARNING: In .../itk....hxx`` text); the previous setting is restored afterwards. What a
+    warning means is checked and reported by the caller as an MTKDError instead."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def dicom_series_ids(folder: str | Path) -> tuple[str, ...]:
+    """The DICOM series UIDs of the files directly in ``folder`` (none: an empty tuple), without
+    ITK's "No Series were found" warning on standard error."""
+    with quiet_itk():
+        try:
+            return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        except RuntimeError:
+            return ()
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A file meant as DICOM: a DICOM name ending, or the ``DICM`` mark after the preamble."""
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(_DICOM_MAGIC_OFFSET)
+            return stream.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _unreadable_dicom_files(folder: Path, series: tuple[str, ...]) -> list[Path]:
+    """Files of ``folder`` that look like DICOM but belong to no series: GDCM leaves out a
+    truncated or corrupt slice without a word, which would read as a gap in the series."""
+    members: set[str] = set()
+    for uid in series:
+        members.update(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    members = {str(Path(name).resolve()) for name in members}
+    candidates = sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(".") and path.name.upper() != "DICOMDIR"
+    )
+    return [
+        path
+        for path in candidates
+        if str(path.resolve()) not in members and _looks_like_dicom(path)
+    ]
+
+
+def _refuse_unreadable(folder: Path, bad: list[Path], readable: int) -> None:
+    """MTKDError naming the unreadable DICOM file(s) of ``folder``, if any."""
+    if not bad:
+        return
+    rest = f"; the series' other {readable} file(s) are readable" if readable else ""
+    if len(bad) == 1:
+        raise MTKDError(f"DICOM file is truncated or corrupt (not a readable image){rest}", bad[0])
+    shown = ", ".join(path.name for path in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    raise MTKDError(
+        f"{len(bad)} DICOM files are truncated or corrupt (not readable images): {shown}{rest}",
+        folder,
+    )
+
+
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError:
-        series = ()
-    if not series:
-        raise MTKDError("folder holds no DICOM series", folder)
-    if len(series) > 1:
-        raise MTKDError(
-            f"folder holds {len(series)} DICOM series ({', '.join(series)}); "
-            "put each series in its own folder",
-            folder,
+    with quiet_itk():
+        series = dicom_series_ids(folder)
+        files = (
+            sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+            if len(series) == 1
+            else ()
         )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+        _refuse_unreadable(folder, _unreadable_dicom_files(folder, series), len(files))
+        if not series:
+            raise MTKDError(_no_series_problem(folder), folder)
+        if len(series) > 1:
+            raise MTKDError(
+                f"folder holds {len(series)} DICOM series ({', '.join(series)}); "
+                "put each series in its own folder",
+                folder,
+            )
+        _check_even_slices(files, folder)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        try:
+            return reader.Execute()
+        except RuntimeError as error:
+            bad = [Path(name) for name in files if not _slice_reads(name)]
+            _refuse_unreadable(folder, bad, len(files) - len(bad))
+            reason = itk_error_reason(error)
+            raise MTKDError(f"cannot read DICOM series {series[0]} ({reason})", folder) from None
+
+
+def _no_series_problem(folder: Path) -> str:
+    """Why a folder read as a DICOM series holds none: empty, image files, or other files."""
+    entries = [path for path in folder.iterdir() if not path.name.startswith(".")]
+    if not entries:
+        return "folder is empty: no image file or DICOM series to read"
+    images = [path.name for path in entries if path.is_file() and image_suffix(path)]
+    if images:
+        return (
+            f"folder holds image files ({', '.join(sorted(images)[:3])}"
+            f"{', ...' if len(images) > 3 else ''}), not a DICOM series: name the file"
+        )
+    return "folder holds no DICOM series (and no image files)"
+
+
+def _slice_reads(name: str) -> bool:
+    """Whether ITK reads the DICOM file ``name`` on its own."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
     try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        reason = itk_error_reason(error)
-        raise MTKDError(f"cannot read DICOM series {series[0]} ({reason})", folder) from None
-    _check_even_slices(files, folder)
-    return image
+        reader.Execute()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _slice_geometry(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Image position and slice normal of one DICOM file; None without patient geometry."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise MTKDError("DICOM file is truncated or corrupt (not a readable image)", name) from None
+    if not reader.HasMetaDataKey("0020|0032") or not reader.HasMetaDataKey("0020|0037"):
+        return None
+    try:
+        position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+    except ValueError:
+        raise MTKDError(
+            "unreadable image position or orientation (0020,0032 / 0020,0037)", name
+        ) from None
+    if position.size != 3 or len(cosines) != 6:
+        raise MTKDError(
+            "image position or orientation (0020,0032 / 0020,0037) has the wrong number of values",
+            name,
+        )
+    return position, np.cross(cosines[:3], cosines[3:6])
 
 
 def _check_even_slices(files: tuple[str, ...] | list[str], folder: Path) -> None:
@@ -216,15 +346,11 @@ def _check_even_slices(files: tuple[str, ...] | list[str], folder: Path) -> None
         return
     positions, normal = [], None
     for name in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(name)
-        reader.ReadImageInformation()
-        if not reader.HasMetaDataKey("0020|0032") or not reader.HasMetaDataKey("0020|0037"):
+        geometry = _slice_geometry(name)
+        if geometry is None:
             return  # no patient geometry: nothing to check against
-        position = np.array([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
-        if normal is None:
-            cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
-            normal = np.cross(cosines[:3], cosines[3:6])
+        position, slice_normal = geometry
+        normal = slice_normal if normal is None else normal
         positions.append(float(position @ normal))
     steps = np.diff(np.sort(positions))
     deviation = float(np.max(np.abs(steps - np.median(steps))))
@@ -391,13 +517,18 @@ def write_image(image: sitk.Image, path: str | Path) -> None:
 
 def expand_image_inputs(paths: list[str | Path]) -> list[Path]:
     """Image files and DICOM series folders named by ``paths``, a folder of image files
-    expanding to its images (sorted by name)."""
+    expanding to its images (sorted by name; hidden files such as the temporary files of
+    atomic writes, ``.tmp-*``, or macOS's ``._*`` are skipped)."""
     images: list[Path] = []
     for path in map(Path, paths):
         if not path.exists():
             raise MTKDError("image file or folder not found", path)
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and image_suffix(p))
+            inside = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and image_suffix(p) and not p.name.startswith(".")
+            )
             images.extend(inside or [path])  # no image files: a DICOM series folder
         else:
             images.append(path)
@@ -405,11 +536,19 @@ def expand_image_inputs(paths: list[str | Path]) -> list[Path]:
 
 
 def check_writable(path: str | Path) -> Path:
-    """Create ``path``'s folder and make sure a file can be written there, before any work."""
+    """Make sure a file can be written at ``path``, before any work, creating nothing: it is
+    not a folder and its nearest existing folder accepts a new file (the write itself makes
+    the missing folders, so a command that fails leaves no empty folder behind)."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".mtkd-write-check-"):
+        if path.is_dir():
+            raise MTKDError("cannot write output here (a folder has this name)", path)
+        folder = path.parent
+        while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise MTKDError(f"cannot write output here ({folder} is not a folder)", path)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".mtkd-write-check-"):
             pass
     except OSError as error:
         raise MTKDError(f"cannot write output here ({error.strerror or error})", path) from None

@@ -9,15 +9,17 @@ patients a larger one picks.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mtkd.data.datasets import Case
-from mtkd.errors import MTKDError
+from mtkd.errors import MTKDError, one_line
 
-__all__ = ["Split", "split_cases"]
+__all__ = ["Split", "read_split", "split_cases"]
 
 _PARTS = ("train", "val", "test")
 
@@ -45,21 +47,125 @@ class Split:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Split:
-        """Inverse of :meth:`to_dict`; a missing ``student_train`` means all of ``train``."""
-        if not isinstance(data, Mapping):
-            raise MTKDError(f"split must be a mapping, got {type(data).__name__}")
-        lists: dict[str, list[str]] = {}
-        for key in (*_PARTS, "student_train"):
-            value = data.get(key, [])
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise MTKDError(f"split '{key}' must be a list of case ids")
-            lists[key] = list(value)
-        split = cls(**lists)
+    def from_dict(cls, data: Mapping[str, Any], source: str | Path | None = None) -> Split:
+        """Inverse of :meth:`to_dict`; a missing ``student_train`` means all of ``train``.
+        MTKDError naming ``source`` (the split file) for anything else."""
+        lists = _checked_lists(data, source)
+        split = cls(**{key: lists.get(key, []) for key in (*_PARTS, "student_train")})
         outside = sorted(set(split.student_train) - set(split.train))
         if outside:
-            raise MTKDError(f"student_train holds cases not in train: {', '.join(outside)}")
+            raise MTKDError(
+                f"student_train holds cases not in train: {_listed(outside)}", path=source
+            )
         return split
+
+
+def _checked_lists(data: Any, source: str | Path | None) -> dict[str, list[str]]:
+    """The lists of a split mapping, checked: known keys only, each a list of case ids
+    (text), none twice, no case in two of train/val/test."""
+    if not isinstance(data, Mapping):
+        raise MTKDError(
+            'a split must be a JSON object of case-id lists ({"train": [...], "val": '
+            f'[...], "test": [...]}}), got {_kind(data)}',
+            path=source,
+        )
+    known = (*_PARTS, "student_train")
+    unknown = sorted(str(key) for key in data if key not in known)
+    if unknown:
+        raise MTKDError(
+            f"unknown split key(s) {_listed(unknown)}; known: {', '.join(known)}", path=source
+        )
+    lists: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for key in known:
+        if key not in data:
+            continue
+        value = data[key]
+        if not isinstance(value, (list, tuple)):
+            raise MTKDError(
+                f"split '{key}' must be a list of case ids, got {_kind(value)}", path=source
+            )
+        for index, case_id in enumerate(value):
+            if not isinstance(case_id, str) or not case_id:
+                raise MTKDError(
+                    f"split '{key}'[{index}] must be a case id (non-empty text), got "
+                    f"{_kind(case_id)}",
+                    path=source,
+                )
+        seen = owner if key != "student_train" else {}  # student_train repeats train's
+        for case_id in value:
+            if case_id in seen:
+                where = seen[case_id]
+                twice = "twice in" if where == key else f"in both '{where}' and"
+                raise MTKDError(
+                    f"case '{one_line(case_id, 60)}' is listed {twice} '{key}'", path=source
+                )
+            seen[case_id] = key
+        lists[key] = list(value)
+    return lists
+
+
+def _kind(value: Any) -> str:
+    """A short description of a JSON value for messages: ``a number (3)``, ``text 'abc'``."""
+    if isinstance(value, str):
+        return f"text {one_line(repr(value), 40)}"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(one_line(name, 60) for name in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+MAX_SPLIT_BYTES = 64 * 2**20
+
+
+def read_split(path: str | Path, require: Iterable[str] = ()) -> Split:
+    """The split in a split file (a run's ``split.json``: ``{"train": [...], "val": [...],
+    "test": [...], "student_train": [...]}``); the keys of ``require`` must be present
+    (``student_train`` is, when ``train`` is). MTKDError naming the file when it is missing,
+    a folder, binary, not JSON (e.g. truncated), or not of that form."""
+    path = Path(path)
+    data = _read_json(path)
+    split = Split.from_dict(data, source=path)
+    for key in require:
+        if key not in data and not (key == "student_train" and "train" in data):
+            raise MTKDError(f"split has no '{key}' list", path=path)
+    return split
+
+
+def _read_json(path: Path) -> Any:
+    if path.is_dir():
+        raise MTKDError("is a folder, not a split file (JSON)", path=path)
+    if not path.is_file():
+        raise MTKDError("split file not found", path=path)
+    try:
+        if path.stat().st_size > MAX_SPLIT_BYTES:
+            raise MTKDError(
+                f"too large for a split file (over {MAX_SPLIT_BYTES // 2**20} MiB)", path=path
+            )
+        text = path.read_bytes().decode("utf-8-sig")
+        return json.loads(text)
+    except OSError as error:
+        raise MTKDError(f"cannot read ({error.strerror or error})", path=path) from None
+    except UnicodeDecodeError:
+        raise MTKDError("not a split file: binary content, not UTF-8 text", path=path) from None
+    except json.JSONDecodeError as error:
+        raise MTKDError(
+            f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+            "a truncated or edited file?",
+            path=path,
+        ) from None
+    except RecursionError:
+        raise MTKDError("not a split file: nested too deeply", path=path) from None
 
 
 def _rank(seed: int, salt: str, patient: str) -> bytes:

@@ -52,6 +52,17 @@ PREFIX = "synth_"
 _AIR, _FAT, _MUSCLE, _BOWEL, _CSF, _DISC = -1000.0, -100.0, 50.0, 30.0, 10.0, 80.0
 _CORTEX_MM = 6.0  # kidney cortex: voxels at most this far inside the kidney's surface
 _MIN_VOXELS = 20  # every structure must keep at least this many voxels (after erosion by 1)
+MIN_SIZE = (48, 40, 16)
+"""The smallest grid (x y z voxels) drawn reliably. Near it a draw keeps every structure (the
+aorta and the kidneys are a few voxels across there) about one time in three, and a subject is
+redrawn up to ``_ATTEMPTS`` times; at 40 voxels in x, 32 in y or 12 slices most draws lose one."""
+_ATTEMPTS = 100
+MAX_VOXELS = 2**24
+"""The largest grid drawn (voxels per phantom): drawing holds about ``BYTES_PER_VOXEL`` bytes of
+arrays per voxel at its peak."""
+BYTES_PER_VOXEL = 200
+SPACING_RANGE = (0.01, 100.0)  # mm
+MAX_SUBJECTS = 9999  # names synth_000 .. synth_9999
 
 
 @dataclass
@@ -126,15 +137,43 @@ def _ellipsoid(rng, xn, yn, zn, centre, axes, angle, wobble=0.08):
 
 
 def _check_geometry(size, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    size = tuple(int(v) for v in size)
-    spacing = tuple(float(v) for v in spacing)
+    """``size`` (voxels) and ``spacing`` (mm), x y z, checked against what drawing needs:
+    MTKDError naming the limit otherwise."""
+    size, spacing = tuple(size), tuple(spacing)
     if len(size) != 3 or len(spacing) != 3:
         raise MTKDError("synthetic phantoms need three sizes and three spacings (x y z)")
-    if min(size[:2]) < 32 or size[2] < 12:
-        raise MTKDError(f"grid {size} too small for the phantoms: need at least 32x32x12 voxels")
-    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
-        raise MTKDError(f"voxel spacing must be positive, got {spacing}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size):
+        raise MTKDError(f"grid size must be three whole numbers of voxels, got {size}")
+    size = tuple(int(v) for v in size)
+    if any(v < low for v, low in zip(size, MIN_SIZE, strict=True)):
+        raise MTKDError(
+            f"grid {_text(size)} is too small for the phantoms: the smallest structures need "
+            f"at least {_text(MIN_SIZE)} voxels (x y z)"
+        )
+    voxels = size[0] * size[1] * size[2]
+    if voxels > MAX_VOXELS:
+        raise MTKDError(
+            f"grid {_text(size)} is {voxels:,} voxels; mtkd synth draws at most "
+            f"{MAX_VOXELS:,} voxels per phantom (e.g. 512 512 64: about "
+            f"{MAX_VOXELS * BYTES_PER_VOXEL / 2**30:.0f} GiB of memory while drawing)"
+        )
+    try:
+        spacing = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        raise MTKDError(f"voxel spacing must be three numbers (mm), got {spacing}") from None
+    low, high = SPACING_RANGE
+    if not all(low <= v <= high for v in spacing):  # also refuses NaN
+        raise MTKDError(f"voxel spacing must be between {low} and {high} mm, got {spacing}")
     return size, spacing  # type: ignore[return-value]
+
+
+def _text(size: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in size)
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise MTKDError(f"--seed must be a whole number >= 0, got {seed!r}")
 
 
 def make_subject(
@@ -145,9 +184,10 @@ def make_subject(
 ) -> SynthSubject:
     """Phantom ``index`` of the cohort drawn with ``seed``; ``size`` and ``spacing`` are x y z."""
     size, spacing = _check_geometry(size, spacing)
+    _check_seed(seed)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
     grid = _Grid(size, spacing)
-    for _ in range(20):  # redraw in the rare case a structure ends up (almost) empty
+    for _ in range(_ATTEMPTS):  # redraw in the rare case a structure ends up (almost) empty
         subject = _draw(rng, grid, spacing)
         if subject is not None:
             return subject
@@ -294,9 +334,15 @@ def write_cohort(
     output = Path(output)
     if subjects < 1:
         raise MTKDError(f"--subjects must be at least 1, got {subjects}")
+    if subjects > MAX_SUBJECTS:
+        raise MTKDError(f"--subjects must be at most {MAX_SUBJECTS}, got {subjects}")
+    _check_seed(seed)
     size, spacing = _check_geometry(size, spacing)
     if output.exists() and not output.is_dir():
         raise MTKDError("output exists and is not a folder", output)
+    above = next(folder for folder in output.absolute().parents if folder.exists())
+    if not above.is_dir():
+        raise MTKDError(f"cannot make the output folder: {above} is a file", output)
     if output.is_dir() and any(output.iterdir()) and not _is_cohort(output):
         raise MTKDError(
             "output folder is not empty and is not a synthetic cohort; choose another folder",

@@ -5,6 +5,9 @@
     RUN/config.yaml        the full resolved configuration; paths relative to RUN, with their
                            absolute form as a fallback (:mod:`mtkd.config_paths`)
     RUN/split.json         the patient-level split used
+    RUN/fingerprint.json   what the run trains on: its cases' files and its teacher (SHA-256;
+                           :mod:`mtkd.engine.fingerprint`), checked when it is resumed
+    RUN/.mtkd.lock         while a process writes the run: who (:mod:`mtkd.folder_lock`)
     RUN/events.jsonl       one JSON object per line ("metrics", "status", "log", "done", "error")
     RUN/checkpoints/       last.pt and best.pt, written atomically
     RUN/model/             the exported network (weights + metadata)
@@ -32,6 +35,7 @@ class RunDir:
 
     config = property(lambda self: self.root / "config.yaml")
     split = property(lambda self: self.root / "split.json")
+    fingerprint = property(lambda self: self.root / "fingerprint.json")
     events = property(lambda self: self.root / "events.jsonl")
     checkpoints = property(lambda self: self.root / "checkpoints")
     last_checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
@@ -43,14 +47,15 @@ class RunDir:
         """Start a new run here.
 
         A folder whose run saved a checkpoint is never overwritten (resume it instead); one
-        whose run failed before its first checkpoint is started afresh.
+        whose run failed before its first checkpoint is started afresh. Call it while holding
+        the folder's lock (:class:`mtkd.folder_lock.FolderLock`).
         """
         if self.last_checkpoint.exists() or self.model.exists():
             raise MTKDError(
                 "this folder already holds a run; resume it with --resume or choose another",
                 path=self.root,
             )
-        for stale in (self.events, self.split):
+        for stale in (self.events, self.split, self.fingerprint):
             stale.unlink(missing_ok=True)
         for folder in (self.root, self.checkpoints, self.report):
             folder.mkdir(parents=True, exist_ok=True)
@@ -58,8 +63,8 @@ class RunDir:
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files that a killed process left in ``checkpoints/`` and
-        ``model/`` (see :func:`mtkd.data.atomic.atomic_path`); call it only while no other
-        process writes this run. Returns what was removed."""
+        ``model/`` (see :func:`mtkd.data.atomic.atomic_path`); call it only while holding the
+        folder's lock, so that no other process writes this run. Returns what was removed."""
         stale = [
             path
             for folder in (self.checkpoints, self.model)

@@ -47,6 +47,7 @@ __all__ = [
     "is_stored_teacher",
     "pseudo_logits",
     "resolve_teacher",
+    "teacher_kind",
     "teacher_transform",
 ]
 
@@ -137,6 +138,12 @@ def _model_kind(path: Path) -> str:
     return "checkpoint"
 
 
+def teacher_kind(path: str | Path) -> str:
+    """Which of TEACHER_KINDS ``path`` is opened as (an existing path)."""
+    path = Path(path)
+    return "stored" if is_stored_teacher(path) else _model_kind(path)
+
+
 def resolve_teacher(
     path: str | Path,
     structures: LabelTable,
@@ -152,8 +159,7 @@ def resolve_teacher(
         return TeacherSource(
             path, "stored", stored=open_stored_outputs(path, structures, labels_json)
         )
-    kind = _model_kind(path)
-    return TeacherSource(path, kind, model=load_any_model(path, device))
+    return TeacherSource(path, _model_kind(path), model=load_any_model(path, device))
 
 
 def check_feature_terms(source: TeacherSource, config: DistillConfig) -> None:

@@ -25,6 +25,11 @@ shard of each epoch's samples, with the per-batch loss wrapped in DistributedDat
 (gradients of the student and the connectors all-reduced, the frozen teacher replicated);
 epoch terms and validation Dice are reduced over the processes, and only rank 0 writes the run
 folder. ``train.batch_size`` is per process.
+
+One process writes a run folder at a time: the run holds ``RUN/.mtkd.lock``
+(:mod:`mtkd.folder_lock`) from before it touches the folder until it ends, however it ends.
+A run records what it trains on (``RUN/fingerprint.json``: its cases' files and its teacher,
+:mod:`mtkd.engine.fingerprint`); a resume is refused, naming the difference, when they changed.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mtkd.config import PATH_KEYS, RunConfig
+from mtkd.data.atomic import missing_folders, remove_if_empty
 from mtkd.data.datasets import DatasetIndex, load_dataset
 from mtkd.data.loading import PatchDataset, SliceDataset, VolumeCache
 from mtkd.data.preprocess import Preprocessing
@@ -55,6 +61,7 @@ from mtkd.data.splits import Split, split_cases
 from mtkd.distill.distiller import Distiller
 from mtkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from mtkd.engine.distributed import Distributed, shard_indices
+from mtkd.engine.fingerprint import fingerprint_differences, read_fingerprint, run_fingerprint
 from mtkd.engine.optim import build_optimizer, build_scheduler
 from mtkd.engine.run_dir import EventLog, RunDir
 from mtkd.engine.seg_loss import SegmentationLoss
@@ -69,6 +76,7 @@ from mtkd.engine.teacher_source import (
 )
 from mtkd.engine.terms import resolve_output_term, resolve_terms
 from mtkd.errors import MTKDError
+from mtkd.folder_lock import FolderLock, FolderLocked
 from mtkd.infer.inference import (
     autocast_for,
     predict_volume,
@@ -112,25 +120,11 @@ def _spacing(spacing: tuple[float, ...] | None) -> tuple[float, ...] | None:
 
 def resolve_device(name: str) -> torch.device:
     """ "auto" -> CUDA when available, else the CPU; "cpu", "cuda", "cuda:N", "mps" as named.
-    A device this machine does not have (or an unknown name) is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise MTKDError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MTKDError(f"device '{name}' requested but CUDA is not available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise MTKDError(
-            f"device '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s)"
-            f" (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MTKDError(f"device '{name}' requested but MPS (Apple GPU) is not available")
-    return device
+    A device this machine does not have (or an unknown name) is an MTKDError; the rule lives
+    in :mod:`mtkd.engine.devices`."""
+    from mtkd.engine import devices
+
+    return devices.resolve_device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -176,6 +170,13 @@ class Trainer:
     def _prepare_data(self) -> None:
         data = self.config.data
         self.dataset: DatasetIndex = load_dataset(data.source, labels_json=data.labels_json)
+        error = None
+        if self.dist.is_main:
+            try:
+                self._check_fingerprint()
+            except MTKDError as problem:
+                error = problem
+        self._on_every_rank(error, "rank 0 refused the run's data or teacher")
         if data.structures:
             self.labels, self.mapping = self.dataset.labels.select(data.structures)
         else:
@@ -233,6 +234,38 @@ class Trainer:
                 data.patches_per_volume,
                 data.augment,
             )
+
+    def _check_fingerprint(self) -> None:
+        """A new run records what it trains on (``fingerprint.json``); a resumed run is refused
+        when its cases' files or its teacher changed since (one made by an older mtkd, without
+        a fingerprint, resumes with a warning and records one now)."""
+        distill = self.config.distill
+        teacher = distill.teacher if self.config.kind == "distill" and distill else None
+        started = time.perf_counter()
+        current = run_fingerprint(self.dataset, teacher)
+        seconds = time.perf_counter() - started
+        if seconds > 10:  # reading every file once: say where the time went
+            self.log(f"[{self.config.name}] hashed the data and teacher files in {seconds:.0f} s")
+        if self.resume:
+            recorded = read_fingerprint(self.run_dir.fingerprint)
+            if recorded is not None:
+                differences = fingerprint_differences(recorded, current)
+                if differences:
+                    raise MTKDError(
+                        "cannot resume: what this run trains on changed since it started: "
+                        f"{'; '.join(differences)}. Put the data and teacher back as they "
+                        "were, or start a new run (another --run-dir) on the new ones",
+                        self.run_dir.root,
+                    )
+                return
+            message = (
+                "warning: this run has no fingerprint.json (an older mtkd made it), so its data "
+                "and teacher cannot be checked against those it started with; recording them "
+                "now for later resumes"
+            )
+            self.log(message)
+            self.events.emit("log", message=message)
+        self.run_dir.write_json(self.run_dir.fingerprint, current)
 
     def _out_channels(self) -> int:
         return 1 if self.activation == "sigmoid" else len(self.labels) + 1
@@ -651,21 +684,52 @@ class Trainer:
 
     # -------------------------------------------------------------------- run
     def run(self) -> RunResult:
-        """Train to the configured number of epochs; export the model; return the result."""
+        """Train to the configured number of epochs; export the model; return the result.
+
+        The run folder is locked for the whole run (rank 0 holds the lock; every rank stops if
+        it cannot be taken): a second process on the same folder gets FolderLocked naming
+        the holder, and writes nothing there."""
+        created = missing_folders(self.run_dir.root)
+        lock = FolderLock(self.run_dir.root, self._purpose()) if self.dist.is_main else None
+        refused: FolderLocked | None = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except FolderLocked as error:
+                if not self.dist.enabled:
+                    raise
+                refused = error
+        try:
+            return self._locked_run(refused)
+        finally:
+            if lock is not None:
+                lock.release()
+            remove_if_empty(created)  # the folders of a run refused at its start
+
+    def _locked_run(self, refused: FolderLocked | None) -> RunResult:
         try:
             self.dist.start(self.device)
+            self._on_every_rank(refused, "rank 0 could not lock the run folder")
             with self.stop:
                 return self._run()
-        except TrainingInterrupted:
-            raise
-        except MTKDError as error:
-            self.events.emit("error", message=str(error))
+        except (TrainingInterrupted, FolderLocked):
             raise
         except Exception as error:
-            self.events.emit("error", message=f"{type(error).__name__}: {error}")
+            if self.run_dir.config.exists():  # a run that never started has no events file
+                message = str(error) if isinstance(error, MTKDError) else repr_error(error)
+                self.events.emit("error", message=message)
             raise
         finally:
             self.dist.stop()
+
+    def _purpose(self) -> str:
+        return f"mtkd {self.config.kind}{' --resume' if self.resume else ''}"
+
+    def _on_every_rank(self, error: MTKDError | None, others: str) -> None:
+        """Raise ``error`` on rank 0 and an error saying ``others`` on the other ranks when
+        rank 0 had one (``error`` is only known there); nothing when it had none."""
+        if self.dist.any(error is not None, self.device):
+            raise error or MTKDError(f"{others}; see rank 0's message", self.run_dir.root)
 
     def _run(self) -> RunResult:
         cfg = self.config
@@ -678,15 +742,15 @@ class Trainer:
             if self.dist.is_main:
                 for path in self.run_dir.remove_stale_temporaries():
                     self.log(f"removed {path.name}, left by a process that was killed")
-        elif self.dist.is_main:
-            self.run_dir.create(cfg)
-        self.dist.barrier()  # the folder exists before any other process uses it
         # a resumed run has the init_from weights in its checkpoint; only distillation uses
         # a teacher
         skip = {"model.init_from"} if self.resume else set()
         skip |= {"distill.teacher"} if cfg.kind != "distill" else set()
         needed = [key for key in PATH_KEYS if key not in skip]
-        cfg.check_paths(needed, run_dir=self.run_dir.root)
+        cfg.check_paths(needed, run_dir=self.run_dir.root)  # before a new run writes anything
+        if not self.resume and self.dist.is_main:
+            self.run_dir.create(cfg)
+        self.dist.barrier()  # the folder exists before any other process uses it
         self.events.emit(
             "status",
             state="preparing",
@@ -803,6 +867,11 @@ class Trainer:
         )
         self.run_dir.write_json(self.run_dir.report / "history.json", self.history)
         self.events.emit("done", model=str(self.run_dir.model), **metrics)
+
+
+def repr_error(error: BaseException) -> str:
+    """``Type: message`` for an unexpected error (events and logs)."""
+    return f"{type(error).__name__}: {error}"
 
 
 def _silent(*_args: Any, **_kwargs: Any) -> None:

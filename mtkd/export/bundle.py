@@ -42,6 +42,7 @@ from torch import nn
 
 import mtkd
 from mtkd.data.atomic import atomic_path, atomic_write_bytes, temporary_sibling
+from mtkd.data.image_io import check_writable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError
 from mtkd.export.verify import check_export, sample_input
@@ -57,6 +58,7 @@ from mtkd.infer.bundle import (
     read_config,
 )
 from mtkd.infer.model_io import LoadedModel, sha256_of
+from mtkd.infer.model_metadata import seal
 from mtkd.models import MultiTaskNet, network_info
 from mtkd.models.monai_nets import _dynunet_strides, _segresnet_blocks_up, _unet_strides
 from mtkd.models.thesis_unet import ThesisUNet
@@ -523,11 +525,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _check_target(folder: Path) -> None:
-    if not folder.exists():
-        return
-    if not folder.is_dir():
+    if folder.exists() and not folder.is_dir():
         raise MTKDError("bundle target exists and is not a folder", folder)
-    if not any(folder.iterdir()):
+    check_writable(folder / METADATA)  # a file among the folders above, or no access
+    if not folder.exists() or not any(folder.iterdir()):
         return
     try:
         ours = MTKD_SECTION in json.loads((folder / METADATA).read_text())
@@ -582,6 +583,7 @@ def write_bundle(
         )
         config = inference_config(definition, model.prep, model.activation, len(model.labels))
         _write_json(staging / CONFIG, config)
+        metadata[MTKD_SECTION] = seal(metadata[MTKD_SECTION])
         _write_json(staging / METADATA, metadata)
         rebuilt = load_bundle(staging)
         if rebuilt.labels != model.labels or rebuilt.prep != model.prep:
@@ -590,6 +592,7 @@ def write_bundle(
         metadata[MTKD_SECTION]["export_check"] = check_export(
             model.network, rebuilt.network, sample, folder
         )
+        metadata[MTKD_SECTION] = seal(metadata[MTKD_SECTION])
         _write_json(staging / METADATA, metadata)
         atomic_write_bytes(staging / README, _readme(metadata).encode())
         atomic_write_bytes(staging / LICENSE, LICENSE_TEXT.encode())

@@ -5,7 +5,8 @@ An export folder holds the weights file and the source model's metadata::
     OUT/model.ts | OUT/model.onnx   the exported network (segmentation logits only)
     OUT/mtkd_model.json             labels, preprocessing, network spec, lineage, metrics,
                                     plus format, weights_file, weights_sha256,
-                                    source_weights_sha256, exporter and export_check
+                                    source_weights_sha256, exporter and export_check, and
+                                    metadata_sha256 (mtkd.infer.model_metadata)
 
 The weights are written into a temporary sibling folder, checked numerically against the
 PyTorch network on a real CT sample (and on a second sample of another size), and only then
@@ -31,10 +32,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from mtkd.data.atomic import atomic_path, atomic_write_bytes
+from mtkd.data.image_io import check_writable
 from mtkd.errors import MTKDError
 from mtkd.export.verify import check_export
 from mtkd.infer.inference import first_output
 from mtkd.infer.model_io import METADATA, LoadedModel, sha256_of
+from mtkd.infer.model_metadata import CHECKSUM_KEY, seal
 from mtkd.models.multitask import MultiTaskNet
 
 EXPORT_FORMATS = ("torchscript", "onnx", "bundle")
@@ -44,6 +47,7 @@ _EXPORT_KEYS = (
     "format",
     "weights_file",
     "weights_sha256",
+    CHECKSUM_KEY,
     "source_weights_sha256",
     "exporter",
     "export_check",
@@ -141,6 +145,7 @@ def check_output_folder(out: Path, fmt: str) -> None:
     """Refuse an existing ``out`` unless it is empty or an earlier export of ours in ``fmt``."""
     if out.exists() and not out.is_dir():
         raise MTKDError("the export destination is a file; give a folder", out)
+    check_writable(out / METADATA)  # a file among the folders above ``out``, or no access
     if not out.is_dir() or not any(out.iterdir()):
         return
     existing = _export_format(out)
@@ -191,7 +196,8 @@ def export_metadata(model: LoadedModel, fmt: str) -> dict[str, Any]:
 
 
 def metadata_text(metadata: dict[str, Any]) -> str:
-    return json.dumps(metadata, indent=2, default=str) + "\n"
+    """The JSON text of ``metadata`` with its ``metadata_sha256`` (for files and embedding)."""
+    return json.dumps(seal(metadata), indent=2, default=str) + "\n"
 
 
 def publish_export(staged: Path, out: Path, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +208,7 @@ def publish_export(staged: Path, out: Path, metadata: dict[str, Any]) -> dict[st
     digest = sha256_of(staged)
     with atomic_path(target) as temporary:
         os.replace(staged, temporary)
-    metadata = {**metadata, "weights_sha256": digest}
+    metadata = seal({**metadata, "weights_sha256": digest})
     atomic_write_bytes(out / METADATA, metadata_text(metadata).encode())
     return metadata
 

@@ -28,7 +28,7 @@ import re
 import shutil
 import stat
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -40,6 +40,12 @@ from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError, error_summary, one_line
 from mtkd.infer.model_io import LoadedModel, build_from_spec, sha256_of
+from mtkd.infer.model_metadata import (
+    check_seal,
+    validate_labels,
+    validate_metadata,
+    validate_preprocessing,
+)
 from mtkd.models import count_parameters, network_info
 from mtkd.models.thesis_unet import ThesisUNet
 
@@ -56,7 +62,13 @@ MONAI_REGISTERED = {
     "SwinUNETR": "swinunetr",
     "DynUNet": "dynunet",
 }
-_MAX_UNPACKED = 16 << 30  # refuse zips that would unpack to more than 16 GiB
+# Zips of models (bundles, library imports) are checked before anything is extracted. The
+# largest supported network (a SwinUNETR teacher) has about 10^8 parameters, 0.4 GB as float32;
+# a bundle may hold it in two or three forms (model.pt, model.ts, model.onnx).
+MAX_ZIP_MEMBER = 2 << 30  # bytes, unpacked, of one member
+MAX_ZIP_TOTAL = 4 << 30  # bytes, unpacked, of all the members extracted
+MAX_ZIP_RATIO = 100  # unpacked / packed size of a member above 1 MiB (weights pack ~1:1)
+_RATIO_FREE = 1 << 20
 _REFERENCE = re.compile(r"\$?@([A-Za-z_]\w*(?:(?:#|::)\w+)*)")
 _ID_SEPARATOR = re.compile(r"::|#")
 # Preprocessing steps that do not change what the network sees beyond what mtkd reproduces.
@@ -133,11 +145,47 @@ def _makedirs(folder: Path, written: list[Path]) -> None:
         written.append(path)
 
 
-def safe_extract(zip_path: str | Path, target: str | Path) -> Path:
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GiB" if size >= 1 << 30 else f"{size / (1 << 20):.1f} MiB"
+
+
+def check_zip_sizes(members: list[zipfile.ZipInfo], zip_path: Path) -> None:
+    """MTKDError naming ``zip_path`` if ``members`` would unpack to more than
+    :data:`MAX_ZIP_TOTAL` in all, a member to more than :data:`MAX_ZIP_MEMBER`, or a member
+    above 1 MiB to more than :data:`MAX_ZIP_RATIO` times its packed size (a zip bomb)."""
+    total = 0
+    for info in members:
+        size = info.file_size
+        if size > MAX_ZIP_MEMBER:
+            raise MTKDError(
+                f"refused to extract: member {info.filename!r} would unpack to {_gib(size)} "
+                f"(more than {_gib(MAX_ZIP_MEMBER)})",
+                zip_path,
+            )
+        if size > _RATIO_FREE and size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+            raise MTKDError(
+                f"refused to extract: member {info.filename!r} would unpack to {_gib(size)} from "
+                f"{info.compress_size} bytes (more than {MAX_ZIP_RATIO} times; a zip bomb?)",
+                zip_path,
+            )
+        total += size
+    if total > MAX_ZIP_TOTAL:
+        raise MTKDError(
+            f"refused to extract: it would unpack to {_gib(total)} (more than "
+            f"{_gib(MAX_ZIP_TOTAL)})",
+            zip_path,
+        )
+
+
+def safe_extract(
+    zip_path: str | Path, target: str | Path, keep: Callable[[str], bool] | None = None
+) -> Path:
     """Extract ``zip_path`` into ``target`` (created if needed) and return ``target``.
 
-    Every member is checked before anything is written: an absolute path, a drive, a ``..``
-    component, a symbolic link or a file without a name refuses the whole zip (MTKDError naming
+    ``keep`` (given a member's name with ``/`` separators) selects the members to extract; by
+    default all. Every member is checked before anything is written: an absolute path, a
+    drive, a ``..`` component, a symbolic link or a file without a name refuses the whole zip,
+    and so do members to extract whose sizes break :func:`check_zip_sizes` (MTKDError naming
     it). A member that cannot be written or decompressed (damaged data, an unsupported
     compression, encryption, clashing names) refuses it too, and what was written is removed.
     """
@@ -152,8 +200,9 @@ def safe_extract(zip_path: str | Path, target: str | Path) -> Path:
             problem = _member_problem(info)
             if problem:
                 raise MTKDError(f"refused to extract: member {info.filename!r} {problem}", zip_path)
-        if sum(info.file_size for info in members) > _MAX_UNPACKED:
-            raise MTKDError("refused to extract: it would unpack to more than 16 GiB", zip_path)
+        if keep is not None:
+            members = [info for info in members if keep(info.filename.replace("\\", "/"))]
+        check_zip_sizes(members, zip_path)
         root = target.resolve()
         plan = []
         for info in members:
@@ -713,6 +762,12 @@ def _input_channels(metadata: dict[str, Any], definition: dict[str, Any]) -> int
     return int(channels) if isinstance(channels, int) else 1
 
 
+def _output_channels(definition: dict[str, Any]) -> int | None:
+    """The output channels a network definition asks for (MONAI's ``out_channels``)."""
+    channels = definition.get("out_channels")
+    return channels if isinstance(channels, int) and not isinstance(channels, bool) else None
+
+
 def load_bundle(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -726,6 +781,8 @@ def load_bundle(
     weights = _require(folder, WEIGHTS)
     metadata = _read_mapping(metadata_file)
     section = _section(metadata, metadata_file)
+    if section is not None:
+        check_seal(section, metadata_file, prefix="mtkd.")
     digest = sha256_of(weights)
     if section is not None and section.get("weights_sha256") not in (None, digest):
         raise MTKDError("SHA-256 of the weights does not match the bundle metadata", weights)
@@ -742,15 +799,12 @@ def load_bundle(
     if section is not None and isinstance(section.get("network"), dict):
         spec = section["network"] if _matches(section["network"], network) else None
     spec = spec or registry_spec(definition, network)
+    out_channels = _output_channels(definition)
     if section is not None:
-        try:
-            labels = LabelTable.from_dict(section["labels"], source=metadata_file)
-            activation = section["activation"]
-            prep = Preprocessing.from_dict(section["preprocessing"])
-        except (KeyError, TypeError, ValueError) as error:
-            if isinstance(error, MTKDError):
-                raise
-            raise MTKDError(f"the mtkd section is incomplete ({error})", metadata_file) from None
+        validate_metadata(section, metadata_file, out_channels, prefix="mtkd.")
+        labels = LabelTable.from_dict(section["labels"], source=metadata_file)
+        activation = section["activation"]
+        prep = Preprocessing.from_dict(section["preprocessing"])
     else:
         labels, activation = labels_from_metadata(metadata, metadata_file)
         if activation == "softmax" and _multilabel_sigmoid(config, config_file):
@@ -767,6 +821,8 @@ def load_bundle(
         prep = preprocessing_from_config(
             config, metadata, dims, _input_channels(metadata, definition), config_file
         )
+        validate_labels(labels.to_dict(), activation, out_channels, metadata_file)
+        validate_preprocessing(json.loads(json.dumps(prep.to_dict())), config_file)
     if section is not None and isinstance(section.get("size_multiple"), int):
         size_multiple = section["size_multiple"]
     elif spec is not None:

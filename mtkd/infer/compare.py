@@ -65,6 +65,7 @@ __all__ = [
     "StoredSegmentation",
     "StructureRow",
     "compare",
+    "comparison_paths",
     "format_comparison",
     "write_comparison",
     "write_disagreement",
@@ -580,16 +581,32 @@ def write_disagreement(
     atomic_write_bytes(path, body)
 
 
-def write_comparison(
-    result: ComparisonResult, out_dir: str | Path, image: sitk.Image, png: bool = False
+def comparison_paths(
+    out_dir: str | Path, png: bool = False, segmentations: bool = False
 ) -> dict[str, Path]:
-    """Write comparison.json, comparison.csv, disagreement.seg.nrrd (and comparison.png)."""
+    """The files a comparison writes in ``out_dir``: ``json``, ``csv``, ``disagreement``,
+    with ``png`` the picture, with ``segmentations`` both models' ``teacher``/``student``
+    segmentations (``.seg.nrrd``)."""
     out_dir = Path(out_dir)
     paths = {
         "json": out_dir / "comparison.json",
         "csv": out_dir / "comparison.csv",
         "disagreement": out_dir / "disagreement.seg.nrrd",
     }
+    if png:
+        paths["png"] = out_dir / "comparison.png"
+    if segmentations:
+        paths["teacher"] = out_dir / "teacher.seg.nrrd"
+        paths["student"] = out_dir / "student.seg.nrrd"
+    return paths
+
+
+def write_comparison(
+    result: ComparisonResult, out_dir: str | Path, image: sitk.Image, png: bool = False
+) -> dict[str, Path]:
+    """Write comparison.json, comparison.csv, disagreement.seg.nrrd (and comparison.png);
+    see :func:`comparison_paths`."""
+    paths = comparison_paths(out_dir, png)
     text = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
     atomic_write_bytes(paths["json"], text.encode())
     atomic_write_bytes(paths["csv"], _comparison_csv(result))
@@ -603,7 +620,7 @@ def write_comparison(
             image,
             result.teacher_labelmap,
             result.student_labelmap,
-            out_dir / "comparison.png",
+            paths["png"],
             result.labels.names,
             teacher_name=result.teacher.name,
             student_name=result.student.name,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,26 @@ def summarise(scores: list[CaseScore]) -> dict[str, dict[str, float]]:
     return summary
 
 
+def check_scores_csv(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """``path`` when per-volume scores can be written there, checked before any work:
+    MTKDError naming it when it is a folder, when a folder above it is a file or cannot be
+    written, or when it is one of ``inputs`` (files the command reads). Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise MTKDError("is a folder; give a file name for the scores, e.g. scores.csv", path)
+    for given in inputs:
+        if path.exists() and Path(given).exists() and path.resolve() == Path(given).resolve():
+            raise MTKDError("is one of this command's inputs; write the scores elsewhere", path)
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise MTKDError(f"cannot write the scores here: {folder} is a file, not a folder", path)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MTKDError(f"cannot write the scores here: no permission to write in {folder}", path)
+    return path
+
+
 def write_scores_csv(scores: list[CaseScore], path: str | Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -199,6 +220,7 @@ def format_score(value: float) -> str:
 
 __all__ = [
     "CaseScore",
+    "check_scores_csv",
     "evaluate",
     "score_arrays",
     "summarise",

@@ -4,7 +4,8 @@
 
     MODEL/model.pt          state_dict of the network (loaded with weights_only=True)
     MODEL/mtkd_model.json   network name and parameters, labels, preprocessing, output
-                            activation, lineage (teacher), metrics, SHA-256 of model.pt
+                            activation, lineage (teacher), metrics, SHA-256 of model.pt,
+                            SHA-256 of the metadata itself (mtkd.infer.model_metadata)
 
 A run folder can stand for its model (``RUN/model``).
 """
@@ -25,7 +26,12 @@ from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError, error_summary, one_line
 from mtkd.infer.model_files import FORMAT_VERSION, METADATA, WEIGHTS, sha256_of
-from mtkd.models import build_teacher, count_parameters, network_info
+from mtkd.infer.model_metadata import check_seal, seal, validate_metadata
+from mtkd.models import build_teacher, count_parameters
+
+# A spec building more parameters than this is refused before any memory is allocated for it
+# (the largest supported networks have about 10^8).
+MAX_PARAMETERS = 2_000_000_000
 
 
 @dataclass
@@ -89,7 +95,8 @@ def export_model(
         "metrics": metrics or {},
         "weights_sha256": sha256_of(weights),
     }
-    atomic_write_bytes(folder / METADATA, (json.dumps(metadata, indent=2) + "\n").encode())
+    text = json.dumps(seal(metadata), indent=2) + "\n"
+    atomic_write_bytes(folder / METADATA, text.encode())
     return folder
 
 
@@ -106,7 +113,9 @@ def resolve_model_folder(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an exported model; its SHA-256 must match and weights load weights-only."""
+    """Load an exported model; the SHA-256 of its weights and of its metadata must match,
+    the metadata must pass the schema (:mod:`mtkd.infer.model_metadata`), and the weights
+    load weights-only."""
     folder = resolve_model_folder(path)
     try:
         metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
@@ -114,6 +123,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise MTKDError(f"unreadable model metadata ({error})", path=folder / METADATA) from None
     if not isinstance(metadata, dict):
         raise MTKDError("model metadata is not a JSON object", path=folder / METADATA)
+    check_seal(metadata, folder / METADATA)
+    if metadata.get("format", "pytorch") != "pytorch":
+        raise MTKDError(
+            f"invalid model metadata: format is {one_line(repr(metadata['format']), 60)}, not "
+            "pytorch (open exported models with load_any_model)",
+            path=folder / METADATA,
+        )
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise MTKDError("model weights are missing", path=weights)
@@ -134,6 +150,46 @@ def _is_state_dict(state: Any) -> bool:
     )
 
 
+def network_info_of(spec: dict[str, Any]):
+    """The registry's :class:`NetworkInfo` of a (checked) network spec."""
+    from mtkd.models import network_info
+
+    return network_info(spec["name"], **spec["params"])
+
+
+def _build_network(spec: dict[str, Any], where: Path) -> nn.Module:
+    """The network of a checked spec; its size is checked on the meta device first."""
+    try:
+        with torch.device("meta"):
+            count = count_parameters(build_from_spec(spec))
+        if count > MAX_PARAMETERS:
+            raise MTKDError(
+                f"invalid model metadata: network.params build {count:,} parameters (more than "
+                f"{MAX_PARAMETERS:,})",
+                where,
+            )
+        return build_from_spec(spec)
+    except MTKDError as error:
+        if error.path is not None:
+            raise
+        raise MTKDError(f"invalid model metadata: network: {error.problem}", where) from None
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        RuntimeError,
+        MemoryError,
+        OverflowError,
+        IndexError,
+        ZeroDivisionError,
+    ) as error:
+        raise MTKDError(
+            f"invalid model metadata: network.params cannot build it ({error_summary(error)})",
+            where,
+        ) from None
+
+
 def model_from_state(
     metadata: dict[str, Any],
     state: dict[str, torch.Tensor],
@@ -151,22 +207,13 @@ def model_from_state(
     where = metadata_source or source
     if not isinstance(metadata, dict):
         raise MTKDError("model metadata is not a JSON object", path=where)
-    try:
-        spec = metadata["network"]
-        network = build_from_spec(spec)
-        labels = LabelTable.from_dict(metadata["labels"], source=where)
-        prep = Preprocessing.from_dict(metadata["preprocessing"])
-        activation = metadata["activation"]
-        size_multiple = network_info(spec["name"], **spec["params"]).size_multiple
-    except MTKDError as error:
-        if error.path is not None:
-            raise
-        raise MTKDError(f"invalid model metadata: {error.problem}", path=where) from None
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, MemoryError) as error:
-        missing = f"no {error}" if isinstance(error, KeyError) else error_summary(error)
-        raise MTKDError(f"invalid model metadata ({missing})", path=where) from None
-    if activation not in ("softmax", "sigmoid"):
-        raise MTKDError(f"invalid model metadata (activation {activation!r})", path=where)
+    validate_metadata(metadata, where, require_network=True)
+    spec = metadata["network"]
+    network = _build_network(spec, where)
+    labels = LabelTable.from_dict(metadata["labels"], source=where)
+    prep = Preprocessing.from_dict(metadata["preprocessing"])
+    activation = metadata["activation"]
+    size_multiple = network_info_of(spec).size_multiple
     if not _is_state_dict(state):
         raise MTKDError("the weights file holds no state_dict of named tensors", path=source)
     try:

@@ -19,6 +19,7 @@ from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError, error_summary
 from mtkd.infer.model_io import METADATA, LoadedModel, sha256_of
+from mtkd.infer.model_metadata import check_seal, validate_metadata
 
 DEFAULT_SIZE_MULTIPLE = 16
 _REQUIRED = ("labels", "preprocessing", "activation")
@@ -79,6 +80,8 @@ def checked_export_files(folder: Path, fmt: str) -> tuple[dict[str, Any], Path]:
     """(metadata, weights file) of our ``fmt`` export in ``folder``; the file's SHA-256 must
     match the metadata."""
     metadata = read_json_file(folder / METADATA)
+    check_seal(metadata, folder / METADATA)
+    validate_metadata(metadata, folder / METADATA)
     if metadata.get("format") != fmt:
         raise MTKDError(
             f"not a {fmt} export (format {metadata.get('format', 'pytorch')!r})", folder / METADATA
@@ -116,6 +119,8 @@ def size_multiple_of(metadata: dict[str, Any]) -> int:
 
 def loaded_model(network: Any, metadata: dict[str, Any], folder: Path, source: Path) -> LoadedModel:
     """A :class:`LoadedModel` (without taps) from ``network`` and its metadata, checked."""
+    check_seal(metadata, source)
+    validate_metadata(metadata, source)
     missing = [key for key in _REQUIRED if key not in metadata]
     if missing:
         raise MTKDError(
