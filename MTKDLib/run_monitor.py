@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mtkd.processes import pid_exists
 from mtkd.progress import PREFIX as PROGRESS_PREFIX
 
 EVENTS_FILE = "events.jsonl"
@@ -380,17 +381,7 @@ def pid_alive(pid: int, argv: Sequence[str] | None = None, started_at: float | N
     with ``argv[1:]`` (the arguments the run recorded), or it started no later than
     ``started_at`` (the time of the run's first event: a process that already had this pid
     then is the run's own)."""
-    if pid <= 0:
-        return False
-    if sys.platform == "win32":
-        return _windows_pid_alive(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: it exists
-    except OSError:
+    if not pid_exists(pid):
         return False
     if not sys.platform.startswith("linux") or not Path("/proc/self/cmdline").exists():
         return True
@@ -435,24 +426,6 @@ def _names_mtkd(word: str) -> bool:
         if part in ("mtkd", "mtkd.exe") or part.startswith("mtkd."):
             return True
     return False
-
-
-def _windows_pid_alive(pid: int) -> bool:
-    """os.kill(pid, 0) would terminate the process on Windows: ask for its exit code."""
-    import ctypes
-
-    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-    query_limited_information, still_active, access_denied = 0x1000, 259, 5
-    handle = kernel32.OpenProcess(query_limited_information, False, pid)
-    if not handle:
-        return kernel32.GetLastError() == access_denied
-    try:
-        code = ctypes.c_ulong()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-            return True
-        return code.value == still_active
-    finally:
-        kernel32.CloseHandle(handle)
 
 
 # ------------------------------------------------------------------- status line

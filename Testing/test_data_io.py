@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import expect_error, write_dicom_series
+from helpers import expect_error, untrained_model, write_dicom_series
 
 from mtkd.data.image_io import (
     atomic_path,
@@ -253,43 +253,11 @@ def test_quiet_itk_restores_the_warning_setting() -> None:
         sitk.ProcessObject.SetGlobalWarningDisplay(before)
 
 
-def _tiny_model(folder: Path) -> Path:
-    """An untrained 2-D thesis U-Net exported as our model folder (instant, real files)."""
-    from mtkd.data.labels import LabelTable
-    from mtkd.data.preprocess import Preprocessing
-    from mtkd.infer.model_io import build_from_spec, export_model
-
-    spec = {
-        "name": "thesis_unet",
-        "params": {"in_channels": 1, "out_channels": 2, "channels": [4], "bottleneck": 8},
-        "reconstruction": "none",
-    }
-    prep = Preprocessing(
-        dims=2,
-        hu_window=(-160.0, 240.0),
-        spacing=None,
-        crop_foreground=False,
-        slice_size=(32, 32),
-        patch_size=(32, 32, 32),
-        in_channels=1,
-    )
-    export_model(
-        build_from_spec(spec),
-        folder,
-        spec=spec,
-        labels=LabelTable({1: "liver"}),
-        prep=prep,
-        activation="softmax",
-        lineage={"kind": "test"},
-    )
-    return folder
-
-
 @pytest.mark.parametrize("problem", ["empty", "missing_slice"])
 def test_segment_command_stderr_has_one_clear_line(tmp_path: Path, ct, problem: str) -> None:
     """``python -m mtkd segment`` on an empty folder and on a DICOM series with a gap: the
     process's standard error holds one ``mtkd: error:`` line and no ITK warning text."""
-    model = _tiny_model(tmp_path / "model")
+    model = untrained_model(tmp_path / "model")
     folder = tmp_path / "series"
     folder.mkdir()
     if problem == "missing_slice":

@@ -29,11 +29,10 @@ import pytest
 import SimpleITK as sitk
 import yaml
 from conftest import DATA, tiny_config
+from helpers import untrained_model
 
 from mtkd.cli import build_parser, main
-from mtkd.data.labels import LabelTable
-from mtkd.data.preprocess import Preprocessing
-from mtkd.infer.model_io import WEIGHTS, build_from_spec, export_model
+from mtkd.infer.model_io import WEIGHTS
 
 # ------------------------------------------------------------------ classification
 
@@ -159,35 +158,6 @@ class World:
     protocol_yaml: Path
 
 
-def _tiny_model(folder: Path) -> Path:
-    """An untrained 2-D thesis U-Net exported as our model folder (liver, spleen, kidney)."""
-    spec = {
-        "name": "thesis_unet",
-        "params": {"in_channels": 1, "out_channels": 4, "channels": [4], "bottleneck": 8},
-        "reconstruction": "none",
-    }
-    prep = Preprocessing(
-        dims=2,
-        hu_window=(-160.0, 240.0),
-        spacing=None,
-        crop_foreground=False,
-        slice_size=(32, 32),
-        patch_size=(32, 32, 32),
-        in_channels=1,
-    )
-    labels = LabelTable({1: "liver", 2: "spleen", 3: "kidney_right"})
-    export_model(
-        build_from_spec(spec),
-        folder,
-        spec=spec,
-        labels=labels,
-        prep=prep,
-        activation="softmax",
-        lineage={"kind": "test"},
-    )
-    return folder
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("world")
@@ -206,7 +176,7 @@ def world(tmp_path_factory) -> World:
     sitk.WriteImage(seg, str(root / "seg.nii.gz"))
     labels_json = root / "labels.json"
     shutil.copy(DATA / "labels_total_v2.json", labels_json)
-    model = _tiny_model(root / "model")
+    model = untrained_model(root / "model", ("liver", "spleen", "kidney_right"))
     split = {"train": ["a"], "val": ["b"], "test": ["c"]}
     train = tiny_config((dataset, split), "train", name="tiny")
     train["data"]["labels_json"] = str(labels_json)

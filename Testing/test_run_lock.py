@@ -518,3 +518,10 @@ def test_a_second_protocol_on_the_same_runs_folder_is_refused(holder, tmp_path, 
     error = capsys.readouterr().err
     assert f"pid {process.pid}" in error and str(runs) in error
     assert sorted(path.name for path in runs.iterdir()) == [LOCK_NAME]  # no stage started
+
+
+def test_pid_exists_tells_a_running_process_from_an_ended_one():
+    from mtkd.processes import pid_exists
+
+    assert pid_exists(os.getpid())
+    assert not pid_exists(dead_pid()) and not pid_exists(0) and not pid_exists(-1)

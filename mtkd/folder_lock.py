@@ -42,7 +42,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mtkd.data.atomic import fsync_dir
 from mtkd.errors import MTKDError
+from mtkd.processes import pid_exists
 
 __all__ = ["LOCK_NAME", "FolderLock", "FolderLocked", "LockHolder", "check_unlocked", "holder_of"]
 
@@ -284,7 +286,7 @@ class FolderLock:
                 return  # replaced by a lock being written: the next attempt reads it
             if current.token == stale.token:
                 self.path.unlink()
-                _fsync_dir(self.folder)
+                fsync_dir(self.folder)
 
     def _remove_orphans(self) -> None:
         """Delete temporary lock files that killed processes left (older than an hour)."""
@@ -353,17 +355,7 @@ def _boot_id() -> str | None:
 def _process_alive(pid: int, process_start: int | None) -> bool:
     """Whether ``pid`` runs on this host and is the same process (Linux: same start time; a
     zombie counts as dead)."""
-    if pid <= 0:
-        return False
-    if sys.platform == "win32":
-        return _windows_process_alive(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: it exists
-    except OSError:
+    if not pid_exists(pid):
         return False
     fields = _proc_stat_fields(pid)
     if fields is None:
@@ -371,24 +363,6 @@ def _process_alive(pid: int, process_start: int | None) -> bool:
     if fields and fields[0] == "Z":
         return False  # ended, not yet reaped by its parent
     return process_start is None or _process_start(pid) == process_start
-
-
-def _windows_process_alive(pid: int) -> bool:  # pragma: no cover - Windows only
-    """os.kill(pid, 0) would terminate the process on Windows: ask for its exit code."""
-    import ctypes
-
-    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-    query_limited_information, still_active, access_denied = 0x1000, 259, 5
-    handle = kernel32.OpenProcess(query_limited_information, False, pid)
-    if not handle:
-        return kernel32.GetLastError() == access_denied
-    try:
-        code = ctypes.c_ulong()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-            return True
-        return code.value == still_active
-    finally:
-        kernel32.CloseHandle(handle)
 
 
 # ------------------------------------------------------------------ file helpers
@@ -399,17 +373,6 @@ def _write_synced(path: Path, data: bytes, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "nt":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtkd.data.atomic import _fsync_dir, atomic_write_bytes, missing_folders, remove_if_empty
+from mtkd.data.atomic import atomic_write_bytes, fsync_dir, missing_folders, remove_if_empty
 from mtkd.errors import MTKDError, error_summary
 from mtkd.infer.model_files import METADATA, WEIGHTS, sha256_of
 from mtkd.infer.model_metadata import check_seal, file_name, validate_metadata
@@ -582,6 +582,6 @@ class ModelLibrary:
                 if os.path.lexists(target):
                     continue  # taken meanwhile by another import
                 raise
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             return key
         raise MTKDError(f"no free key for {base!r}", self.root)

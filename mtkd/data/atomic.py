@@ -88,7 +88,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename durable; a no-op where folders cannot be opened (Windows)."""
     if os.name == "nt":
         return
@@ -130,7 +130,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove_quietly(temporary)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
