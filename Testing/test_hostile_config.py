@@ -127,7 +127,7 @@ def _load(path: Path) -> RunConfig | None:
     assert _finite_numbers(data), data
     assert is_device_name(config.train.device)
     again = path.with_name("again.yaml")
-    again.write_text(dump_config(config))
+    again.write_text(dump_config(config), encoding="utf-8")
     assert load_config(again).to_dict() == data  # what loads also writes and reads back
     return config
 
@@ -146,7 +146,7 @@ def test_config_values_of_every_key(tmp_path, changes):
         except (KeyError, IndexError, TypeError):  # an earlier change replaced a section
             continue
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     _load(path)
 
 
@@ -205,7 +205,7 @@ def _read(path: Path) -> Split | None:
 @given(value=SPLITS)
 def test_split_files_of_any_json_shape(tmp_path, value):
     path = tmp_path / "split.json"
-    path.write_text(json.dumps(value))
+    path.write_text(json.dumps(value), encoding="utf-8")
     _read(path)
 
 
@@ -246,7 +246,9 @@ def test_device_names_follow_one_rule_everywhere(tmp_path, name):
     else:
         assert valid and isinstance(device, torch.device)
     path = tmp_path / "device.yaml"
-    path.write_text(yaml.safe_dump({"train": {"device": name}}, allow_unicode=True))
+    path.write_text(
+        yaml.safe_dump({"train": {"device": name}}, allow_unicode=True), encoding="utf-8"
+    )
     if valid:
         assert load_config(path).train.device == name
     else:
@@ -257,7 +259,7 @@ def test_device_names_follow_one_rule_everywhere(tmp_path, name):
 
 
 # ------------------------------------------------------------------------------ protocols
-PRESET = yaml.safe_load((PRESETS / "thesis-2d-spleen.yaml").read_text())
+PRESET = yaml.safe_load((PRESETS / "thesis-2d-spleen.yaml").read_text(encoding="utf-8"))
 PROTOCOL_KEYS = _paths(PRESET)
 
 
@@ -273,7 +275,7 @@ def test_protocol_files_with_hostile_values(tmp_path, changes):
         except (KeyError, IndexError, TypeError):
             continue
     path = tmp_path / "protocol.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     try:
         protocol = load_protocol(path, data=tmp_path, runs=tmp_path / "runs")
     except MTKDError as error:
