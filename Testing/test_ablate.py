@@ -22,7 +22,7 @@ from mtkd.ablation.grid import cell_name
 from mtkd.ablation.report import markdown_table, mean_std, summarise_cells, write_plots
 from mtkd.ablation.tensorboard import event_scalars, mirror_run, summary_writer_class
 from mtkd.cli import main
-from mtkd.config import load_config
+from mtkd.config import RunConfig, load_config
 from mtkd.engine.run_dir import read_events
 from mtkd.engine.trainer import Trainer, TrainingInterrupted
 from mtkd.errors import MTKDError
@@ -390,3 +390,220 @@ def test_an_unrelated_output_folder_is_refused(slab_dataset, teacher_run, tmp_pa
     (tmp_path / "other.txt").write_text("not an ablation")
     with pytest.raises(MTKDError, match="no ablation.yaml"):
         run_ablation(ablation, tmp_path, log=quiet)
+
+
+# ------------------------------------------------ split seeds, sweeps and the evidence files
+EVIDENCE_CELLS = [{"name": "cwd", "pairs": [], "output_loss": "cwd", "set": {"output.weight": 3}}]
+EVIDENCE_RUNS = [
+    (cell, split, seed) for cell in ("no_kd", "cwd") for split in (0, 1) for seed in (0, 1)
+]
+RUNS_HEADER = "cell,split_seed,seed,case,structure,dice,hd95,missed"
+
+
+@pytest.fixture(scope="module")
+def plain_teacher(slab_dataset, tmp_path_factory):
+    """Two copies of one tiny teacher without reconstruction head: teacher-split0, -split1."""
+    folder = tmp_path_factory.mktemp("teachers")
+    config = tiny_config(slab_dataset, "train", name="teacher")
+    config["multitask"] = {"reconstruction": "none"}
+    config["train"]["epochs"] = 1
+    Trainer(RunConfig.from_dict(config), folder / "teacher-split0", progress=False, log=quiet).run()
+    shutil.copytree(folder / "teacher-split0", folder / "teacher-split1")
+    return folder / "teacher-split{split_seed}"
+
+
+def evidence_config(slab_dataset, teacher, cells=EVIDENCE_CELLS) -> dict:
+    section = {"seeds": [0, 1], "split_seeds": [0, 1], "include": ["no_kd"], "cells": cells}
+    config = ablation_config(slab_dataset, teacher, section)
+    config["split"] = {"seed": 0, "val_fraction": 0.2, "test_fraction": 0.2}
+    config["split"]["student_fraction"] = 0.5
+    return config
+
+
+@pytest.fixture(scope="module")
+def evidence_grid(slab_dataset, plain_teacher, tmp_path_factory):
+    """no_kd and cwd x 2 split seeds x 2 seeds, 1 epoch: stopped inside its 3rd run, then
+    continued. Returns the folder, the runs.csv rows at the stop and the final result."""
+    output = tmp_path_factory.mktemp("evidence") / "ABL"
+    config = evidence_config(slab_dataset, plain_teacher)
+    original = Trainer._batch_loss
+    stopped = "no_kd-split1-seed0"
+
+    def stopping(self, *args):
+        if self.config.name == stopped:
+            self.stop.request("SIGTERM")
+        return original(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_batch_loss", stopping)
+        with pytest.raises(TrainingInterrupted, match="no_kd split 1 seed 0"):
+            run_ablation(ablation_from_dict(config), output, log=quiet, progress=False)
+    at_stop = read_csv(output / "runs.csv")
+    result = run_ablation(ablation_from_dict(config), output, log=quiet, progress=False)
+    return output, at_stop, result
+
+
+@pytest.mark.slow
+def test_runs_csv_has_a_row_per_run_case_and_structure_and_survives_a_stop(evidence_grid):
+    output, at_stop, result = evidence_grid
+    text = (output / "runs.csv").read_text(encoding="utf-8")
+    assert text.splitlines()[0] == RUNS_HEADER
+    rows = read_csv(output / "runs.csv")
+    keys = [(r["cell"], r["split_seed"], r["seed"], r["case"], r["structure"]) for r in rows]
+    assert len(keys) == len(set(keys))  # unique after the resume
+    runs = list(dict.fromkeys((c, int(k), int(s)) for c, k, s, _, _ in keys))
+    assert runs == EVIDENCE_RUNS
+    assert {(r["cell"], r["split_seed"], r["seed"]) for r in at_stop} == {
+        ("no_kd", "0", "0"),
+        ("no_kd", "0", "1"),
+    }  # written as the runs finished
+    assert [r for r in rows if (r["cell"], r["split_seed"]) == ("no_kd", "0")] == at_stop
+    tests = {}
+    for split in (0, 1):
+        run = output / "cells" / "cwd" / f"split{split}" / "seed0"
+        split_file = json.loads((run / "split.json").read_text())
+        tests[split] = split_file["test"]
+        assert load_config(run / "config.yaml").split.seed == split
+        assert load_config(run / "config.yaml").distill.teacher.endswith(f"teacher-split{split}")
+        scores = read_csv(run / "report" / "test_scores.csv")
+        mine = [
+            r for r in rows if (r["cell"], r["split_seed"], r["seed"]) == ("cwd", str(split), "0")
+        ]
+        assert [(r["case"], r["structure"]) for r in mine] == [
+            (s["case"], s["structure"]) for s in scores
+        ]
+        for row, score in zip(mine, scores):
+            expected = float("nan") if score["hd95_mm"] == "n/a" else float(score["hd95_mm"])
+            assert float(row["hd95"]) == pytest.approx(expected, rel=1e-5, nan_ok=True)
+            assert row["missed"] == str(int(score["outcome"] == "missed"))
+    assert tests[0] != tests[1]  # each split seed its own patients
+    assert {r["case"] for r in rows if r["split_seed"] == "1"} == set(tests[1])
+    assert set(result.states.values()) == {"finished", "resumed", "trained"}
+
+
+@pytest.mark.slow
+def test_summary_json_of_the_grid(evidence_grid):
+    output, _, result = evidence_grid
+    summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
+    assert summary == result.evidence
+    assert (summary["student"], summary["seeds"], summary["split_seeds"]) == ("tiny-ablation", 2, 2)
+    assert set(summary["cells"]) == {"no_kd", "cwd"}
+    assert summary["recommended"] in {"no_kd", "cwd"}
+    results = [r for r in read_csv(output / "results.csv") if r["role"] != "teacher"]
+    assert len(results) == 8 and all(r["val_dice"] for r in results)
+    for name, cell in summary["cells"].items():
+        val = [float(r["val_dice"]) for r in results if r["cell"] == name]
+        assert cell["val_dice"] == pytest.approx(sum(val) / len(val), abs=1e-5)
+        low, high = cell["diff_vs_nokd"]["ci95"]
+        assert low <= cell["diff_vs_nokd"]["mean"] <= high
+        assert cell["runs"] == 4
+    best = max(summary["cells"], key=lambda name: summary["cells"][name]["val_dice"])
+    assert summary["recommended"] == best
+    assert summary["cells"]["no_kd"]["diff_vs_nokd"] == {"mean": 0, "ci95": [0, 0], "pairs": 12}
+    assert "| cell | chosen on validation |" in (output / "evidence.md").read_text()
+    assert "seeds 0, 1 x split seeds 0, 1" in (output / "summary.md").read_text()
+
+
+def test_sweeps_expand_into_named_sub_cells(slab_dataset, plain_teacher):
+    cells = [
+        {
+            "name": "cwd",
+            "pairs": [],
+            "output_loss": "cwd",
+            "set": {"output.temperature": 4},
+            "sweep": {"output.weight": [1, 3], "scale": [0.5, 1.0]},
+        },
+        {
+            "name": "paper",
+            "pairs": ["E-E", "B-B", "D-D"],
+            "feature_loss": "infonce",
+            "output_loss": "pmd",
+        },
+    ]
+    ablation = ablation_from_dict(evidence_config(slab_dataset, plain_teacher, cells))
+    names = [cell.name for cell in ablation.cells]
+    assert names == [
+        "no_kd",
+        "cwd[output.weight=1,scale=0.5]",
+        "cwd[output.weight=1,scale=1]",
+        "cwd[output.weight=3,scale=0.5]",
+        "cwd[output.weight=3,scale=1]",
+        "paper",
+    ]
+    assert [cell.family for cell in ablation.cells] == ["no_kd"] + ["cwd"] * 4 + ["paper"]
+    config = ablation.run_config(ablation.cells[3], 1, 1)
+    assert (config.split.seed, config.train.seed) == (1, 1)
+    assert config.distill.output.weight == 3 and config.distill.output.temperature == 4
+    assert (
+        config.distill.scale == 0.5 and config.name == "cwd[output.weight=3,scale=0.5]-split1-seed1"
+    )
+    assert config.distill.teacher == str(plain_teacher).replace("{split_seed}", "1")
+    stored = ablation.to_dict()
+    assert stored["split_seeds"] == [0, 1]
+    assert stored["cells"][1]["set"] == {"output.temperature": 4, "output.weight": 1, "scale": 0.5}
+    assert stored["cells"][1]["method"] == "cwd"
+    legacy = ablation_from_dict(ablation_config(slab_dataset, plain_teacher, {"seeds": [0]}))
+    assert "split_seeds" not in legacy.to_dict() and legacy.splits == [0]
+    assert all("set" not in cell for cell in legacy.to_dict()["cells"])
+
+
+def test_the_recipe_s_unlabelled_images_and_negatives_reach_every_cell(slab_dataset, plain_teacher):
+    """``distill.unlabelled`` and ``distill.negatives`` of the recipe hold for each cell (its
+    ``set`` may change them); the word ``train`` is never taken for a folder."""
+    cells = [
+        {"name": "pmd", "pairs": [], "output_loss": "pmd"},
+        {"name": "pmd_labelled", "pairs": [], "output_loss": "pmd", "set": {"unlabelled": "none"}},
+    ]
+    config = evidence_config(slab_dataset, plain_teacher, cells)
+    config["distill"] |= {"unlabelled": "train", "negatives": "other_subjects"}
+    ablation = ablation_from_dict(config)
+    by_name = {cell.name: cell for cell in ablation.cells}
+    kd = ablation.run_config(by_name["pmd"], 0, 0).distill
+    assert (kd.unlabelled, kd.negatives) == ("train", "other_subjects")
+    assert ablation.run_config(by_name["pmd_labelled"], 0, 0).distill.unlabelled == "none"
+    assert ablation.run_config(by_name["no_kd"], 0, 0).distill.scale == 0.0
+
+
+@pytest.mark.parametrize(
+    ("cell", "key"),
+    [
+        (
+            {"output_loss": "cwd", "set": {"output.loss": "pmd"}},
+            "'ablation.cells[0].set.output.loss'",
+        ),
+        ({"output_loss": "cwd", "set": {"teacher": "x"}}, "'ablation.cells[0].set.teacher'"),
+        ({"output_loss": "none", "set": {"output.weight": 1}}, "cells[0].set.output.weight"),
+        ({"output_loss": "cwd", "set": [1]}, "'ablation.cells[0].set'"),
+        ({"output_loss": "cwd", "sweep": {"scale": 1}}, "'ablation.cells[0].sweep.scale'"),
+        ({"output_loss": "cwd", "sweep": {"scale": [1, 1.0]}}, "'ablation.cells[0].sweep.scale'"),
+        ({"output_loss": "cwd", "set": {"scale": 1}, "sweep": {"scale": [1]}}, "sweep.scale"),
+        ({"output_loss": "cwd", "set": {"no_such_key": 1}}, "ablation.cells (cwd-only)"),
+        ({"pairs": [], "output_loss": "none", "set": {"scale": 2}}, "'ablation.cells[0]'"),
+    ],
+)
+def test_set_and_sweep_errors_name_the_key(slab_dataset, plain_teacher, tmp_path, cell, key):
+    cell = {"pairs": [], **cell}
+    config = ablation_config(slab_dataset, plain_teacher, {"seeds": [0], "cells": [cell]})
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with expect_error(path, key):
+        load_ablation(path)
+
+
+def test_data_and_teacher_overrides_replace_the_config_paths(
+    slab_dataset, plain_teacher, tmp_path, monkeypatch
+):
+    """``mtkd ablate --data --teacher`` (run.sh's cohort and teachers): paths relative to the
+    working directory, ``{split_seed}`` kept; the config's own paths otherwise."""
+    folder, _ = slab_dataset
+    path = tmp_path / "grid" / "ablation.yaml"
+    path.parent.mkdir()
+    config = evidence_config(slab_dataset, "elsewhere/teacher", EVIDENCE_CELLS)
+    config["data"]["source"] = "no-such-cohort"
+    path.write_text(yaml.safe_dump(config))
+    plain = load_ablation(path)
+    assert plain.base.data.source == str(path.parent / "no-such-cohort")
+    monkeypatch.chdir(plain_teacher.parent)
+    ablation = load_ablation(path, data_source=folder, teacher=plain_teacher.name)
+    assert ablation.base.data.source == str(folder)
+    assert ablation.teacher(1) == str(plain_teacher.parent / "teacher-split1")

@@ -2,18 +2,26 @@
 
 The configuration (see :mod:`mtkd.ablation.grid`) is a distillation run config, the recipe every
 cell shares, plus an ``ablation:`` section: subsets of the thesis pairs (E-E, B-B, D-D) x feature
-losses x output losses (or an explicit list of cells), the no-KD student and the teacher, over
-several seeds. Every run has the same data, split, recipe and epochs; the seed sets
-``train.seed``. Each run is scored on the split's test cases (per-volume Dice and HD95 on the
+losses x output losses (or an explicit list of cells, which may set or sweep distill keys), the
+no-KD student and the teacher, over several seeds and optionally several split seeds. Every run
+has the same data, recipe and epochs; the seed sets ``train.seed``, the split seed
+``split.seed``. Each run is scored on its split's test cases (per-volume Dice and HD95 on the
 original grid, as ``mtkd evaluate``)::
 
     ABL/ablation.yaml              the resolved grid (a different grid is refused here); its
                                    paths relative to ABL, absolute beside them, as in a run
-    ABL/cells/<cell>/seed<k>/      a normal run folder per cell and seed; its report/ holds
+    ABL/cells/<cell>/seed<k>/      a normal run folder per cell and seed (with split_seeds:
+                                   cells/<cell>/split<j>/seed<k>/); its report/ holds
                                    test_scores.csv (per volume) and ablation_result.json
-    ABL/teacher/                   the teacher's test scores (the teacher is not retrained)
-    ABL/results.csv                one row per run (cell x seed, and the teacher)
-    ABL/summary.csv, summary.md    one row per cell: mean ± sample std over seeds
+    ABL/teacher/                   the teacher's test scores (the teacher is not retrained;
+                                   with split_seeds: teacher/split<j>/)
+    ABL/results.csv                one row per run (cell x split seed x seed, and the teacher)
+    ABL/runs.csv                   one row per run, test case and structure (rewritten after
+                                   every run; :mod:`mtkd.ablation.evidence`)
+    ABL/summary.json, evidence.md  per method: test Dice, paired difference against no KD with
+                                   its 95 % bootstrap interval, the sub-cell and the
+                                   recommended cell chosen on validation Dice
+    ABL/summary.csv, summary.md    one row per cell: mean ± sample std over runs
     ABL/plots/dice.png             Dice and HD95 per cell with error bars (needs matplotlib)
     ABL/plots/curves.png           validation Dice and training loss per epoch, one line a cell
     ABL/tensorboard/<cell>/seed<k> the runs' events as TensorBoard scalars (--tensorboard)
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +44,12 @@ from typing import Any
 
 import yaml
 
+from mtkd.ablation.evidence import (
+    RUNS_FIELDS,
+    evidence_markdown,
+    evidence_summary,
+    runs_rows,
+)
 from mtkd.ablation.grid import (
     NO_KD,
     NO_OUTPUT,
@@ -74,8 +89,11 @@ from mtkd.infer.evaluate import evaluate, summarise, write_scores_csv
 from mtkd.infer.model_files import METADATA
 from mtkd.infer.model_io import LoadedModel, load_model
 from mtkd.infer.predictor import Predictor
+from mtkd.metrics import MISSED
 
-RESULT_FORMAT = 2  # 2: HD95 with the missed-structure penalty, missed/spurious counts
+# 2: HD95 with the missed-structure penalty, missed/spurious counts; 3: per-case scores,
+# split seed, validation Dice
+RESULT_FORMAT = 3
 RESULT_FILE = "ablation_result.json"  # in each run's report/
 
 
@@ -88,6 +106,7 @@ class AblationResult:
     files: dict[str, Path] = field(default_factory=dict)
     # run folder (relative to ``folder``) -> "trained", "resumed" or "finished" (earlier)
     states: dict[str, str] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)  # summary.json
 
 
 def run_ablation(
@@ -103,67 +122,115 @@ def run_ablation(
     root = Path(output)
     if tensorboard:
         summary_writer_class()  # no tensorboard: say so before any training
-    ablation.base.check_paths()  # the data and the teacher, named by their keys, before any folder
+    for split in ablation.splits:  # the data and each teacher, named by key, before any folder
+        ablation.run_config(ablation.cells[0], ablation.seeds[0], split).check_paths()
+    base = ablation.base
+    dataset = load_dataset(base.data.source, labels_json=base.data.labels_json)
+    tests = {split: _test_cases(base, dataset, split) for split in ablation.splits}
+    _check_teachers(ablation)
     _refuse_unrelated(root)  # before the lock file is written there
     with FolderLock(root, "mtkd ablate"):  # one grid process per folder (each run locks its own)
         _claim_folder(root, ablation)
-        return _run_grid(ablation, root, log, progress, tensorboard)
+        return _run_grid(ablation, root, dataset, tests, log, progress, tensorboard)
+
+
+def _check_teachers(ablation: Ablation) -> None:
+    """Open each split seed's teacher once (on the CPU) before any folder is written, so that
+    a teacher that cannot be read stops the grid with its own error."""
+    from mtkd.infer.sources import is_stored_output, load_any_model
+
+    for teacher in dict.fromkeys(ablation.teacher(split) for split in ablation.splits):
+        if not is_stored_output(teacher):
+            load_any_model(teacher, "cpu")
 
 
 def _run_grid(
     ablation: Ablation,
     root: Path,
+    dataset: DatasetIndex,
+    tests: dict[int, list[str]],
     log: Callable[[str], None],
     progress: bool | None,
     tensorboard: bool,
 ) -> AblationResult:
-    base = ablation.base
-    dataset = load_dataset(base.data.source, labels_json=base.data.labels_json)
-    test = _test_cases(base, dataset)
-    device = resolve_device(base.train.device)
-    plan = [(cell, seed) for cell in ablation.cells for seed in ablation.seeds]
+    device = resolve_device(ablation.base.train.device)
+    plan = [
+        (cell, split, seed)
+        for cell in ablation.cells
+        for split in ablation.splits
+        for seed in ablation.seeds
+    ]
     results: list[dict[str, Any]] = []
     histories: dict[str, list[list[dict[str, Any]]]] = {}
     states: dict[str, str] = {}
     with StopRequest() as stop:
         if ablation.teacher_row:
-            results.append(_teacher_result(base.distill.teacher, root, dataset, test, device, log))
-        for index, (cell, seed) in enumerate(plan, start=1):
-            label = f"[{index}/{len(plan)}] {cell.name} seed {seed}"
-            run_dir = root / "cells" / cell.name / f"seed{seed}"
+            for split in ablation.splits:
+                folder = root / TEACHER
+                if ablation.split_seeds is not None:
+                    folder = folder / f"split{split}"
+                teacher = ablation.teacher(split)
+                row = _teacher_result(teacher, folder, dataset, tests[split], device, log)
+                results.append({**row, "split_seed": split})
+        for index, (cell, split, seed) in enumerate(plan, start=1):
+            run_dir = root / "cells" / cell.name / _run_folder(ablation, split, seed)
             relative = run_dir.relative_to(root).as_posix()
+            what = _what(ablation, cell, split, seed)
+            label = f"[{index}/{len(plan)}] {what}"
             if stop.requested:
-                raise TrainingInterrupted(_stopped(cell, seed, index - 1, len(plan), root))
+                raise TrainingInterrupted(_stopped(what, index - 1, len(plan), root))
+            config = ablation.run_config(cell, seed, split)
             try:
-                states[relative] = _train(ablation.run_config(cell, seed), run_dir, progress, log)
+                states[relative] = _train(config, run_dir, progress, log)
             except TrainingInterrupted:
-                raise TrainingInterrupted(
-                    _stopped(cell, seed, index - 1, len(plan), root)
-                ) from None
-            result = _run_result(ablation, cell, seed, run_dir, relative, dataset, test, device)
+                raise TrainingInterrupted(_stopped(what, index - 1, len(plan), root)) from None
+            result = _run_result(
+                ablation, cell, (split, seed), run_dir, relative, dataset, tests[split], device
+            )
             results.append(result)
+            _write_runs_csv(root, results)
             histories.setdefault(cell.name, []).append(_history(RunDir(run_dir)))
             log(
                 f"{label}: {states[relative]}; test Dice {result['dice']:.3f}, "
                 f"HD95 {result['hd95_mm']:.2f} mm ({result['missed']} missed)"
             )
             if tensorboard:
-                mirror_run(run_dir, root / "tensorboard" / cell.name / f"seed{seed}")
+                mirror_run(run_dir, root / "tensorboard" / relative.removeprefix("cells/"))
+    test = [case for split in ablation.splits for case in tests[split]]
     return _write_reports(ablation, root, results, histories, states, test, log)
 
 
-def _stopped(cell: Cell, seed: int, done: int, total: int, root: Path) -> str:
+def _run_folder(ablation: Ablation, split: int, seed: int) -> str:
+    """``seed<k>``, or ``split<j>/seed<k>`` for a grid with split_seeds."""
+    return f"seed{seed}" if ablation.split_seeds is None else f"split{split}/seed{seed}"
+
+
+def _what(ablation: Ablation, cell: Cell, split: int, seed: int) -> str:
+    if ablation.split_seeds is None:
+        return f"{cell.name} seed {seed}"
+    return f"{cell.name} split {split} seed {seed}"
+
+
+def _stopped(what: str, done: int, total: int, root: Path) -> str:
     return (
-        f"the ablation stopped at {cell.name} seed {seed} ({done} of {total} runs finished); "
+        f"the ablation stopped at {what} ({done} of {total} runs finished); "
         f"run the same `mtkd ablate` command (-o {root}) again to continue"
     )
+
+
+def _write_runs_csv(root: Path, results: list[dict[str, Any]]) -> Path:
+    """``runs.csv`` of the runs finished so far (rewritten whole, atomically)."""
+    rows = runs_rows(results)
+    write_csv(root / "runs.csv", rows, fields=RUNS_FIELDS)
+    return root / "runs.csv"
 
 
 def _grid_paths(grid: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
     """The places of a grid (``Ablation.to_dict()``) that hold a file or folder: (mapping,
     key) for the teacher, each cell's teacher and the recipe's path keys."""
-    places = [(grid, "teacher")]
-    places += [(cell["distill"], "teacher") for cell in grid.get("cells") or []]
+    places = [(grid, "teacher", "distill.teacher")]
+    for cell in grid.get("cells") or []:
+        places += [(cell["distill"], name, f"distill.{name}") for name in ("teacher", "unlabelled")]
     for key in PATH_KEYS:
         if key == "distill.teacher":
             continue
@@ -171,8 +238,10 @@ def _grid_paths(grid: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
         mapping = grid.get("recipe") or {}
         for part in parents:
             mapping = mapping.get(part) or {}
-        places.append((mapping, last))
-    return [(mapping, key) for mapping, key in places if is_path_value(mapping.get(key))]
+        places.append((mapping, last, key))
+    return [
+        (mapping, last) for mapping, last, key in places if is_path_value(mapping.get(last), key)
+    ]
 
 
 def _grid_with_relative_paths(grid: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -238,14 +307,14 @@ def _refuse_unrelated(root: Path) -> None:
         )
 
 
-def _test_cases(base: RunConfig, dataset: DatasetIndex) -> list[str]:
-    """The test cases of the split every run uses (computed as the trainer does)."""
+def _test_cases(base: RunConfig, dataset: DatasetIndex, seed: int) -> list[str]:
+    """The test cases of the split with ``seed`` (computed as the trainer does)."""
     split = base.split
     test = split_cases(
         dataset.cases,
         val_fraction=split.val_fraction,
         test_fraction=split.test_fraction,
-        seed=split.seed,
+        seed=seed,
         student_fraction=split.student_fraction,
         fixed=split.fixed,
     ).test
@@ -291,8 +360,9 @@ def _train(
 def _score(
     model: LoadedModel, dataset: DatasetIndex, test: list[str], device, csv_path: Path
 ) -> dict[str, Any]:
-    """Per-volume Dice and HD95 on ``test``, averaged over volumes then structures, and how
-    many structure-volumes were missed (or spurious) and scored the penalty HD95."""
+    """Per-volume Dice and HD95 on ``test``, averaged over volumes then structures, how many
+    structure-volumes were missed (or spurious) and scored the penalty HD95, and the scores of
+    every case and structure (``cases``)."""
     scores = evaluate(Predictor(model, device), dataset, test)
     write_scores_csv(scores, csv_path)
     summary = summarise(scores)
@@ -303,6 +373,16 @@ def _score(
         "missed": mean["missed"],
         "spurious": mean["spurious"],
         "per_structure": summary,
+        "cases": [
+            {
+                "case": s.case_id,
+                "structure": s.structure,
+                "dice": s.dice,
+                "hd95": s.hd95_mm,
+                "missed": int(s.outcome == MISSED),
+            }
+            for s in scores
+        ],
     }
 
 
@@ -324,7 +404,7 @@ def _cached(path: Path, sha256: str | None, test: list[str]) -> dict[str, Any] |
 def _run_result(
     ablation: Ablation,
     cell: Cell,
-    seed: int,
+    split_seed: tuple[int, int],
     run_dir: Path,
     relative: str,
     dataset: DatasetIndex,
@@ -332,7 +412,8 @@ def _run_result(
     device,
 ) -> dict[str, Any]:
     """The run's test scores and training record (from its cache while its weights are the
-    same)."""
+    same). ``split_seed``: (split seed, seed)."""
+    split, seed = split_seed
     folder = RunDir(run_dir)
     run_test = json.loads(folder.split.read_text()).get("test")
     if run_test != test:
@@ -352,7 +433,9 @@ def _run_result(
     result = {
         "format": RESULT_FORMAT,
         "cell": cell.name,
+        "method": cell.family,
         "role": cell.role,
+        "split_seed": split,
         "seed": seed,
         "pairs": list(cell.pairs),
         "feature_loss": cell.feature_loss or "",
@@ -360,6 +443,7 @@ def _run_result(
         "parameters": metadata.get("parameters"),
         **scores,
         "best_val_dice": metrics.get("best_val_dice"),
+        "val_dice": _best_val_dice(history, metrics.get("best_val_dice")),
         "best_epoch": metrics.get("best_epoch"),
         "epochs": ablation.base.train.epochs,
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 3),
@@ -373,13 +457,13 @@ def _run_result(
 
 def _teacher_result(
     teacher: str,
-    root: Path,
+    folder: Path,
     dataset: DatasetIndex,
     test: list[str],
     device,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The teacher's row: its test scores (cached in ABL/teacher/result.json)."""
+    """The teacher's row: its test scores (cached in ``folder``/result.json)."""
     from mtkd.infer.sources import is_stored_output, load_any_model
 
     if is_stored_output(teacher):
@@ -390,13 +474,13 @@ def _teacher_result(
         )
     model = load_any_model(teacher, device)
     sha256 = model.metadata.get("weights_sha256")
-    cache = root / TEACHER / "result.json"
+    cache = folder / "result.json"
     cached = _cached(cache, sha256, test)
     if cached is not None:
         return cached
     _warn_teacher_overlap(Path(teacher), test, log)
     log(f"teacher: scoring {teacher} on the {len(test)} test case(s)")
-    scores = _score(model, dataset, test, device, root / TEACHER / "test_scores.csv")
+    scores = _score(model, dataset, test, device, folder / "test_scores.csv")
     metrics = model.metadata.get("metrics") or {}
     parameters = model.metadata.get("parameters")
     if parameters is None and hasattr(model.network, "parameters"):
@@ -419,7 +503,7 @@ def _teacher_result(
         "weights_sha256": sha256,
         "test_cases": test,
     }
-    RunDir(root).write_json(cache, result)
+    RunDir(folder).write_json(cache, result)
     return result
 
 
@@ -440,6 +524,16 @@ def _warn_teacher_overlap(teacher: Path, test: list[str], log: Callable[[str], N
                     "are scored on cases the teacher has seen"
                 )
             return
+
+
+def _best_val_dice(history: list[dict[str, Any]], fallback: Any) -> float | None:
+    """The run's best validation Dice over its epochs' events (``fallback``, the model's
+    metadata, when no epoch was validated)."""
+    values = [r.get("val_dice") for r in history]
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if values:
+        return max(values)
+    return float(fallback) if isinstance(fallback, (int, float)) else None
 
 
 def _history(folder: RunDir) -> list[dict[str, Any]]:
@@ -478,10 +572,23 @@ def _write_reports(
         structures=structures,
         seeds=ablation.seeds,
         epochs=ablation.base.train.epochs,
+        split_seeds=ablation.split_seeds,
     )
     atomic_write_bytes(files["summary_md"], text.encode())
     files.update(write_plots(root / "plots", summary, histories, log))
-    return AblationResult(root, results, summary, markdown_table(summary), files, states)
+    files["runs"] = _write_runs_csv(root, results)
+    evidence = evidence_summary(
+        results,
+        student=ablation.name,
+        cohort=Path(ablation.base.data.source).name,
+        seeds=len(ablation.seeds),
+        split_seeds=len(ablation.splits),
+    )
+    files["summary_json"] = root / "summary.json"
+    atomic_write_bytes(files["summary_json"], (json.dumps(evidence, indent=2) + "\n").encode())
+    files["evidence_md"] = root / "evidence.md"
+    atomic_write_bytes(files["evidence_md"], evidence_markdown(evidence).encode())
+    return AblationResult(root, results, summary, markdown_table(summary), files, states, evidence)
 
 
 __all__ = [

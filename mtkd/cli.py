@@ -236,7 +236,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from mtkd.data.synth import write_cohort
 
     path = write_cohort(
-        args.output, args.subjects, seed=args.seed, size=args.size, spacing=args.spacing
+        args.output,
+        args.subjects,
+        seed=args.seed,
+        size=args.size,
+        spacing=args.spacing,
+        style=args.style,
+        difficulty=args.difficulty,
     )
     print(f"wrote {args.subjects} SYNTHETIC phantom(s), not patient data, to {path.parent}")
     return 0
@@ -278,12 +284,20 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from mtkd.ablate import load_ablation, run_ablation
     from mtkd.engine.trainer import TrainingInterrupted
 
-    ablation = load_ablation(args.config, seeds=args.seeds, device=args.device)
+    ablation = load_ablation(
+        args.config,
+        seeds=args.seeds,
+        device=args.device,
+        data_source=args.data,
+        teacher=args.teacher,
+    )
     output = Path(args.output or Path("runs") / f"ablation-{ablation.name}")
-    runs = len(ablation.cells) * len(ablation.seeds)
+    runs = len(ablation.cells) * len(ablation.splits) * len(ablation.seeds)
+    splits = f" x {len(ablation.splits)} split seed(s)" if ablation.split_seeds else ""
     print(
-        f"ablation {ablation.name}: {len(ablation.cells)} cell(s) x {len(ablation.seeds)} "
-        f"seed(s) = {runs} run(s){' + the teacher' if ablation.teacher_row else ''} in {output}"
+        f"ablation {ablation.name}: {len(ablation.cells)} cell(s){splits} x "
+        f"{len(ablation.seeds)} seed(s) = {runs} run(s)"
+        f"{' + the teacher' if ablation.teacher_row else ''} in {output}"
     )
     try:
         result = run_ablation(ablation, output, tensorboard=args.tensorboard)
@@ -414,7 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=3,
         default=[3.0, 3.0, 3.0],
         metavar=("SX", "SY", "SZ"),
-        help="voxel size in mm",
+        help="voxel size in mm (--style ct: nominal, varied per subject)",
+    )
+    sub.add_argument(
+        "--style",
+        choices=["ellipsoid", "ct"],
+        default="ellipsoid",
+        help="ellipsoid (default): deformed ellipsoids; ct: harder, CT-like (touching "
+        "unlabelled neighbours, contrast phases, lesions, vessels, per-subject scanner settings)",
+    )
+    sub.add_argument(
+        "--difficulty",
+        type=float,
+        default=None,
+        help="--style ct only, 0..1 (default 0.5): closer HU at organ borders, more noise and "
+        "lesions",
     )
     sub.set_defaults(func=cmd_synth)
 
@@ -458,12 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher, over seeds: CSV, Markdown table and plots",
         description="Train and score every cell of an ablation grid (a distill config with an "
         "'ablation:' section) with the same data, split, recipe and epochs; write "
-        "results.csv, summary.csv, summary.md and plots/ to the output folder. Run it again "
-        "to continue an interrupted grid.",
+        "results.csv, runs.csv (per test case), summary.csv, summary.md, summary.json and "
+        "evidence.md (paired differences against no KD, the cell chosen on validation) and "
+        "plots/ to the output folder. Run it again to continue an interrupted grid.",
     )
     sub.add_argument("config", help="ablation configuration (YAML)")
     sub.add_argument("-o", "--output", help="output folder (default runs/ablation-<name>)")
     sub.add_argument("--seeds", type=int, nargs="+", help="replace ablation.seeds")
+    sub.add_argument("--data", help="replace data.source (the dataset folder)")
+    sub.add_argument(
+        "--teacher", help="replace distill.teacher ({split_seed}: one teacher per split seed)"
+    )
     sub.add_argument(
         "--tensorboard",
         action="store_true",

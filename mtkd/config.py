@@ -24,15 +24,22 @@ from mtkd.config_paths import (
     ABSOLUTE_PATHS,
     ABSOLUTE_PATHS_COMMENT,
     PATH_KEYS,
+    PATH_KEYWORDS,
     PathOrigin,
     fallback_section,
     get_key,
+    is_path_value,
     missing_path_message,
     relative_paths,
     resolve_paths,
 )
 from mtkd.engine.devices import check_device_name
 from mtkd.errors import MTKDError, one_line
+
+# distill.unlabelled's words that are not folders (a folder called so is written ./train)
+UNLABELLED_NONE, UNLABELLED_TRAIN = PATH_KEYWORDS["distill.unlabelled"]
+# train_on: which training patients' labels a run uses; "none": no labels (teacher targets only)
+TRAIN_ON_NONE = "none"
 
 
 @dataclass
@@ -101,6 +108,16 @@ class MultiTaskConfig:
     weight: float = 0.2  # weight of the MSE reconstruction loss
     mask_ratio: float = 0.5
     mask_patch: int = 8
+    # where the reconstruction MSE is taken: the whole image, or only the masked patches (as
+    # in MAE, He et al. 2022; needs reconstruction: masked)
+    reconstruction_loss_on: Literal["all", "masked"] = "all"
+
+    def __post_init__(self) -> None:
+        if self.reconstruction_loss_on == "masked" and self.reconstruction == "unmasked":
+            raise MTKDError(
+                "config key 'multitask.reconstruction_loss_on': 'masked' needs masked patches "
+                "(multitask.reconstruction: masked), not reconstruction: unmasked"
+            )
 
 
 @dataclass
@@ -128,6 +145,9 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     num_workers: int = 0
     drop_last: bool = True  # InfoNCE needs >= 2 images per batch
+    # early stopping: validation checks without a better validation Dice before the run ends
+    # (its best model exported); None: off, the run trains all ``epochs``
+    patience: int | None = None
 
 
 @dataclass
@@ -162,10 +182,12 @@ class DistillConfig:
     Both use InfoNCE (tau 0.4), and PMD (T 4, weight 0.2) unless ``output`` is given.
     ``feature_loss`` and ``scale_weights`` change a preset's pairs (not explicit ``pairs``); with
     ``feature_loss: supcon`` (supervised voxel contrast) the pairs' temperature is 0.1.
+    ``cwd_published``, ``dist_published`` and ``hinton_published`` are an output term alone at
+    its authors' published settings (sources in :mod:`mtkd.engine.terms`).
     """
 
     teacher: str = ""  # run/model folder, checkpoint, bundle, TorchScript/ONNX, stored outputs
-    preset: str | None = None  # thesis | all_scales (null: explicit pairs)
+    preset: str | None = None  # thesis | all_scales | <method>_published (null: explicit)
     pairs: list[TapPairConfig] = field(default_factory=list)
     output: OutputTermConfig | None = None
     scale: float = 1.0  # multiplies every distillation weight; 0 is the no-KD baseline
@@ -174,6 +196,13 @@ class DistillConfig:
     # weight per pair label (thesis: E-E, B-B, D-D; all_scales: E1-E1 .. En-En, B-B, D-D),
     # replacing the preset's before ``scale``; 0 drops the pair
     scale_weights: dict[str, float] | None = None
+    # InfoNCE's negatives: the other images of the batch (the paper), or only the images of
+    # other subjects (patients), so that neighbouring slices of one patient are not pushed apart
+    negatives: Literal["batch", "other_subjects"] = "batch"
+    # images the distillation terms also see, without labels (no segmentation loss on them):
+    # none; train (the training patients that ``train_on`` leaves without labels); or a folder
+    # of CTs (any dataset layout, or a folder of image files; labels there are ignored)
+    unlabelled: str = UNLABELLED_NONE
 
 
 SEED_LIMIT = 2**32 - 1
@@ -185,6 +214,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "train.val_every": (1, None, ">= 1"),
     "train.num_workers": (0, None, ">= 0"),
     "train.seed": (0, SEED_LIMIT, f"in [0, {SEED_LIMIT}]"),
+    "train.patience": (1, None, ">= 1"),
     "train.seg_weight": (0, None, ">= 0"),
     "train.optimizer.weight_decay": (0, None, ">= 0"),
     "split.seed": (0, SEED_LIMIT, f"in [0, {SEED_LIMIT}]"),
@@ -220,7 +250,10 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     model: NetworkConfig = field(default_factory=NetworkConfig)
     multitask: MultiTaskConfig = field(default_factory=lambda: MultiTaskConfig("none"))
-    train_on: Literal["train", "student_train"] = "train"
+    # whose labels the run trains on: every training patient's, the students' share
+    # (split.student_fraction) or none (kind: distill only: teacher targets on
+    # distill.unlabelled images)
+    train_on: Literal["train", "student_train", "none"] = "train"
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig | None = None
     # where the paths were read from (set by load_config; not a configuration key)
@@ -248,7 +281,7 @@ class RunConfig:
         file = self.origin.file if self.origin else None
         for key in keys:
             value = get_key(self.to_dict(), key)
-            if isinstance(value, str) and value and not Path(value).expanduser().exists():
+            if is_path_value(value, key) and not Path(value).expanduser().exists():
                 message = missing_path_message(key, value, self.origin, run_dir)
                 raise MTKDError(message, path=file)
         if "data.source" in keys and not self.data.source.strip():
@@ -304,6 +337,10 @@ class RunConfig:
                 fail(f"distill.pairs[{index}]", "weight must be >= 0 and temperature > 0")
         if self.distill is not None:
             self._validate_overrides(self.distill, fail)
+        self._validate_unlabelled(fail)
+        no_val = self.split.fixed is None and self.split.val_fraction == 0
+        if self.train.patience is not None and no_val:
+            fail("train.patience", "early stopping needs validation cases (val_fraction > 0)")
         if self.model.init_from is not None and not self.model.init_from.strip():
             fail("model.init_from", "must be a model or run folder (or null)")
 
@@ -329,6 +366,38 @@ class RunConfig:
         output = self.distill.output if self.distill else None
         if output is not None and output.temperature <= 0:
             fail("distill.output.temperature", f"must be > 0, got {output.temperature!r}")
+
+    def _validate_unlabelled(self, fail: typing.Callable) -> None:
+        """``train_on`` and ``distill.unlabelled`` together: a run without labels is a
+        distillation with terms and images to apply them to."""
+        label_free = self.train_on == TRAIN_ON_NONE
+        if label_free and self.kind != "distill":
+            fail("train_on", "'none' (no labels, teacher targets only) needs kind: distill")
+        if self.kind != "distill" or self.distill is None:
+            return
+        distill = self.distill
+        if not distill.unlabelled.strip():
+            fail("distill.unlabelled", "must be none, train or a folder of CT images")
+        if distill.unlabelled == UNLABELLED_TRAIN and self.train_on == "train":
+            fail(
+                "distill.unlabelled",
+                "'train' adds the training patients whose labels train_on leaves out, and "
+                "train_on: train leaves none out (use train_on: student_train or none)",
+            )
+        if not label_free:
+            return
+        if distill.unlabelled == UNLABELLED_NONE:
+            fail(
+                "train_on",
+                "'none' trains on teacher targets only: set distill.unlabelled to train (the "
+                "training patients, without their labels) or to a folder of CT images",
+            )
+        if distill.scale == 0:
+            fail("distill.scale", "0 leaves a run without labels (train_on: none) no loss")
+        losses = [distill.feature_loss] + [pair.loss for pair in distill.pairs]
+        if "supcon" in losses:
+            key = "distill.feature_loss" if distill.feature_loss == "supcon" else "distill.pairs"
+            fail(key, "supcon (the supervised voxel contrast) needs labels; train_on is none")
 
     @staticmethod
     def _validate_overrides(distill: DistillConfig, fail: typing.Callable) -> None:

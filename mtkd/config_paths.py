@@ -25,7 +25,15 @@ from typing import Any
 from mtkd.errors import MTKDError
 
 # every key of a run configuration whose value is a file or folder
-PATH_KEYS = ("data.source", "data.labels_json", "model.init_from", "distill.teacher")
+PATH_KEYS = (
+    "data.source",
+    "data.labels_json",
+    "model.init_from",
+    "distill.teacher",
+    "distill.unlabelled",
+)
+# words that a path key may hold instead of a path (a folder of that name is written ./train)
+PATH_KEYWORDS = {"distill.unlabelled": ("none", "train")}
 # the section a run writes beside the relative paths: {dotted key: absolute path}
 ABSOLUTE_PATHS = "absolute_paths"
 ABSOLUTE_PATHS_COMMENT = (
@@ -60,9 +68,12 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
     data[last] = value
 
 
-def is_path_value(value: Any) -> bool:
-    """A path to resolve: a non-empty string without a ``${NAME}`` placeholder (protocols)."""
-    return isinstance(value, str) and bool(value.strip()) and "${" not in value
+def is_path_value(value: Any, key: str | None = None) -> bool:
+    """A path to resolve: a non-empty string without a ``${NAME}`` placeholder (protocols)
+    that is not one of the words (:data:`PATH_KEYWORDS`) path key ``key`` also takes."""
+    if not isinstance(value, str) or not value.strip() or "${" in value:
+        return False
+    return value not in PATH_KEYWORDS.get(key or "", ())
 
 
 def absolute(value: str | Path, folder: str | Path | None = None) -> Path:
@@ -125,7 +136,7 @@ def resolve_paths(
     tried: dict[str, list[Path]] = {}
     for key in keys:
         value = get_key(resolved, key)
-        if not is_path_value(value):
+        if not is_path_value(value, key):
             continue
         try:
             candidates = [absolute(value, folder)]
@@ -155,7 +166,7 @@ def relative_paths(
     section: dict[str, str] = {}
     for key in keys:
         value = get_key(written, key)
-        if not is_path_value(value):
+        if not is_path_value(value, key):
             continue
         path = absolute(value)
         try:
@@ -163,6 +174,8 @@ def relative_paths(
         except ValueError:  # no relative path between two Windows drives
             _set_key(written, key, str(path))
             continue
+        if relative in PATH_KEYWORDS.get(key, ()):
+            relative = f"./{relative}"  # a folder named like a keyword: still a path
         _set_key(written, key, relative)
         section[key] = str(path)
     return written, section
@@ -175,6 +188,9 @@ def missing_path_message(
     paths tried, the folder relative paths were read from and the run folder."""
     tried = (origin.tried.get(key) if origin else None) or [absolute(value)]
     message = f"config key '{key}': not found at {tried[0]}"
+    if key in PATH_KEYWORDS:
+        words = ", ".join(PATH_KEYWORDS[key])
+        message = f"config key '{key}' takes {words} or a folder; not found at {tried[0]}"
     for path in tried[1:]:
         message += f" nor at {path} (its absolute path when the run was made)"
     if origin is not None and origin.file is not None:

@@ -50,8 +50,9 @@ COMMENTS = {
     "split.student_fraction": "share of the training patients a student trains on",
     "split.fixed": "or {train: [...], val: [...], test: [...]} case ids",
     "model": "a registered network; init_from: fine-tune from a model or run folder",
-    "multitask": "reconstruction: {multitask.reconstruction} (a multi-task teacher: masked)",
-    "train_on": "{train_on} (student_train: the students' share of train)",
+    "multitask": "reconstruction: {multitask.reconstruction} (a multi-task teacher: masked); "
+    "reconstruction_loss_on: {multitask.reconstruction_loss_on} (masked: MAE-style)",
+    "train_on": "{train_on}: whose labels (student_train: the students' share; none: no labels)",
     "train.optimizer": "name: {train.optimizer.name}",
     "train.scheduler": "{train.scheduler}",
     "train.seg_loss": "{train.seg_loss}",
@@ -60,14 +61,19 @@ COMMENTS = {
     "train.val_every": "validate every N epochs",
     "train.device": "auto | cpu | cuda | cuda:1",
     "train.drop_last": "InfoNCE needs at least 2 images per batch",
+    "train.patience": "stop after N validations without a better Dice (null: off)",
     "distill": "null (no distillation) unless kind: distill; its keys then default to:",
     "distill.teacher": "run/model folder, checkpoint, MONAI bundle, TorchScript/ONNX, outputs",
-    "distill.preset": "{PRESETS}: fill pairs and output (null: explicit pairs)",
+    "distill.preset": "{PAIR_PRESETS}: fill pairs and output; {OUTPUT_PRESETS}: a baseline's "
+    "output term alone, at its published settings (null: explicit pairs)",
     "distill.pairs": "explicit tap pairs, each {PAIR}",
     "distill.output": "output-level term {OUTPUT} (loss: {OUTPUT_LOSSES})",
     "distill.scale": "multiplies every distillation weight; 0 is the no-KD baseline",
     "distill.feature_loss": "with a preset: {FEATURE_LOSSES} instead of InfoNCE",
     "distill.scale_weights": "with a preset: {B-B: 0.4, E-E: 0} replaces weights by pair label",
+    "distill.negatives": "{distill.negatives}: InfoNCE's negatives (other_subjects: none from "
+    "the anchor's patient)",
+    "distill.unlabelled": "none | train | a folder of CTs: images for teacher targets only",
 }
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 
@@ -86,10 +92,12 @@ def choices() -> dict[str, str]:
     """What a ``{NAME}`` placeholder of a comment stands for: the choices of every Literal
     field by dotted key, the registries' names, and example entries from the dataclasses."""
     from mtkd.distill.losses import FEATURE_LOSSES, OUTPUT_LOSSES
-    from mtkd.engine.terms import PRESETS
+    from mtkd.engine.terms import OUTPUT_PRESETS, PAIR_PRESETS, PRESETS
 
     found = {
         "PRESETS": " | ".join(PRESETS),
+        "PAIR_PRESETS": " | ".join(PAIR_PRESETS),
+        "OUTPUT_PRESETS": " | ".join(OUTPUT_PRESETS),
         "FEATURE_LOSSES": " | ".join(sorted(FEATURE_LOSSES)),
         "OUTPUT_LOSSES": " | ".join(sorted(OUTPUT_LOSSES)),
         "PAIR": flow(TapPairConfig()),

@@ -182,7 +182,8 @@ def _command_line_path(
     target: str | None, path: list[str], value: Any
 ) -> tuple[str | None, list[str], Any]:
     """A ``--set`` override, a path value made absolute (read from the working directory)."""
-    if ".".join(path) in PATH_KEYS and is_path_value(value):
+    key = ".".join(path)
+    if key in PATH_KEYS and is_path_value(value, key):
         value = str(absolute(value))
     return target, path, value
 

@@ -9,19 +9,34 @@ the section spans the cells::
       feature_losses: [infonce, mse]          # any feature loss the engine knows
       output_losses: [pmd, cwd, none]         # any output loss, or none (no output term)
       include: [no_kd, teacher]               # extra rows (default both)
+      split_seeds: null                       # or [0, 1]: split.seed of each run (below)
       cells: null                             # or a list of {name, pairs, feature_loss,
-                                              #   output_loss} instead of the product above
+                                              #   output_loss, set, sweep} instead of the
+                                              #   product above
 
 A cell is ``preset: thesis`` with the pairs it does not list weighted 0 (``scale_weights``), its
 ``feature_loss`` and its output loss (weight and temperature from ``distill.output``, else the
 thesis' 0.2 and T 4; ``none`` sets the output weight to 0, so the term is logged, not trained).
 A cell without pairs and output term is the no-KD student, ``scale: 0`` (the same recipe with
 every distillation weight zero), named ``no_kd``. Cells are named ``EBD-infonce-pmd``,
-``B-mse-none``, ``pmd-only`` (no pairs), ``no_kd``.
+``B-mse-none``, ``pmd-only`` (no pairs), ``no_kd``, unless an explicit cell gives a ``name``.
 
-Every cell and seed uses the same data, split (``split.seed`` stays fixed, so all runs see the
-same patients and the same student subset) and recipe; the seed (``train.seed``) varies the
-initialisation, data order and augmentation only.
+An explicit cell may also carry ``set``, distill keys (dotted, below ``distill``) with their
+values, e.g. ``set: {output.weight: 3, output.temperature: 4}`` (CWD at its published
+segmentation settings), and ``sweep``, distill keys with lists of values, e.g.
+``sweep: {output.weight: [1, 3, 10]}``: the cell becomes one sub-cell per combination, named
+``cwd[output.weight=1]`` (keys in the order given), all trained and scored; the method's
+reported row is the sub-cell with the best mean validation Dice (:mod:`mtkd.ablation.evidence`).
+The keys the cell itself sets (``teacher``, ``preset``, ``pairs``, ``feature_loss``,
+``output.loss``) cannot be set or swept.
+
+Every cell and seed uses the same data, split and recipe; the seed (``train.seed``) varies the
+initialisation, data order and augmentation only. Without ``split_seeds`` every run has the
+recipe's ``split.seed`` (the same patients and student subset); with ``split_seeds: [0, 1]``
+every cell runs seeds x split seeds, each split seed a different patient split (test cases
+included). A teacher trained on one split has seen the other splits' test cases: give
+``distill.teacher`` with the placeholder ``{split_seed}`` (e.g. ``runs/teacher-split{split_seed}``)
+to use one teacher per split seed, each trained with that ``split.seed``.
 """
 
 from __future__ import annotations
@@ -51,9 +66,20 @@ TEACHER = "teacher"
 KD = "kd"
 NO_OUTPUT = "none"
 DEFAULT_SEEDS = [0, 1, 2]
-SECTION_KEYS = ("seeds", "pairs", "feature_losses", "output_losses", "include", "cells")
+SECTION_KEYS = (
+    "seeds",
+    "split_seeds",
+    "pairs",
+    "feature_losses",
+    "output_losses",
+    "include",
+    "cells",
+)
 GRID_KEYS = ("pairs", "feature_losses", "output_losses")
-CELL_KEYS = ("name", "pairs", "feature_loss", "output_loss")
+CELL_KEYS = ("name", "pairs", "feature_loss", "output_loss", "set", "sweep")
+# distill keys a cell's own keys decide (not for ``set`` or ``sweep``)
+CELL_OWNED = ("teacher", "preset", "pairs", "feature_loss", "output", "output.loss")
+SPLIT_SEED = "{split_seed}"  # in distill.teacher: one teacher per split seed
 INCLUDE = (NO_KD, TEACHER)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -66,6 +92,14 @@ class Cell:
     pairs: tuple[str, ...] = ()
     feature_loss: str | None = None  # None without pairs
     output_loss: str | None = None  # None: no output term
+    # distill keys (dotted) set by the cell or its sweep, in the order given
+    settings: tuple[tuple[str, Any], ...] = ()
+    method: str = ""  # the cell a sweep expanded into this sub-cell ("": not swept)
+
+    @property
+    def family(self) -> str:
+        """The method's row: the cell's name, or the swept cell's for a sub-cell."""
+        return self.method or self.name
 
     @property
     def is_no_kd(self) -> bool:
@@ -76,12 +110,39 @@ class Cell:
         return NO_KD if self.is_no_kd else KD
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "pairs": list(self.pairs),
             "feature_loss": self.feature_loss,
             "output_loss": self.output_loss or NO_OUTPUT,
         }
+        if self.settings:  # absent otherwise: grids stored before these keys still match
+            data["set"] = dict(self.settings)
+        if self.method:
+            data["method"] = self.method
+        return data
+
+
+def setting_text(value: Any) -> str:
+    """A set/swept value in a sub-cell name: 3, 0.3, 1e-05, train."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def sub_cell_name(method: str, swept: list[tuple[str, Any]]) -> str:
+    """``cwd[output.weight=3,output.temperature=4]``."""
+    return f"{method}[{','.join(f'{key}={setting_text(v)}' for key, v in swept)}]"
+
+
+def _set_key(section: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` (below ``distill``) in ``section``, creating mappings on the way."""
+    *parents, last = key.split(".")
+    for part in parents:
+        child = section.get(part)
+        section[part] = child = dict(child) if isinstance(child, dict) else {}
+        section = child
+    section[last] = value
 
 
 def cell_name(pairs: tuple[str, ...], feature_loss: str | None, output_loss: str | None) -> str:
@@ -102,15 +163,32 @@ class Ablation:
     cells: list[Cell]
     teacher_row: bool = True
     source: Path | None = None
+    split_seeds: list[int] | None = None  # None: the recipe's split.seed only
 
     @property
     def name(self) -> str:
         return self.base.name
 
-    def distill_section(self, cell: Cell) -> dict[str, Any]:
-        """The ``distill`` section of ``cell``'s runs."""
+    @property
+    def splits(self) -> list[int]:
+        """The split seeds the runs use (the recipe's ``split.seed`` without split_seeds)."""
+        return list(self.split_seeds) if self.split_seeds is not None else [self.base.split.seed]
+
+    def teacher(self, split_seed: int | None = None) -> str:
+        """The teacher of the runs with ``split_seed`` (``{split_seed}`` filled in)."""
+        split = self.base.split.seed if split_seed is None else split_seed
+        return self.base.distill.teacher.replace(SPLIT_SEED, str(split))
+
+    def distill_section(self, cell: Cell, split_seed: int | None = None) -> dict[str, Any]:
+        """The ``distill`` section of ``cell``'s runs (its teacher's ``{split_seed}`` left as
+        is without ``split_seed``)."""
         base = self.base.distill
-        section: dict[str, Any] = {"teacher": base.teacher, "preset": "thesis"}
+        teacher = base.teacher if split_seed is None else self.teacher(split_seed)
+        section: dict[str, Any] = {"teacher": teacher, "preset": "thesis"}
+        # the recipe's data and contrast settings every distilling cell shares (a cell's
+        # ``set`` may still change them); a no-KD run leaves unlabelled images out anyway
+        section["unlabelled"] = base.unlabelled
+        section["negatives"] = base.negatives
         if cell.is_no_kd:
             section["scale"] = 0.0
             return section
@@ -127,15 +205,23 @@ class Ablation:
             "weight": output.weight if cell.output_loss else 0.0,
             "temperature": output.temperature,
         }
+        for key, value in cell.settings:
+            _set_key(section, key, value)
         return section
 
-    def run_config(self, cell: Cell, seed: int) -> RunConfig:
-        """The run config of ``cell`` with ``seed``: the recipe, ``train.seed`` and the cell's
-        ``distill`` section."""
+    def run_config(self, cell: Cell, seed: int, split_seed: int | None = None) -> RunConfig:
+        """The run config of ``cell`` with ``seed`` (and ``split_seed``: ``split.seed``): the
+        recipe, ``train.seed`` and the cell's ``distill`` section."""
         data = self.base.to_dict()
         data["name"] = f"{cell.name}-seed{seed}"
+        if self.split_seeds is not None and split_seed is not None:
+            data["name"] = f"{cell.name}-split{split_seed}-seed{seed}"
         data["train"]["seed"] = seed
-        data["distill"] = self.distill_section(cell)
+        if split_seed is not None:
+            data["split"]["seed"] = split_seed
+        data["distill"] = self.distill_section(
+            cell, self.base.split.seed if split_seed is None else split_seed
+        )
         return RunConfig.from_dict(data, source=self.source)
 
     def recipe(self) -> dict[str, Any]:
@@ -144,11 +230,13 @@ class Ablation:
         for key in ("name", "distill"):
             recipe.pop(key)
         recipe["train"].pop("seed")
+        if self.split_seeds is not None:
+            recipe["split"].pop("seed")
         return recipe
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved grid, as written to ``ABL/ablation.yaml``."""
-        return {
+        grid = {
             "format": FORMAT,
             "name": self.name,
             "teacher": self.base.distill.teacher,
@@ -160,6 +248,9 @@ class Ablation:
             ],
             "recipe": self.recipe(),
         }
+        if self.split_seeds is not None:  # absent otherwise: older grids still match
+            grid["split_seeds"] = list(self.split_seeds)
+        return grid
 
 
 def grid_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -177,13 +268,26 @@ def grid_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[st
 
 
 def load_ablation(
-    path: str | Path, *, seeds: list[int] | None = None, device: str | None = None
+    path: str | Path,
+    *,
+    seeds: list[int] | None = None,
+    device: str | None = None,
+    data_source: str | Path | None = None,
+    teacher: str | Path | None = None,
 ) -> Ablation:
     """Read an ablation config (YAML); errors name the key and the file. ``seeds`` replaces
-    ``ablation.seeds``, ``device`` the recipe's ``train.device``."""
+    ``ablation.seeds``, ``device`` the recipe's ``train.device``, ``data_source`` its
+    ``data.source`` and ``teacher`` its ``distill.teacher`` (``{split_seed}`` kept; both
+    relative to the working directory)."""
     data = read_yaml(path)
     if isinstance(data, dict):  # relative paths are read from the file's folder
         data, _ = resolve_file_paths(data, path)
+        for key, value in (("data.source", data_source), ("distill.teacher", teacher)):
+            if value is not None:
+                section, name = key.split(".")
+                given = data.get(section)
+                given = given if isinstance(given, dict) else {}
+                data[section] = {**given, name: str(Path(value).expanduser().absolute())}
     return ablation_from_dict(data, source=Path(path), seeds=seeds, device=device)
 
 
@@ -222,6 +326,9 @@ def ablation_from_dict(
     chosen = reader.seeds(section.get("seeds", DEFAULT_SEEDS), "ablation.seeds")
     if seeds is not None:
         chosen = reader.seeds(list(seeds), "--seeds")
+    split_seeds = section.get("split_seeds")
+    if split_seeds is not None:
+        split_seeds = reader.seeds(split_seeds, "ablation.split_seeds")
     include = reader.include(section.get("include", list(INCLUDE)))
     if section.get("cells") is not None:
         clash = [key for key in GRID_KEYS if key in section]
@@ -239,7 +346,9 @@ def ablation_from_dict(
     cells = [c for c in cells if c.is_no_kd] + [c for c in cells if not c.is_no_kd]
     if not cells:
         reader.fail("ablation", "the grid has no cells")
-    ablation = Ablation(base, chosen, cells, TEACHER in include, Path(source) if source else None)
+    ablation = Ablation(
+        base, chosen, cells, TEACHER in include, Path(source) if source else None, split_seeds
+    )
     reader.check_cells(ablation, explicit=section.get("cells") is not None)
     return ablation
 
@@ -387,16 +496,82 @@ class _Reader:
                     "no_kd is the cell without pairs and without output term, and that cell "
                     "is named no_kd",
                 )
-            if any(cell.name == name for cell in cells):
+            if any(cell.family == name for cell in cells):
                 self.fail(f"{key}.name", f"{name!r} names two cells")
-            cells.append(Cell(name, pairs, feature, output))
+            settings = self.settings(item.get("set", {}), f"{key}.set", output)
+            sweep = self.sweep(item.get("sweep"), f"{key}.sweep", output, settings)
+            if (settings or sweep) and automatic == NO_KD:
+                self.fail(key, "the no_kd cell has no distillation term to set or sweep")
+            if not sweep:
+                cells.append(Cell(name, pairs, feature, output, tuple(settings)))
+                continue
+            keys = [k for k, _ in sweep]
+            for values in itertools.product(*(v for _, v in sweep)):
+                swept = list(zip(keys, values))
+                cells.append(
+                    Cell(
+                        sub_cell_name(name, swept),
+                        pairs,
+                        feature,
+                        output,
+                        tuple(settings + swept),
+                        method=name,
+                    )
+                )
         return cells
+
+    def setting_key(self, name: Any, key: str, output: str | None) -> str:
+        if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+            self.fail(key, f"{name!r} is not a distill key (dotted, e.g. output.weight)")
+        if name in CELL_OWNED or name.split(".")[0] in ("teacher", "preset", "pairs"):
+            self.fail(
+                f"{key}.{name}",
+                "the cell's own keys (pairs, feature_loss, output_loss) decide it",
+            )
+        if output is None and name.startswith("output."):
+            self.fail(f"{key}.{name}", "the cell has no output term (output_loss: none)")
+        return name
+
+    def settings(self, value: Any, key: str, output: str | None) -> list[tuple[str, Any]]:
+        if not isinstance(value, dict):
+            self.fail(key, "must be a mapping of distill keys to values, e.g. {output.weight: 3}")
+        return [(self.setting_key(name, key, output), v) for name, v in value.items()]
+
+    def sweep(
+        self, value: Any, key: str, output: str | None, settings: list[tuple[str, Any]]
+    ) -> list[tuple[str, list[Any]]]:
+        if value is None:
+            return []
+        if not isinstance(value, dict) or not value:
+            self.fail(
+                key,
+                "must be a mapping of distill keys to lists of values, e.g. "
+                "{output.weight: [1, 3]}",
+            )
+        sweep = []
+        for name, values in value.items():
+            name = self.setting_key(name, key, output)
+            if any(name == fixed for fixed, _ in settings):
+                self.fail(f"{key}.{name}", "is also in the cell's 'set'")
+            if not isinstance(values, list) or not values:
+                self.fail(f"{key}.{name}", "must be a non-empty list of values")
+            if any(isinstance(v, (dict, list)) for v in values):
+                self.fail(f"{key}.{name}", "values must be numbers or words")
+            if len({setting_text(v) for v in values}) != len(values):
+                self.fail(f"{key}.{name}", f"repeats a value: {values}")
+            sweep.append((name, list(values)))
+        return sweep
 
     def check_cells(self, ablation: Ablation, explicit: bool) -> None:
         """Build every cell's run config once, and check its loss names with the engine (which
         knows every registered loss)."""
         for cell in ablation.cells:
-            config = ablation.run_config(cell, ablation.seeds[0])
+            try:
+                config = ablation.run_config(cell, ablation.seeds[0], ablation.splits[0])
+            except MTKDError as error:
+                if not cell.settings:
+                    raise
+                self.fail(f"ablation.cells ({cell.name})", error.problem)
             what = "feature_losses"
             try:
                 feature_weights(config.distill)

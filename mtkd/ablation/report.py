@@ -19,6 +19,8 @@ from mtkd.data.atomic import atomic_path, atomic_write_bytes
 RESULT_FIELDS = [
     "cell",
     "role",
+    "method",
+    "split_seed",
     "seed",
     "pairs",
     "feature_loss",
@@ -29,6 +31,7 @@ RESULT_FIELDS = [
     "missed",
     "spurious",
     "best_val_dice",
+    "val_dice",
     "best_epoch",
     "epochs",
     "train_seconds",
@@ -134,10 +137,11 @@ def _csv_value(value: Any) -> Any:
     return "" if value is None else value
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows (mappings with the same keys) as CSV, written atomically."""
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
+    """Rows (mappings with the same keys) as CSV, written atomically; ``fields``: the
+    columns (default: the first row's keys); an empty ``rows`` writes the header only."""
     buffer = io.StringIO()
-    header = list(rows[0]) if rows else []
+    header = fields if fields is not None else (list(rows[0]) if rows else [])
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
@@ -210,15 +214,28 @@ def markdown_report(
     structures: list[str],
     seeds: list[int],
     epochs: int,
+    split_seeds: list[int] | None = None,
 ) -> str:
-    """``summary.md``: a title, what the numbers are, and the table."""
+    """``summary.md``: a title, what the numbers are, and the table. ``split_seeds``: the
+    grid's (None: one split, its test cases ``test_cases``)."""
+    if split_seeds is None:
+        over = f"the seeds ({', '.join(map(str, seeds))})"
+        same = "Every cell has the same data, split, recipe and epochs"
+        teacher = "The teacher is one fixed model."
+    else:
+        over = (
+            f"the runs (seeds {', '.join(map(str, seeds))} x split seeds "
+            f"{', '.join(map(str, split_seeds))}; each split seed its own test cases)"
+        )
+        same = "Every cell has the same data, splits, recipe and epochs"
+        teacher = "The teacher is one fixed model per split seed."
     return (
         f"# Ablation: {name}\n\n"
         f"Per-volume Dice and HD95 (mm) on the {len(test_cases)} test case(s) "
         f"({', '.join(test_cases)}), averaged over the structures ({', '.join(structures)}); "
-        f"mean ± sample standard deviation over the seeds ({', '.join(map(str, seeds))}). "
-        f"Every cell has the same data, split, recipe and epochs ({epochs}); the seed varies "
-        "initialisation, data order and augmentation. The teacher is one fixed model. "
+        f"mean ± sample standard deviation over {over}. "
+        f"{same} ({epochs}); the seed varies "
+        f"initialisation, data order and augmentation. {teacher} "
         "A structure that a model leaves empty in a test volume (missed) counts in HD95 as the "
         "image's diagonal in mm, and so does one it labels where the reference has none "
         '(spurious); "missed": missed structure-volumes per run, mean over seeds, of '

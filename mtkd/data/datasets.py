@@ -24,7 +24,7 @@ from mtkd.data.image_io import (
 from mtkd.data.labels import LabelTable, label_values_in
 from mtkd.errors import MTKDError
 
-__all__ = ["LAYOUTS", "Case", "DatasetIndex", "load_dataset"]
+__all__ = ["LAYOUTS", "Case", "DatasetIndex", "load_dataset", "load_unlabelled"]
 
 LAYOUTS = ("msd", "nnunet", "folders", "single", "dicom")
 _PAIR_FOLDERS = (("images", "labels"), ("imagesTr", "labelsTr"))
@@ -146,7 +146,11 @@ def _resolve(root: Path, relative: Any, what: str, json_path: Path) -> Path:
     return path
 
 
-def _msd_cases(root: Path, data: Mapping[str, Any], json_path: Path) -> list[Case]:
+def _msd_cases(
+    root: Path, data: Mapping[str, Any], json_path: Path, labelled: bool = True
+) -> list[Case]:
+    """The ``training`` entries; without ``labelled`` their labels are neither needed nor
+    read (images only)."""
     training = data["training"]
     if not isinstance(training, list):
         raise MTKDError("'training' in dataset.json must be a list", json_path)
@@ -157,13 +161,16 @@ def _msd_cases(root: Path, data: Mapping[str, Any], json_path: Path) -> list[Cas
         if not isinstance(entry, Mapping) or "image" not in entry:
             raise MTKDError(f"training entry {number} has no 'image': {entry!r}", json_path)
         image = _resolve(root, entry["image"], "image", json_path)
+        patient = entry.get("patient", entry.get("patient_id"))
+        patient_id = "" if patient is None else str(patient)
+        if not labelled:
+            cases.append(Case(_case_id(image), image, None, patient_id))
+            continue
         if not entry.get("label"):
             raise MTKDError(
                 f"image without a label map in dataset.json training entry {number}", image
             )
         label = _resolve(root, entry["label"], "label", json_path)
-        patient = entry.get("patient", entry.get("patient_id"))
-        patient_id = "" if patient is None else str(patient)
         cases.append(Case(_case_id(image), image, label, patient_id))
     return cases
 
@@ -295,3 +302,42 @@ def _load(path: Path, labels_json: str | Path | None, label: str | Path | None) 
         "or a DICOM series",
         path,
     )
+
+
+def load_unlabelled(path: str | Path) -> list[Case]:
+    """The images at ``path`` as cases without labels (sorted by case id), for teacher targets.
+
+    ``path`` is a dataset in any layout :func:`load_dataset` reads (an MSD ``dataset.json``'s
+    ``training`` images; nnU-Net ``imagesTr/``; ``images/`` or ``imagesTr/``, with or without
+    the label folder beside it), a folder of image files, one image file or a DICOM series
+    folder. Label maps are never read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MTKDError("folder of unlabelled images not found", path)
+    if path.is_file():
+        return _check_unique(_load(path, None, None).cases, path)
+    json_path = path / "dataset.json"
+    if json_path.is_file():
+        data = _read_dataset_json(json_path)
+        if "training" in data:
+            return _check_unique(_msd_cases(path, data, json_path, labelled=False), path)
+        ending = data.get("file_ending", ".nii.gz")
+        images = _image_files(path / "imagesTr", ending) if (path / "imagesTr").is_dir() else []
+        return _unlabelled_cases(images, path)
+    for images_name, _ in _PAIR_FOLDERS:
+        if (path / images_name).is_dir():
+            return _unlabelled_cases(_image_files(path / images_name), path)
+    images = _image_files(path)
+    if images:
+        return _unlabelled_cases(images, path)
+    if dicom_series_ids(path):
+        return _load(path, None, None).cases
+    raise MTKDError(
+        "no images here: expected a dataset (dataset.json, images/), image files or a DICOM series",
+        path,
+    )
+
+
+def _unlabelled_cases(images: list[Path], root: Path) -> list[Case]:
+    return _check_unique((Case(_case_id(image), image) for image in images), root)

@@ -8,10 +8,15 @@ teacher's map, preprocessed with the same spatial transforms as the image (neare
 maps, bilinear for probabilities) and cropped, sliced and augmented together with it: items
 then hold ``"teacher"`` (K + 1, *spatial) probabilities of the student's K structures
 (channel 0 background), aligned voxel for voxel with ``"image"`` and ``"label"``.
+
+Cases can be unlabelled (images for teacher targets only): their label file, if any, is never
+read; their ``label`` is a zero placeholder and items say ``"has_label": False``. Every item
+also carries ``"subject"``, the index of its patient (cases of one patient share it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +31,7 @@ from monai.transforms import (
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropd,
 )
 from torch.utils.data import Dataset
 
@@ -40,19 +46,27 @@ from mtkd.errors import MTKDError
 
 @dataclass
 class PreparedCase:
-    """One preprocessed case: image (1, X, Y, Z) float in 0..1, label (1, X, Y, Z) int64, and
-    with stored teacher outputs the teacher's map on the same grid: a label map (1, X, Y, Z)
-    int64 in the student's numbering or probabilities (K, X, Y, Z) of the K structures."""
+    """One preprocessed case: image (1, X, Y, Z) float in 0..1, label (1, X, Y, Z) int64 (zeros
+    when ``has_label`` is False), and with stored teacher outputs the teacher's map on the same
+    grid: a label map (1, X, Y, Z) int64 in the student's numbering or probabilities
+    (K, X, Y, Z) of the K structures. ``subject``: the index of the case's patient."""
 
     case_id: str
     image: torch.Tensor
     label: torch.Tensor
     teacher: torch.Tensor | None = None
+    has_label: bool = True
+    subject: int = 0
 
 
-def _read(case: Case, source_table: LabelTable, mapping: dict[int, int]):
-    """The case's SimpleITK image and its {"image", "label"} MetaTensors (1, X, Y, Z)."""
+def _read(case: Case, source_table: LabelTable, mapping: dict[int, int], labelled: bool = True):
+    """The case's SimpleITK image and its {"image", "label"} MetaTensors (1, X, Y, Z); without
+    ``labelled`` the label file is not read and the label is zeros on the image's grid."""
     image = read_image(case.image)
+    if not labelled:
+        image_meta = to_metatensor(image)
+        zeros = torch.zeros(image_meta.shape, dtype=torch.int64)
+        return image, {"image": image_meta, "label": MetaTensor(zeros, affine=image_meta.affine)}
     if case.label is None:
         raise MTKDError(f"case {case.case_id} has no label map", path=case.image)
     label = read_label(case.label, reference=image)
@@ -92,7 +106,8 @@ class VolumeCache:
     """Preprocessed cases by id, each read and resampled exactly once.
 
     With ``teacher`` (stored teacher outputs) each case of ``teacher_cases`` (default: all)
-    also gets its teacher map.
+    also gets its teacher map. The cases of ``unlabelled`` are read without their labels.
+    Subjects are numbered 0.. in the order of the sorted patient ids of ``cases``.
     """
 
     def __init__(
@@ -103,8 +118,13 @@ class VolumeCache:
         prep: Preprocessing,
         teacher: StoredOutputs | None = None,
         teacher_cases: list[str] | None = None,
+        unlabelled: Iterable[str] = (),
     ):
         self._cases = {case.case_id: case for case in cases}
+        self.unlabelled = set(unlabelled)
+        patients = sorted({case.patient_id for case in cases})
+        number = {patient: index for index, patient in enumerate(patients)}
+        self.subjects = {case.case_id: number[case.patient_id] for case in cases}
         self._table = source_table
         self._mapping = mapping
         self._prep = prep
@@ -121,7 +141,8 @@ class VolumeCache:
 
     def __getitem__(self, case_id: str) -> PreparedCase:
         if case_id not in self._prepared:
-            image, raw = _read(self._cases[case_id], self._table, self._mapping)
+            labelled = case_id not in self.unlabelled
+            image, raw = _read(self._cases[case_id], self._table, self._mapping, labelled)
             stored = self.teacher.read(case_id, image) if self._has_teacher(case_id) else None
             if stored is None:
                 data = self._transforms(raw)
@@ -135,6 +156,8 @@ class VolumeCache:
                 data["image"].as_tensor().float().contiguous(),
                 data["label"].as_tensor().round().long().contiguous(),
                 None if stored is None else _teacher_tensor(data["teacher"], stored.is_label_map),
+                has_label=labelled,
+                subject=self.subjects[case_id],
             )
         return self._prepared[case_id]
 
@@ -187,9 +210,15 @@ class _SeededDataset(Dataset):
     def _augment(self, sample: dict) -> dict:
         return sample if self.transforms is None else self.transforms(sample)
 
-    def _item(self, sample: dict) -> dict:
-        """Plain tensors; the teacher map as (K + 1, *spatial) probabilities."""
-        item = {"image": _plain(sample["image"]).float(), "label": _plain(sample["label"]).long()}
+    def _item(self, sample: dict, case: PreparedCase) -> dict:
+        """Plain tensors; the teacher map as (K + 1, *spatial) probabilities; ``has_label``
+        (bool) and ``subject`` (int64) scalars, batched to (B,)."""
+        item = {
+            "image": _plain(sample["image"]).float(),
+            "label": _plain(sample["label"]).long(),
+            "has_label": torch.tensor(case.has_label),
+            "subject": torch.tensor(case.subject, dtype=torch.int64),
+        }
         structures = self.cache.teacher_structures
         if structures is not None and "teacher" in sample:
             item["teacher"] = teacher_probabilities(_plain(sample["teacher"]), structures)
@@ -197,8 +226,8 @@ class _SeededDataset(Dataset):
 
 
 class SliceDataset(_SeededDataset):
-    """Axial slices of cached volumes: items {"image": (1, H, W), "label": (1, H, W)} and, with
-    stored teacher outputs, "teacher": (K + 1, H, W)."""
+    """Axial slices of cached volumes: items {"image": (1, H, W), "label": (1, H, W),
+    "has_label": (), "subject": ()} and, with stored teacher outputs, "teacher": (K + 1, H, W)."""
 
     def __init__(self, cache: VolumeCache, case_ids: list[str], augment: AugmentConfig | None):
         self.cache = cache
@@ -218,15 +247,17 @@ class SliceDataset(_SeededDataset):
         sample = {"image": case.image[..., z], "label": case.label[..., z]}
         if case.teacher is not None:
             sample["teacher"] = case.teacher[..., z]
-        return self._item(self._augment(sample))
+        return self._item(self._augment(sample), case)
 
 
 class PatchDataset(_SeededDataset):
-    """Label-balanced 3-D patches: items {"image": (1, *patch), "label": (1, *patch)} and, with
-    stored teacher outputs, "teacher": (K + 1, *patch) cut at the same place.
+    """Label-balanced 3-D patches: items {"image": (1, *patch), "label": (1, *patch),
+    "has_label": (), "subject": ()} and, with stored teacher outputs, "teacher":
+    (K + 1, *patch) cut at the same place.
 
     Each case yields ``patches_per_volume`` items per epoch; the patch centre is drawn with
-    equal probability from every class present (background included).
+    equal probability from every class present (background included), or, in an unlabelled
+    case, uniformly over the volume.
     """
 
     def __init__(
@@ -242,16 +273,26 @@ class PatchDataset(_SeededDataset):
         self.case_ids = list(case_ids)
         self.patches_per_volume = patches_per_volume
         with_teacher = cache.teacher is not None
+        keys = ["image", "label", "teacher"] if with_teacher else ["image", "label"]
         crop = RandCropByLabelClassesd(
-            keys=["image", "label", "teacher"] if with_teacher else ["image", "label"],
+            keys=keys,
             label_key="label",
             spatial_size=patch_size,
             num_classes=num_classes,
             num_samples=1,
             allow_smaller=False,
         )
-        steps = [crop] + (augmentations(augment, (0, 1, 2), with_teacher) if augment else [])
-        self.transforms = Compose(steps)
+        uniform = RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False)
+
+        def steps() -> list:  # separate instances: each pipeline keeps its own random state
+            return augmentations(augment, (0, 1, 2), with_teacher) if augment else []
+
+        self.transforms = Compose([crop, *steps()])
+        self.unlabelled_transforms = Compose([uniform, *steps()])
+
+    def reseed(self, seed: int) -> None:
+        super().reseed(seed)
+        self.unlabelled_transforms.set_random_state(seed=(seed + 1) % (2**32))
 
     def __len__(self) -> int:
         return len(self.case_ids) * self.patches_per_volume
@@ -261,10 +302,11 @@ class PatchDataset(_SeededDataset):
         sample = {"image": case.image, "label": case.label}
         if case.teacher is not None:
             sample["teacher"] = case.teacher
-        sample = self.transforms(sample)
+        transforms = self.transforms if case.has_label else self.unlabelled_transforms
+        sample = transforms(sample)
         if isinstance(sample, list):
             sample = sample[0]
-        return self._item(sample)
+        return self._item(sample, case)
 
 
 def _plain(tensor: torch.Tensor | np.ndarray) -> torch.Tensor:

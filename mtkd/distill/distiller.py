@@ -206,6 +206,7 @@ class Distiller(nn.Module):
         x: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        subject: torch.Tensor | None = None,
     ) -> DistillOutput:
         """Run both networks on x (B, C_in, *spatial); return logits, terms and the loss.
 
@@ -213,8 +214,11 @@ class Distiller(nn.Module):
         teacher's (pseudo-)logits for x; with one, they must be None. ``labels`` (B, *spatial)
         or (B, 1, *spatial), the class index of every voxel of x, are needed by ``supcon``
         pairs (each resizes them to its tap by nearest neighbour) and unused otherwise.
+        ``subject`` (B,), the integer subject (patient) index of each image, is needed by
+        InfoNCE pairs with ``negatives: other_subjects`` and unused otherwise.
         """
         self._check_labels_given(x, labels)
+        self._check_subject_given(subject)
         if self.teacher is None:
             if teacher_logits is None:
                 raise ValueError("a Distiller without a teacher network needs teacher_logits")
@@ -241,7 +245,10 @@ class Distiller(nn.Module):
                 terms[label] = self.connectors[label].loss(student_map, teacher_map, labels)
             else:
                 projected, aligned = self.connectors[label](student_map, teacher_map)
-                terms[label] = loss_fn(projected, aligned, pair.temperature)
+                if pair.negatives == "other_subjects":
+                    terms[label] = loss_fn(projected, aligned, pair.temperature, subject)
+                else:
+                    terms[label] = loss_fn(projected, aligned, pair.temperature)
             weights[label] = pair.weight
         if self.output is not None and self._output_loss is not None:
             terms[self.output.loss] = self._output_loss(
@@ -252,6 +259,19 @@ class Distiller(nn.Module):
         for name, value in terms.items():
             loss = loss + weights[name] * value
         return DistillOutput(student_logits, teacher_logits, terms, loss, student_output)
+
+    def _check_subject_given(self, subject: torch.Tensor | None) -> None:
+        needing = [
+            label
+            for label, pair in zip(self.labels, self.pairs)
+            if pair.negatives == "other_subjects"
+        ]
+        if needing and subject is None:
+            raise MTKDError(
+                f"tap pair(s) {', '.join(needing)} take InfoNCE negatives from other subjects "
+                f"only (distill.negatives: other_subjects), which needs each image's subject: "
+                f"call the distiller with subject=(B,) integer subject indices"
+            )
 
     def _check_labels_given(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
         supervised = [

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from mtkd.distill.losses import FEATURE_LOSSES, OUTPUT_LOSSES, default_temperature
+from mtkd.distill.losses import FEATURE_LOSSES, NEGATIVES, OUTPUT_LOSSES, default_temperature
 from mtkd.errors import MTKDError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -54,7 +54,9 @@ class TapPair:
     ``pair<i>``). ``temperature`` is used by InfoNCE and supcon and ignored by mse/cosine;
     None (the default) becomes the loss's default: 0.4 for InfoNCE (the paper), 0.1 for supcon
     (``default_temperature``). ``supcon``, the supervised voxel contrast, needs the batch's
-    labels (``Distiller.forward(x, labels=...)``).
+    labels (``Distiller.forward(x, labels=...)``). ``negatives`` (InfoNCE only): ``batch``, the
+    other images of the batch (the paper), or ``other_subjects``, only the images of other
+    subjects, which needs each image's subject index (``Distiller.forward(x, subject=...)``).
     """
 
     student: str
@@ -63,6 +65,7 @@ class TapPair:
     weight: float = 0.1
     temperature: float | None = None
     name: str | None = None
+    negatives: str = "batch"
 
     def __post_init__(self) -> None:
         for field in ("student", "teacher"):
@@ -74,6 +77,16 @@ class TapPair:
                 f"tap pair name {self.name!r} may hold only letters, digits, '_' and '-'"
             )
         _check_loss(self.loss, FEATURE_LOSSES, "feature")
+        if self.negatives not in NEGATIVES:
+            raise MTKDError(
+                f"tap pair {self.label()}: negatives must be one of {', '.join(NEGATIVES)}, "
+                f"got {self.negatives!r}"
+            )
+        if self.negatives != "batch" and self.loss != "infonce":
+            raise MTKDError(
+                f"tap pair {self.label()}: negatives {self.negatives!r} applies to the InfoNCE "
+                f"loss only, not {self.loss!r}"
+            )
         if self.temperature is None:
             self.temperature = default_temperature(self.loss)
         _check_number(self.weight, f"tap pair {self.label()}: weight", positive=False)

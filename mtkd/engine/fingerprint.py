@@ -4,6 +4,9 @@
 
 - ``data``: the dataset's label table and, per case id, its patient id and the size and
   SHA-256 of its image and label file (of every file of a DICOM series folder);
+- ``unlabelled`` (a distillation with ``distill.unlabelled`` a folder): per case id of that
+  folder, its patient id and the size and SHA-256 of its image (null without such a folder;
+  unlabelled training patients are cases of ``data``);
 - ``teacher`` (distillation only): the kind of teacher and the size and SHA-256 of its files
   (the model folder's files, a MONAI bundle's, the checkpoint/TorchScript/ONNX file, or the
   stored outputs).
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mtkd.data.atomic import TEMPORARY_PREFIX
-from mtkd.data.datasets import DatasetIndex
+from mtkd.data.datasets import Case, DatasetIndex
 from mtkd.engine.teacher_source import teacher_kind
 from mtkd.errors import MTKDError
 from mtkd.folder_lock import LOCK_NAME
@@ -86,6 +89,14 @@ def data_fingerprint(dataset: DatasetIndex) -> dict[str, Any]:
     }
 
 
+def unlabelled_fingerprint(cases: list[Case]) -> dict[str, Any]:
+    """Each unlabelled case's patient and image content (labels are not used)."""
+    return {
+        case.case_id: {"patient": case.patient_id, "image": content_digest(case.image)}
+        for case in cases
+    }
+
+
 def teacher_fingerprint(path: str | Path) -> dict[str, Any]:
     """The teacher's kind and the content of the files it is loaded from."""
     path = Path(path)
@@ -95,11 +106,15 @@ def teacher_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"kind": kind, "content": content_digest(path)}
 
 
-def run_fingerprint(dataset: DatasetIndex, teacher: str | Path | None) -> dict[str, Any]:
-    """What ``fingerprint.json`` holds for a run on ``dataset`` (and ``teacher``)."""
+def run_fingerprint(
+    dataset: DatasetIndex, teacher: str | Path | None, unlabelled: list[Case] | None = None
+) -> dict[str, Any]:
+    """What ``fingerprint.json`` holds for a run on ``dataset`` (and ``teacher``, and the
+    ``unlabelled`` cases of a folder of extra images)."""
     return {
         "format": FINGERPRINT_FORMAT,
         "data": data_fingerprint(dataset),
+        "unlabelled": None if unlabelled is None else unlabelled_fingerprint(unlabelled),
         "teacher": None if teacher is None else teacher_fingerprint(teacher),
     }
 
@@ -125,8 +140,12 @@ def read_fingerprint(path: Path) -> dict[str, Any] | None:
 
 def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What changed between two fingerprints, in words (empty: nothing)."""
-    return _data_differences(recorded.get("data") or {}, current.get("data") or {}) + (
-        _teacher_differences(recorded.get("teacher"), current.get("teacher"))
+    return (
+        _data_differences(recorded.get("data") or {}, current.get("data") or {})
+        + _case_differences(
+            recorded.get("unlabelled") or {}, current.get("unlabelled") or {}, "unlabelled image"
+        )
+        + _teacher_differences(recorded.get("teacher"), current.get("teacher"))
     )
 
 
@@ -139,7 +158,14 @@ def _data_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     differences = []
     if old.get("labels") != new.get("labels"):
         differences.append(f"label table {old.get('labels')} is now {new.get('labels')}")
-    old_cases, new_cases = old.get("cases") or {}, new.get("cases") or {}
+    return differences + _case_differences(old.get("cases") or {}, new.get("cases") or {})
+
+
+def _case_differences(
+    old_cases: dict[str, Any], new_cases: dict[str, Any], what: str = "case"
+) -> list[str]:
+    """Cases added, removed and changed (which of image, label, patient), in words."""
+    differences = []
     added = sorted(set(new_cases) - set(old_cases))
     removed = sorted(set(old_cases) - set(new_cases))
     changed = []
@@ -151,12 +177,9 @@ def _data_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         ]
         if parts:
             changed.append(f"{case_id} ({', '.join(parts)})")
-    if added:
-        differences.append(f"case(s) added: {_names(added)}")
-    if removed:
-        differences.append(f"case(s) removed: {_names(removed)}")
-    if changed:
-        differences.append(f"case(s) changed: {_names(changed)}")
+    for change, names in (("added", added), ("removed", removed), ("changed", changed)):
+        if names:
+            differences.append(f"{what}(s) {change}: {_names(names)}")
     return differences
 
 

@@ -3,20 +3,56 @@
 DDP synchronises the gradients of the module it wraps during backward; the whole per-batch
 computation (student, frozen teacher, connectors, losses) is therefore one ``forward`` here.
 The same module runs unwrapped in a single process.
+
+A batch may mix labelled and unlabelled samples (``has_label``): the segmentation loss is the
+loss over the labelled ones only (0, with a gradient path, when there are none); the
+distillation terms cover every sample, and the supervised ones (``supcon``) see the labels of
+unlabelled samples as :data:`IGNORE_LABEL`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from mtkd.distill.distiller import Distiller
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.teacher_source import pseudo_logits
 from mtkd.infer.inference import first_output
 
-__all__ = ["TrainingStep"]
+__all__ = ["IGNORE_LABEL", "TrainingStep", "labelled_seg_loss"]
+
+IGNORE_LABEL = -1  # the label value the distiller's supervised terms never sample
+
+
+def labelled_seg_loss(
+    seg_loss: nn.Module,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    has_label: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``seg_loss`` of logits (B, C, *S) against labels (B, 1, *S) over the samples whose
+    ``has_label`` (B,) bool is True (all when None): the same value as the loss of the batch
+    of those samples alone. No labelled sample: 0 (float32), still connected to ``logits``."""
+    if has_label is None:
+        return seg_loss(logits, labels)
+    has_label = has_label.to(logits.device, torch.bool)
+    if bool(has_label.all()):
+        return seg_loss(logits, labels)
+    if not bool(has_label.any()):
+        return logits.float().sum() * 0.0
+    return seg_loss(logits[has_label], labels[has_label])
+
+
+def _ignore_unlabelled(labels: torch.Tensor, has_label: torch.Tensor | None) -> torch.Tensor:
+    """labels (B, 1, *S) with every voxel of the unlabelled samples set to IGNORE_LABEL."""
+    if has_label is None:
+        return labels
+    unlabelled = ~has_label.to(labels.device, torch.bool)
+    if not bool(unlabelled.any()):
+        return labels
+    shape = (-1,) + (1,) * (labels.ndim - 1)
+    return labels.masked_fill(unlabelled.view(shape), IGNORE_LABEL)
 
 
 class TrainingStep(nn.Module):
@@ -24,7 +60,8 @@ class TrainingStep(nn.Module):
 
     ``model`` is a :class:`Distiller` (distillation), or the network itself (plain training,
     or multi-task training when ``reconstruction`` is "masked" or "unmasked": the network's
-    ``multitask_outputs`` give the segmentation and the reconstruction of the input).
+    ``multitask_losses`` give the segmentation and the reconstruction loss, over the whole
+    image or, with ``reconstruction_loss_on`` "masked", over the masked patches only).
     """
 
     def __init__(
@@ -36,6 +73,7 @@ class TrainingStep(nn.Module):
         activation: str,
         reconstruction: str = "none",
         reconstruction_weight: float = 0.0,
+        reconstruction_loss_on: str = "all",
     ):
         super().__init__()
         self.model = model
@@ -44,6 +82,7 @@ class TrainingStep(nn.Module):
         self.activation = activation
         self.reconstruction = reconstruction
         self.reconstruction_weight = reconstruction_weight
+        self.reconstruction_loss_on = reconstruction_loss_on  # "all" or "masked" (MAE)
 
     def forward(
         self,
@@ -51,28 +90,33 @@ class TrainingStep(nn.Module):
         labels: torch.Tensor,
         generator: torch.Generator | None = None,
         teacher: torch.Tensor | None = None,
+        has_label: torch.Tensor | None = None,
+        subject: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images (B, C, *S), labels (B, 1, *S) class indices 0..K and, from stored teacher
         outputs, the teacher's probabilities (B, K + 1, *S) -> (loss, detached terms).
 
-        The labels also go to the distiller, for its supervised (``supcon``) terms;
-        ``generator`` draws the masks of masked reconstruction.
+        ``has_label`` (B,) bool: which samples' labels are real (None: all); the others' are
+        placeholders, left out of the segmentation loss. The labels also go to the distiller,
+        for its supervised (``supcon``) terms; ``generator`` draws the masks of masked
+        reconstruction. ``subject`` (B,) int64, the patient of each sample, goes to the
+        distiller (InfoNCE without same-subject negatives).
         """
         if isinstance(self.model, Distiller):
+            supervised = _ignore_unlabelled(labels, has_label)
+            stored = None  # a teacher network computes its own logits
             if self.model.teacher is None:
-                out = self.model(images, pseudo_logits(teacher, self.activation), labels=labels)
-            else:
-                out = self.model(images, labels=labels)
-            seg = self.seg_loss(out.student_logits, labels)
+                stored = pseudo_logits(teacher, self.activation)
+            out = self.model(images, stored, labels=supervised, subject=subject)
+            seg = labelled_seg_loss(self.seg_loss, out.student_logits, labels, has_label)
             terms = {"seg": seg.detach(), **{k: v.detach() for k, v in out.terms.items()}}
             return self.seg_weight * seg + out.loss, terms
         if self.reconstruction != "none":
-            logits, reconstruction, target = self.model.multitask_outputs(
-                images, generator=generator
+            logits, rec = self.model.multitask_losses(
+                images, generator=generator, loss_on=self.reconstruction_loss_on
             )
-            seg = self.seg_loss(first_output(logits), labels)
-            rec = F.mse_loss(reconstruction.float(), target.float())
+            seg = labelled_seg_loss(self.seg_loss, first_output(logits), labels, has_label)
             loss = self.seg_weight * seg + self.reconstruction_weight * rec
             return loss, {"seg": seg.detach(), "reconstruction": rec.detach()}
-        seg = self.seg_loss(first_output(self.model(images)), labels)
+        seg = labelled_seg_loss(self.seg_loss, first_output(self.model(images)), labels, has_label)
         return self.seg_weight * seg, {"seg": seg.detach()}

@@ -9,7 +9,18 @@ Presets (``distill.preset``) pair taps of registered networks by scale:
 ``distill.feature_loss`` replaces the presets' InfoNCE, ``distill.scale_weights`` their weights
 by pair label (before ``distill.scale``; 0 drops the pair). A preset's pairs take the feature
 loss's default temperature: 0.4 for InfoNCE (the paper), 0.1 for ``supcon`` (the supervised
-voxel contrast); mse and cosine have none.
+voxel contrast); mse and cosine have none. ``distill.negatives`` sets the negatives of every
+InfoNCE pair, a preset's or explicit.
+
+Output presets (``OUTPUT_PRESETS``) are one output term, without tap pairs, at the settings its
+authors published, so that a baseline can be named rather than re-typed:
+
+- ``cwd_published``: channel-wise distillation (CWD) of the logits, T 4, weight 3;
+- ``dist_published``: DIST, T 1, beta = gamma = 1, weight 1;
+- ``hinton_published``: Hinton's KD per voxel (our ``pmd``: KL of softened outputs times T^2),
+  T 1, weight 1.
+
+The sources of each number are given beside ``OUTPUT_PRESETS``.
 """
 
 from __future__ import annotations
@@ -32,7 +43,33 @@ ALL_SCALES_ENCODER_WEIGHT = 0.1
 ALL_SCALES_PAIRS = (("B-B", 0.2), ("D-D", 0.1))
 PRESET_FEATURE_LOSS = "infonce"
 PRESET_TEMPERATURE = 0.4  # InfoNCE's; each loss's: mtkd.distill.losses.DEFAULT_TEMPERATURES
-PRESETS = ("thesis", "all_scales")
+PAIR_PRESETS = ("thesis", "all_scales")
+# One output term at its authors' published settings (no tap pairs); weights before
+# distill.scale, next to the recipe's seg_weight.
+OUTPUT_PRESETS: dict[str, OutputTerm] = {
+    # CWD, Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021:
+    # on segmentation logits, temperature 4 and loss weight 3 (the authors' Cityscapes command,
+    # irfanICMLL/TorchDistiller SemSeg-distill README: `exp_cwd.sh channel kl 3 4`, i.e. weight
+    # 3, temperature 4). The loss: softmax over the spatial positions of each channel of z / T,
+    # KL summed over positions, averaged over channels and images, times T^2 (their
+    # CriterionCWD); ours is the same (mtkd.distill.losses.cwd).
+    "cwd_published": OutputTerm(loss="cwd", weight=3.0, temperature=4.0),
+    # DIST, Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022:
+    # tau 1, beta = gamma = 1 (inter- and intra-class relation weights; the paper's setting,
+    # and the defaults of DIST() in the authors' segmentation code, hunto/DIST_KD
+    # segmentation/losses/dist_kd.py, with loss weight --lambda-kd 1). beta and gamma are
+    # dist_loss's defaults (mtkd.distill.losses.dist.DIST_BETA / DIST_GAMMA).
+    "dist_published": OutputTerm(loss="dist", weight=1.0, temperature=1.0),
+    # Hinton et al., "Distilling the Knowledge in a Neural Network", 2015, applied per pixel as
+    # the segmentation-KD benchmarks run it: CIRKD (Yang et al., CVPR 2022; winycg/CIRKD, whose
+    # code DIST's segmentation code builds on) uses CriterionKD at temperature 1 with
+    # --lambda-kd 1.0 in every published script. Hinton's paper fixes no single T for this
+    # task; T 4 (the classification benchmarks', e.g. CRD, Tian et al. 2020) is what the
+    # thesis' PMD already uses. Our ``pmd`` is this loss: per-voxel KL(teacher || student) of
+    # softmax(z / T) over classes (sigmoid: the two-class case), averaged, times T^2.
+    "hinton_published": OutputTerm(loss="pmd", weight=1.0, temperature=1.0),
+}
+PRESETS = PAIR_PRESETS + tuple(OUTPUT_PRESETS)
 # The label feature_weights gives the all_scales encoder levels that scale_weights does not
 # name when it cannot know the networks' depth.
 OTHER_ENCODER_LEVELS = "Ek-Ek"
@@ -92,7 +129,9 @@ def feature_weights(
     does not name are reported together as ``Ek-Ek`` with their preset weight.
     """
     _check_preset(config)
-    if config.preset is None:
+    if config.preset in OUTPUT_PRESETS:
+        named = []
+    elif config.preset is None:
         named = [(p.name or f"pair{index}", p.weight) for index, p in enumerate(config.pairs)]
     elif config.preset == "all_scales" and (student is None or teacher is None):
         given = config.scale_weights or {}
@@ -137,6 +176,9 @@ def _check_preset(config: DistillConfig) -> None:
         )
     if config.pairs:
         raise MTKDError("give either distill.preset or distill.pairs, not both")
+    if config.preset in OUTPUT_PRESETS:
+        _check_output_preset(config)
+        return
     if config.feature_loss is not None and config.feature_loss not in FEATURE_LOSSES:
         raise MTKDError(
             f"distill.feature_loss: unknown feature loss {config.feature_loss!r}; valid: "
@@ -157,6 +199,23 @@ def _check_preset(config: DistillConfig) -> None:
                 f"distill.scale_weights: '{label}' is not a pair of preset '{config.preset}'; "
                 f"its pairs: {', '.join(valid)}"
             )
+
+
+def _check_output_preset(config: DistillConfig) -> None:
+    """An output preset is its output term alone: no pairs to change, no output to replace."""
+    term = OUTPUT_PRESETS[config.preset]
+    for key in ("feature_loss", "scale_weights"):
+        if getattr(config, key) is not None:
+            raise MTKDError(
+                f"distill.{key} changes a preset's tap pairs; preset '{config.preset}' has none "
+                f"(it is the {term.loss} output term alone)"
+            )
+    if config.output is not None:
+        raise MTKDError(
+            f"distill.output replaces a preset's output term; preset '{config.preset}' is that "
+            f"term at its published settings ({term.loss}, weight {term.weight}, temperature "
+            f"{term.temperature}): give either the preset or distill.output"
+        )
 
 
 def _preset_weights(
@@ -194,6 +253,9 @@ def _with_overrides(
 def _unscaled_output(config: DistillConfig) -> OutputTerm | None:
     if config.output is not None:
         return OutputTerm(config.output.loss, config.output.weight, config.output.temperature)
+    if config.preset in OUTPUT_PRESETS:
+        term = OUTPUT_PRESETS[config.preset]
+        return OutputTerm(term.loss, term.weight, term.temperature)
     if config.preset is not None:
         return OutputTerm(THESIS_OUTPUT.loss, THESIS_OUTPUT.weight, THESIS_OUTPUT.temperature)
     return None
@@ -205,10 +267,20 @@ def _unscaled_terms(
     _check_preset(config)
     if config.preset is None:
         pairs = [
-            TapPair(p.student, p.teacher, p.loss, p.weight, p.temperature, p.name)
+            TapPair(
+                p.student,
+                p.teacher,
+                p.loss,
+                p.weight,
+                p.temperature,
+                p.name,
+                _negatives(config, p.loss),
+            )
             for p in config.pairs
         ]
         return pairs, _unscaled_output(config)
+    if config.preset in OUTPUT_PRESETS:
+        return [], _unscaled_output(config)
     prefix = "backbone." if teacher.get("reconstruction", "none") != "none" else ""
     if config.preset == "thesis":
         student_taps = scale_taps(student["name"], student.get("params"))
@@ -218,8 +290,14 @@ def _unscaled_terms(
         taps = all_scale_taps(student, teacher)
     loss = config.feature_loss or PRESET_FEATURE_LOSS
     named = _with_overrides(config, _preset_weights(config.preset, student, teacher))
+    negatives = _negatives(config, loss)
     pairs = [  # temperature None: the loss's default (0.4 InfoNCE, 0.1 supcon)
-        TapPair(taps[label][0], prefix + taps[label][1], loss, weight, None, label)
+        TapPair(taps[label][0], prefix + taps[label][1], loss, weight, None, label, negatives)
         for label, weight in named
     ]
     return pairs, _unscaled_output(config)
+
+
+def _negatives(config: DistillConfig, loss: str) -> str:
+    """``distill.negatives`` for an InfoNCE pair; the other losses have no negatives to pick."""
+    return config.negatives if loss == "infonce" else "batch"

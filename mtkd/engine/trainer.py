@@ -26,6 +26,17 @@ shard of each epoch's samples, with the per-batch loss wrapped in DistributedDat
 epoch terms and validation Dice are reduced over the processes, and only rank 0 writes the run
 folder. ``train.batch_size`` is per process.
 
+Images without labels (``distill.unlabelled``): the run's training samples are those of the
+labelled training cases (``train_on``) and of the unlabelled ones, in one list; an epoch is one
+pass over all of them in a random order, so each batch mixes labelled and unlabelled samples in
+their proportion (on average). The segmentation loss covers the labelled samples of a batch,
+the distillation terms all of them (:mod:`mtkd.engine.step`). ``train_on: none`` leaves no
+labels: teacher targets only. Validation is on the labelled validation cases.
+
+Early stopping (``train.patience``): after that many validation checks without a better
+validation Dice the run stops, exports its best model and records why (a "stopped_early" status
+event); the count is in the checkpoints, and resuming a run that stopped early trains no more.
+
 One process writes a run folder at a time: the run holds ``RUN/.mtkd.lock``
 (:mod:`mtkd.folder_lock`) from before it touches the folder until it ends, however it ends.
 A run records what it trains on (``RUN/fingerprint.json``: its cases' files and its teacher,
@@ -42,7 +53,7 @@ import random
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +63,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mtkd.config import PATH_KEYS, RunConfig
+from mtkd.config import PATH_KEYS, UNLABELLED_NONE, UNLABELLED_TRAIN, RunConfig
 from mtkd.data.atomic import missing_folders, remove_if_empty
-from mtkd.data.datasets import DatasetIndex, load_dataset
+from mtkd.data.datasets import Case, DatasetIndex, load_dataset, load_unlabelled
 from mtkd.data.loading import PatchDataset, SliceDataset, VolumeCache
 from mtkd.data.preprocess import Preprocessing
 from mtkd.data.splits import Split, split_cases
@@ -66,7 +77,7 @@ from mtkd.engine.optim import build_optimizer, build_scheduler
 from mtkd.engine.run_dir import EventLog, RunDir
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.signals import StopRequest, stop_file
-from mtkd.engine.step import TrainingStep
+from mtkd.engine.step import IGNORE_LABEL, TrainingStep
 from mtkd.engine.teacher_source import (
     TeacherSource,
     check_feature_terms,
@@ -74,7 +85,7 @@ from mtkd.engine.teacher_source import (
     resolve_teacher,
     teacher_transform,
 )
-from mtkd.engine.terms import resolve_output_term, resolve_terms
+from mtkd.engine.terms import feature_weights, resolve_output_term, resolve_terms
 from mtkd.errors import MTKDError
 from mtkd.folder_lock import FolderLock, FolderLocked
 from mtkd.infer.inference import (
@@ -95,6 +106,9 @@ from mtkd.models import count_parameters, network_info
 
 CHECKPOINT_FORMAT = 1
 RANK_SEED_STRIDE = 1_000_003  # per-rank offset of the augmentation, dropout and mask seeds
+# the patient ids of the cases of a distill.unlabelled folder start with this (other subjects
+# than the dataset's, whatever their names)
+UNLABELLED_PATIENT = "unlabelled/"
 
 
 class TrainingInterrupted(Exception):
@@ -104,7 +118,7 @@ class TrainingInterrupted(Exception):
 @dataclass
 class RunResult:
     run_dir: Path
-    epochs: int
+    epochs: int  # the epochs trained: train.epochs, or fewer when it stopped early
     best_metric: float
     best_epoch: int
     model_dir: Path
@@ -131,6 +145,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def labelled_training_cases(split: Split, train_on: str) -> list[str]:
+    """The training cases whose labels a run uses: ``train_on`` train (all), student_train
+    (the students' share) or none."""
+    if train_on == "none":
+        return []
+    return list(split.train if train_on == "train" else split.student_train)
+
+
+def unlabelled_training_cases(split: Split, train_on: str) -> list[str]:
+    """``distill.unlabelled: train``: the training cases whose labels ``train_on`` leaves out,
+    in the split's order."""
+    labelled = set(labelled_training_cases(split, train_on))
+    return [case_id for case_id in split.train if case_id not in labelled]
 
 
 def output_activation(setting: str, num_structures: int) -> str:
@@ -170,6 +199,7 @@ class Trainer:
     def _prepare_data(self) -> None:
         data = self.config.data
         self.dataset: DatasetIndex = load_dataset(data.source, labels_json=data.labels_json)
+        self.extra_cases = self._unlabelled_folder()
         error = None
         if self.dist.is_main:
             try:
@@ -198,10 +228,29 @@ class Trainer:
             )
             if self.dist.is_main:
                 self.run_dir.write_json(self.run_dir.split, self.split.to_dict())
-        train_ids = (
-            self.split.train if self.config.train_on == "train" else self.split.student_train
-        )
-        self.train_ids = list(train_ids)
+        self.train_ids = labelled_training_cases(self.split, self.config.train_on)
+        self.unlabelled_ids = self._unlabelled_ids()
+        if self.unlabelled_ids and not self._distills():
+            if not self.train_ids:
+                raise MTKDError(
+                    "train_on: none (no labels) needs distillation terms with a weight above "
+                    "0; every weight is 0 here",
+                    self.config.origin.file if self.config.origin else None,
+                )
+            self.log(
+                f"[{self.config.name}] every distillation weight is 0 (the no-KD baseline): "
+                "the unlabelled images (distill.unlabelled), which only distillation uses, are "
+                "left out"
+            )
+            self.unlabelled_ids = []
+        error = None
+        if self.dist.is_main and self.extra_cases:
+            try:
+                self._check_no_leak()
+            except MTKDError as problem:
+                error = problem
+        self._on_every_rank(error, "rank 0 refused the unlabelled images")
+        sample_ids = self.train_ids + self.unlabelled_ids
         # Stored teacher outputs are opened here, to be cached with the cases; a teacher network
         # is loaded after the student is built (_prepare_model), so the student's random
         # initialisation is the same as without a teacher.
@@ -214,26 +263,93 @@ class Trainer:
             output = resolve_output_term(self.config.distill)
             if output is not None and output.weight > 0:  # else the baseline: no teacher data
                 stored = self.source.stored
-                stored.check_cases(self.train_ids)
+                stored.check_cases(sample_ids)
         self.cache = VolumeCache(
-            self.dataset.cases,
+            self.dataset.cases + self.extra_cases,
             self.dataset.labels,
             self.mapping,
             self.prep,
             teacher=stored,
-            teacher_cases=self.train_ids,
+            teacher_cases=sample_ids,
+            unlabelled=self.unlabelled_ids,
         )
         if data.dims == 2:
-            self.train_set = SliceDataset(self.cache, self.train_ids, data.augment)
+            self.train_set = SliceDataset(self.cache, sample_ids, data.augment)
         else:
             self.train_set = PatchDataset(
                 self.cache,
-                self.train_ids,
+                sample_ids,
                 self.prep.patch_size,
                 len(self.labels) + 1,
                 data.patches_per_volume,
                 data.augment,
             )
+
+    def _distills(self) -> bool:
+        """Whether any distillation term has a weight above 0 (from the configuration)."""
+        distill = self.config.distill
+        if self.config.kind != "distill" or distill is None:
+            return False
+        output = resolve_output_term(distill)
+        weights = list(feature_weights(distill).values()) + ([output.weight] if output else [])
+        return any(weight > 0 for weight in weights)
+
+    def _unlabelled_setting(self) -> str:
+        distill = self.config.distill
+        if self.config.kind != "distill" or distill is None:
+            return UNLABELLED_NONE
+        return distill.unlabelled
+
+    def _unlabelled_folder(self) -> list[Case]:
+        """The cases of the ``distill.unlabelled`` folder (none for none and train), their
+        patients set apart from the dataset's; MTKDError naming the key when a case id is also
+        one of the dataset's."""
+        setting = self._unlabelled_setting()
+        if setting in (UNLABELLED_NONE, UNLABELLED_TRAIN):
+            return []
+        try:
+            cases = load_unlabelled(setting)
+        except MTKDError as error:
+            problem = f"config key 'distill.unlabelled': {error.problem}"
+            raise MTKDError(problem, error.path) from None
+        known = {case.case_id: case for case in self.dataset.cases}
+        both = [case for case in cases if case.case_id in known]
+        if both:
+            shown = ", ".join(
+                f"{case.case_id} ({case.image} and {known[case.case_id].image})"
+                for case in both[:5]
+            )
+            raise MTKDError(
+                "config key 'distill.unlabelled': case id(s) that data.source also has: "
+                f"{shown}{' ...' if len(both) > 5 else ''}; rename the unlabelled image(s)",
+                Path(setting),
+            )
+        return [replace(case, patient_id=UNLABELLED_PATIENT + case.patient_id) for case in cases]
+
+    def _check_no_leak(self) -> None:
+        """MTKDError when an image of the ``distill.unlabelled`` folder has the content of a
+        validation or test case's image (from the fingerprint's SHA-256)."""
+        cases = self.fingerprint["data"]["cases"]
+        held_out = {
+            json.dumps(cases[case_id]["image"], sort_keys=True): case_id
+            for case_id in self.split.val + self.split.test
+        }
+        for case_id, entry in (self.fingerprint["unlabelled"] or {}).items():
+            twin = held_out.get(json.dumps(entry["image"], sort_keys=True))
+            if twin is not None:
+                part = "validation" if twin in self.split.val else "test"
+                image = next(case.image for case in self.extra_cases if case.case_id == case_id)
+                raise MTKDError(
+                    f"config key 'distill.unlabelled': image {case_id} is the image of "
+                    f"{part} case {twin}: a held-out case must not be trained on",
+                    image,
+                )
+
+    def _unlabelled_ids(self) -> list[str]:
+        """The case ids of the unlabelled training images (``distill.unlabelled``)."""
+        if self._unlabelled_setting() == UNLABELLED_TRAIN:
+            return unlabelled_training_cases(self.split, self.config.train_on)
+        return [case.case_id for case in self.extra_cases]
 
     def _check_fingerprint(self) -> None:
         """A new run records what it trains on (``fingerprint.json``); a resumed run is refused
@@ -242,7 +358,9 @@ class Trainer:
         distill = self.config.distill
         teacher = distill.teacher if self.config.kind == "distill" and distill else None
         started = time.perf_counter()
-        current = run_fingerprint(self.dataset, teacher)
+        folder = self._unlabelled_setting() not in (UNLABELLED_NONE, UNLABELLED_TRAIN)
+        current = run_fingerprint(self.dataset, teacher, self.extra_cases if folder else None)
+        self.fingerprint = current
         seconds = time.perf_counter() - started
         if seconds > 10:  # reading every file once: say where the time went
             self.log(f"[{self.config.name}] hashed the data and teacher files in {seconds:.0f} s")
@@ -348,6 +466,7 @@ class Trainer:
             activation=self.activation,
             reconstruction=self.spec["reconstruction"],
             reconstruction_weight=self.config.multitask.weight,
+            reconstruction_loss_on=self.config.multitask.reconstruction_loss_on,
         )
         # every trainable parameter is used by every step (Testing/test_distributed.py), so
         # DDP needs no search for unused ones
@@ -429,7 +548,9 @@ class Trainer:
 
     def _distiller(self, source: TeacherSource, pairs, output) -> Distiller:
         if source.model is None:  # stored outputs: the batches carry the teacher's maps
-            return Distiller(self.network, None, [], output, self._example_input())
+            return Distiller(
+                self.network, None, [], output, self._example_input(), ignore_index=IGNORE_LABEL
+            )
         return Distiller(
             self.network,
             source.model.network,
@@ -438,6 +559,7 @@ class Trainer:
             self._example_input(),
             teacher_transform=teacher_transform(source.model, self.labels, self.activation),
             teacher_in_channels=source.model.prep.in_channels,
+            ignore_index=IGNORE_LABEL,  # the labels of unlabelled samples (supcon)
         )
 
     def _check_teacher(self, teacher: LoadedModel) -> None:
@@ -475,6 +597,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "stale_checks": self.stale_checks,
+            "stopped_early": self.stopped_early,
             "history": self.history,
             "previous": self.previous,
             "initial_val_dice": self.initial_val_dice,
@@ -532,6 +656,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
+        self.stale_checks = int(state.get("stale_checks", 0))
+        self.stopped_early = state.get("stopped_early")
         self.history = list(state.get("history", []))
         self.previous = state.get("previous")
         self.initial_val_dice = state.get("initial_val_dice")
@@ -553,10 +679,12 @@ class Trainer:
         labels: torch.Tensor,
         generator: torch.Generator,
         teacher: torch.Tensor | None = None,
+        has_label: torch.Tensor | None = None,
+        subject: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and unweighted terms of one batch (see :class:`TrainingStep`), through DDP
         under torchrun."""
-        return self.step(images, labels, generator, teacher)
+        return self.step(images, labels, generator, teacher, has_label, subject)
 
     def _epoch_seed(self, epoch: int) -> int:
         """The seed of an epoch's sample order: the same on every rank."""
@@ -614,10 +742,14 @@ class Trainer:
             images = repeat_channels(batch["image"], self.prep.in_channels).to(self.device)
             labels = batch["label"].to(self.device)
             teacher = batch["teacher"].to(self.device) if "teacher" in batch else None
+            has_label = batch["has_label"].to(self.device)
+            subject = batch["subject"].to(self.device)
             boundary = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
             with self._gradient_sync(boundary):
                 with autocast_for(self.device, cfg.amp):
-                    loss, terms = self._batch_loss(images, labels, mask_generator, teacher)
+                    loss, terms = self._batch_loss(
+                        images, labels, mask_generator, teacher, has_label, subject
+                    )
                 if not torch.isfinite(loss):
                     raise MTKDError(
                         f"training diverged: loss is {loss.item()} at epoch {epoch + 1}"
@@ -745,7 +877,7 @@ class Trainer:
         # a resumed run has the init_from weights in its checkpoint; only distillation uses
         # a teacher
         skip = {"model.init_from"} if self.resume else set()
-        skip |= {"distill.teacher"} if cfg.kind != "distill" else set()
+        skip |= {"distill.teacher", "distill.unlabelled"} if cfg.kind != "distill" else set()
         needed = [key for key in PATH_KEYS if key not in skip]
         cfg.check_paths(needed, run_dir=self.run_dir.root)  # before a new run writes anything
         if not self.resume and self.dist.is_main:
@@ -762,10 +894,20 @@ class Trainer:
         )
         seed_everything(cfg.train.seed)
         self._prepare_data()
-        self.cache.warm(self.train_ids + self.split.val)
+        self.cache.warm(self.train_ids + self.unlabelled_ids + self.split.val)
         self._prepare_model()
         self.best_metric, self.best_epoch, self.history = -math.inf, 0, []
+        # early stopping: validation checks since the best one; where and why the run stopped
+        self.stale_checks, self.stopped_early = 0, None
         start_epoch, skip_steps = self._restore() if self.resume else (0, 0)
+        if cfg.train.patience is not None and not self.split.val:
+            raise MTKDError(
+                "config key 'train.patience': early stopping needs validation cases, and this "
+                "run's split has none",
+                cfg.origin.file if cfg.origin else None,
+            )
+        if self.stopped_early:
+            self.log(f"[{cfg.name}] {_stopped_message(self.stopped_early)}: nothing to train")
         if not self.resume:
             self._initial_validation()
         self.events.emit(
@@ -774,12 +916,14 @@ class Trainer:
             start_epoch=start_epoch,
             epochs=cfg.train.epochs,
             train_cases=len(self.train_ids),
+            unlabelled_cases=len(self.unlabelled_ids),
             train_samples=len(self.train_set),
             val_cases=len(self.split.val),
             device=str(self.device),
             world_size=self.dist.world_size,
         )
-        for epoch in range(start_epoch, cfg.train.epochs):
+        end_epoch = start_epoch if self.stopped_early else cfg.train.epochs
+        for epoch in range(start_epoch, end_epoch):
             started = time.perf_counter()
             means = self._train_epoch(epoch, skip_steps if epoch == start_epoch else 0)
             if means is None:
@@ -803,12 +947,29 @@ class Trainer:
                 record.update(self.validate())
                 if record["val_dice"] > self.best_metric:
                     self.best_metric, self.best_epoch = record["val_dice"], epoch + 1
+                    self.stale_checks = 0
                     if self.dist.is_main:
                         save_checkpoint(self._state(epoch + 1, 0), self.run_dir.best_checkpoint)
+                else:
+                    self.stale_checks += 1
+            patience = cfg.train.patience
+            if not last and patience is not None and self.stale_checks >= patience:
+                self.stopped_early = {
+                    "epoch": epoch + 1,
+                    "best_epoch": self.best_epoch,
+                    "patience": patience,
+                }
             self.history.append(record)
             self.events.emit("metrics", **record)
             self._print_epoch(record)
             self._save_last(epoch + 1, 0)
+            if self.stopped_early:
+                message = _stopped_message(self.stopped_early)
+                self.events.emit(
+                    "status", state="stopped_early", message=message, **self.stopped_early
+                )
+                self.log(f"[{cfg.name}] {message}")
+                break
             if not last and self._stop_agreed():
                 self.events.emit(
                     "status", state="interrupted", epoch=epoch + 1, signal=self.stop.signal_name
@@ -833,9 +994,10 @@ class Trainer:
         if self.dist.is_main:
             self._export()
         self.dist.barrier()  # the model is complete before any process reports success
+        stopped = self.stopped_early
         return RunResult(
             self.run_dir.root,
-            self.config.train.epochs,
+            stopped["epoch"] if stopped else self.config.train.epochs,
             self.best_metric,
             self.best_epoch,
             self.run_dir.model,
@@ -866,7 +1028,17 @@ class Trainer:
             name=self.config.name,
         )
         self.run_dir.write_json(self.run_dir.report / "history.json", self.history)
-        self.events.emit("done", model=str(self.run_dir.model), **metrics)
+        self.events.emit(
+            "done", model=str(self.run_dir.model), stopped_early=self.stopped_early, **metrics
+        )
+
+
+def _stopped_message(stopped: dict[str, Any]) -> str:
+    """Why a run ended before its last epoch, in words (events and logs)."""
+    return (
+        f"stopped early at epoch {stopped['epoch']}, best epoch {stopped['best_epoch']} (no "
+        f"better validation Dice in {stopped['patience']} validation checks: train.patience)"
+    )
 
 
 def repr_error(error: BaseException) -> str:

@@ -8,7 +8,8 @@ reconstruction decoder reads its bottleneck and encoder features through forward
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,10 @@ from mtkd.models.thesis_unet import (
 )
 
 RECONSTRUCTION_MODES = ("masked", "unmasked")
+# Where the reconstruction loss is taken: every voxel, or the masked patches only (MAE).
+RECONSTRUCTION_LOSS_ON = ("all", "masked")
+# The running statistics of normalisation layers (BatchNorm, InstanceNorm with tracking).
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
 
 
@@ -83,6 +88,49 @@ def mask_patches(
         mask = mask.repeat_interleave(side, dim=dim)
     mask = mask[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
     return x.masked_fill(mask, 0), mask
+
+
+def reconstruction_loss(
+    reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error (float32 scalar) of ``reconstruction`` and ``target`` (B, C, *S).
+
+    Without ``mask``: over every voxel and channel. With ``mask`` (B, 1, *S) bool, True where
+    the input was masked: over the masked voxels only (all channels), as in masked
+    autoencoders (He et al., CVPR 2022), so the visible voxels, which the network could copy,
+    do not count. A mask without any masked voxel gives 0 (with a gradient path).
+    """
+    with torch.autocast(device_type=reconstruction.device.type, enabled=False):
+        error = (reconstruction.float() - target.float()) ** 2
+        if mask is None:
+            return error.mean()
+        weight = mask.to(error.dtype).expand_as(error)
+        return (error * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """Within the block, the normalisation layers of ``module`` work as before (batch
+    statistics in training mode) but their running statistics (``running_mean``,
+    ``running_var``, ``num_batches_tracked``) do not move.
+
+    Each such buffer is replaced by a copy for the block, which the forward passes inside may
+    update, and the original tensor is put back on leaving it. The originals are never written
+    to, so autograd, which may have saved them for a backward pass, sees no in-place change.
+    """
+    saved = [
+        (layer, name, buffer)
+        for layer in module.modules()
+        for name in _RUNNING_STATS
+        if isinstance(buffer := getattr(layer, name, None), torch.Tensor)
+    ]
+    for layer, name, buffer in saved:
+        setattr(layer, name, buffer.detach().clone())  # a registered buffer stays one
+    try:
+        yield
+    finally:
+        for layer, name, buffer in saved:
+            setattr(layer, name, buffer)
 
 
 class UpStage(nn.Module):
@@ -350,13 +398,48 @@ class MultiTaskNet(nn.Module):
 
         "masked": the reconstruction comes from a patch-masked copy of ``x``, the segmentation
         from the clean ``x`` (two backbone passes; the clean pass runs last, so taps recorded
-        from outside hold clean-input features). "unmasked": one pass on ``x``. The target is
-        ``x`` in both modes.
+        from outside hold clean-input features). The masked pass leaves the backbone's running
+        normalisation statistics as they were (:func:`frozen_running_stats`): they come from
+        clean inputs only, the inputs the teacher sees when it segments; the reconstruction
+        decoder, which only ever sees masked inputs, keeps its own. "unmasked": one pass on
+        ``x``. The target is ``x`` in both modes.
         """
-        if self.reconstruction_mode == "masked":
-            masked, _ = self.mask_patches(x, generator=generator)
-            recon = self.reconstruct(masked)
-            seg = self.forward(x)
-        else:
-            seg, recon = self.forward_tasks(x)
+        seg, recon, _ = self._training_passes(x, generator)
         return seg, recon, x
+
+    def multitask_losses(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        loss_on: str = "all",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seg logits (B, out, *S), reconstruction loss (float32 scalar)) for one training
+        step, the passes as in :meth:`multitask_outputs`.
+
+        ``loss_on``: "all", the MSE over the whole image; "masked", over the masked patches
+        only (MAE-style; needs reconstruction_mode "masked"). See :func:`reconstruction_loss`.
+        """
+        if loss_on not in RECONSTRUCTION_LOSS_ON:
+            raise MTKDError(
+                f"reconstruction loss_on must be one of {RECONSTRUCTION_LOSS_ON}, not {loss_on!r}"
+            )
+        if loss_on == "masked" and self.reconstruction_mode != "masked":
+            raise MTKDError(
+                "a reconstruction loss on the masked patches needs reconstruction_mode "
+                f"'masked', not {self.reconstruction_mode!r}"
+            )
+        seg, recon, mask = self._training_passes(x, generator)
+        return seg, reconstruction_loss(recon, x, mask if loss_on == "masked" else None)
+
+    def _training_passes(
+        self, x: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(seg logits, reconstruction, mask (B, 1, *S) bool or None when unmasked)."""
+        if self.reconstruction_mode != "masked":
+            seg, recon = self.forward_tasks(x)
+            return seg, recon, None
+        masked, mask = self.mask_patches(x, generator=generator)
+        with frozen_running_stats(self.backbone):
+            recon = self.reconstruct(masked)
+        seg = self.forward(x)
+        return seg, recon, mask

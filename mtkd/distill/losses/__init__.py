@@ -1,6 +1,7 @@
 """Distillation losses, registered by name.
 
-Feature losses take aligned maps ``(student, teacher, temperature)`` of shape (B, C, *spatial);
+Feature losses take aligned maps ``(student, teacher, temperature)`` of shape (B, C, *spatial)
+(InfoNCE also an optional ``subject`` (B,): see NEGATIVES);
 output losses take logits ``(student_logits, teacher_logits, temperature)``. All return a
 float32 scalar. Configuration refers to them by the names in FEATURE_LOSSES / OUTPUT_LOSSES.
 
@@ -19,7 +20,7 @@ import torch
 from mtkd.distill.losses.cwd import cwd_loss
 from mtkd.distill.losses.dist import dist_loss
 from mtkd.distill.losses.feature import cosine_loss, mse_loss
-from mtkd.distill.losses.infonce import infonce_loss
+from mtkd.distill.losses.infonce import NEGATIVES, check_subject, infonce_loss
 from mtkd.distill.losses.output import check_logits, pmd_loss
 from mtkd.distill.losses.supcon import SupervisedVoxelContrast, resize_labels
 from mtkd.errors import MTKDError
@@ -73,11 +74,13 @@ def get_output_loss(name: str) -> LossFn:
 __all__ = [
     "DEFAULT_TEMPERATURES",
     "FEATURE_LOSSES",
+    "NEGATIVES",
     "OUTPUT_LOSSES",
     "SUPERVISED_FEATURE_LOSSES",
     "LossFn",
     "SupervisedVoxelContrast",
     "check_logits",
+    "check_subject",
     "cosine_loss",
     "cwd_loss",
     "default_temperature",

@@ -7,6 +7,9 @@ import torch
 from mtkd.distill.losses.output import softened_logits
 
 _EPS = 1e-8
+# The weights of the inter- and intra-class relation terms: 1 and 1, the paper's setting.
+DIST_BETA = 1.0
+DIST_GAMMA = 1.0
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = _EPS) -> torch.Tensor:
@@ -35,8 +38,8 @@ def dist_loss(
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
     *,
-    beta: float = 1.0,
-    gamma: float = 1.0,
+    beta: float = DIST_BETA,
+    gamma: float = DIST_GAMMA,
 ) -> torch.Tensor:
     """T^2 * (beta * inter + gamma * intra) of temperature-softened class probabilities.
 
@@ -47,6 +50,11 @@ def dist_loss(
     logits use the two-class probabilities [1 - p, p]. The teacher logits are detached and
     resized (linear interpolation) to the student's spatial size when they differ. Computed in
     float32; returns a scalar.
+
+    This is the segmentation form of the authors' code (hunto/DIST_KD, segmentation/losses):
+    voxels play the role of the images of a classification batch. With one channel, the
+    inter-class term compares two-element vectors, whose correlation is only ever -1, 0 or 1:
+    it has no gradient, and the intra-class term carries the whole signal.
     """
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         z_s, z_t = softened_logits(student_logits, teacher_logits, temperature, "DIST")

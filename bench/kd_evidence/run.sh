@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The KD evidence grid of one student (issue #15), run or resumed with one command:
+#   bash bench/kd_evidence/run.sh s1        # or s2, s3d; or s1_label_free, s2_label_free,
+#                                           # s3d_label_free (label-free distillation)
+# 1. the cohort (`mtkd synth`, if missing); 2. one teacher per split seed of the student's grid
+#    (bench/kd_evidence/teacher2d.yaml or teacher3d.yaml at that split seed; a *_label_free grid
+#    uses its base student's teachers), trained or resumed; 3. `mtkd ablate
+#    bench/kd_evidence/<grid>.yaml` in $OUT/<grid> (resumes); 4. runs.csv, results.csv,
+#    summary.json and evidence.md copied to bench/results/kd_evidence/<grid>/ (with a file
+#    PARTIAL while the grid is unfinished).
+# Re-running continues where it stopped. Environment: COHORT, SYNTH_ARGS, OUT, DEVICE, MTKD,
+# PYTHON, TEACHER (another teacher config of this folder, e.g. teacher2d_mae: its own teachers,
+# and the grid's folders get the suffix -<teacher>).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+COHORT=${COHORT:-runs/kd-evidence/cohort}      # the dataset: any MSD folder; written if missing
+SYNTH_ARGS=${SYNTH_ARGS:-"--style ct --subjects 24 --seed 0"}  # the harder, CT-like cohort
+OUT=${OUT:-runs/kd-evidence}
+DEVICE=${DEVICE:-}                              # e.g. cuda; empty: the configs' train.device
+MTKD=${MTKD:-mtkd}
+PYTHON=${PYTHON:-python}
+
+STUDENT=${1:?usage: bench/kd_evidence/run.sh s1|s2|s3d|s1_label_free|s2_label_free|s3d_label_free}
+CONFIG=bench/kd_evidence/$STUDENT.yaml
+[ -f "$CONFIG" ] || { echo "no $CONFIG" >&2; exit 2; }
+case ${STUDENT%_label_free} in
+  s3d) DEFAULT_TEACHER=teacher3d ;;
+  *) DEFAULT_TEACHER=teacher2d ;;
+esac
+TEACHER=${TEACHER:-$DEFAULT_TEACHER}
+[ -f "bench/kd_evidence/$TEACHER.yaml" ] || { echo "no bench/kd_evidence/$TEACHER.yaml" >&2; exit 2; }
+GRID=$STUDENT                                   # the grid's folder names
+[ "$TEACHER" = "$DEFAULT_TEACHER" ] || GRID=$STUDENT-$TEACHER
+DEVICE_ARG=()
+[ -n "$DEVICE" ] && DEVICE_ARG=(--device "$DEVICE")
+
+[ -f "$COHORT/dataset.json" ] || $MTKD synth "$COHORT" $SYNTH_ARGS
+
+# teachers per cohort and split seed: a new cohort gets new teachers
+TEACHERS=$OUT/teachers/$(basename "$COHORT")
+for config in $($PYTHON bench/kd_evidence/teacher_config.py "$CONFIG" \
+    "bench/kd_evidence/$TEACHER.yaml" "$COHORT" "$TEACHERS/configs"); do
+  run=$TEACHERS/$(basename "$config" .yaml)
+  if [ -f "$run/model/mtkd_model.json" ]; then
+    continue
+  elif [ -f "$run/checkpoints/last.pt" ]; then
+    $MTKD train --resume "$run" "${DEVICE_ARG[@]}"
+  else
+    $MTKD train "$config" --run-dir "$run" "${DEVICE_ARG[@]}"
+  fi
+done
+
+RESULTS=bench/results/kd_evidence/$GRID
+mkdir -p "$RESULTS"
+status=0
+$MTKD ablate "$CONFIG" -o "$OUT/$GRID" --data "$COHORT" \
+  --teacher "$TEACHERS/$TEACHER-split{split_seed}" "${DEVICE_ARG[@]}" || status=$?
+for name in runs.csv results.csv summary.json evidence.md; do
+  [ -f "$OUT/$GRID/$name" ] && cp "$OUT/$GRID/$name" "$RESULTS/$name"
+done
+if [ $status -ne 0 ]; then
+  echo "PARTIAL: the grid stopped ($(date -u +%FT%TZ), exit $status); runs.csv holds the" \
+    "finished runs; summary.json/evidence.md are from an earlier complete pass, if any." \
+    "Run bench/kd_evidence/run.sh $STUDENT again (same TEACHER) to continue." > "$RESULTS/PARTIAL"
+  exit $status
+fi
+rm -f "$RESULTS/PARTIAL"
