@@ -84,11 +84,26 @@ def stop_at_batch(trainer, batch: int) -> None:
     trainer._batch_loss = counting
 
 
+def slice_prep():
+    """The preprocessing of the tiny 2-D test models: 32x32 slices at their own spacing, HU
+    window (-160, 240), no foreground crop."""
+    from mtkd.data.preprocess import Preprocessing
+
+    return Preprocessing(
+        dims=2,
+        hu_window=(-160.0, 240.0),
+        spacing=None,
+        crop_foreground=False,
+        slice_size=(32, 32),
+        patch_size=(32, 32, 32),
+        in_channels=1,
+    )
+
+
 def untrained_model(folder: Path, names: tuple[str, ...] = ("liver",)) -> Path:
     """An untrained tiny 2-D thesis U-Net exported as our model folder (instant, real files):
     softmax over background + ``names``, 32x32 slices, HU window (-160, 240)."""
     from mtkd.data.labels import LabelTable
-    from mtkd.data.preprocess import Preprocessing
     from mtkd.infer.model_io import build_from_spec, export_model
 
     spec = {
@@ -101,21 +116,12 @@ def untrained_model(folder: Path, names: tuple[str, ...] = ("liver",)) -> Path:
         },
         "reconstruction": "none",
     }
-    prep = Preprocessing(
-        dims=2,
-        hu_window=(-160.0, 240.0),
-        spacing=None,
-        crop_foreground=False,
-        slice_size=(32, 32),
-        patch_size=(32, 32, 32),
-        in_channels=1,
-    )
     export_model(
         build_from_spec(spec),
         folder,
         spec=spec,
         labels=LabelTable({value: name for value, name in enumerate(names, start=1)}),
-        prep=prep,
+        prep=slice_prep(),
         activation="softmax",
         lineage={"kind": "test"},
     )

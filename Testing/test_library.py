@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import expect_error
+from helpers import expect_error, slice_prep
 
 from mtkd.cli import main
 from mtkd.data.image_io import read_image
 from mtkd.data.labels import LabelTable
-from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError
 from mtkd.infer.model_io import build_from_spec, export_model, load_model, sha256_of
 from mtkd.infer.sources import load_any_model
@@ -42,15 +41,7 @@ def student_folder(tmp_path_factory) -> Path:
         folder,
         spec=STUDENT_SPEC,
         labels=LabelTable({1: "liver", 2: "spleen"}),
-        prep=Preprocessing(
-            dims=2,
-            hu_window=(-160.0, 240.0),
-            spacing=None,
-            crop_foreground=False,
-            slice_size=(32, 32),
-            patch_size=(32, 32, 32),
-            in_channels=1,
-        ),
+        prep=slice_prep(),
         activation="softmax",
         lineage={
             "kind": "distill",
