@@ -607,3 +607,91 @@ def test_data_and_teacher_overrides_replace_the_config_paths(
     ablation = load_ablation(path, data_source=folder, teacher=plain_teacher.name)
     assert ablation.base.data.source == str(folder)
     assert ablation.teacher(1) == str(plain_teacher.parent / "teacher-split1")
+
+
+def write_grid(config: dict, folder) -> str:
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_jobs_train_runs_side_by_side_with_the_same_results(
+    slab_dataset, plain_teacher, evidence_grid, tmp_path
+):
+    """`--jobs 2`: each run trains in its own process (its config and log in jobs/), and the
+    grid's files are those of the one-job grid: same runs, cases and scores."""
+    sequential, _, _ = evidence_grid
+    grid = write_grid(evidence_config(slab_dataset, plain_teacher), tmp_path)
+    output = tmp_path / "ABL"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["ablate", grid, "-o", str(output), "--jobs", "2"]) == 0
+    logs = sorted(path.name for path in (output / "jobs").glob("*.log"))
+    assert logs == sorted(f"{c}-split{k}-seed{s}.log" for c, k, s in EVIDENCE_RUNS)
+    assert all("finished:" in (output / "jobs" / log).read_text() for log in logs)
+    assert printed.getvalue().count("started cells/") == len(EVIDENCE_RUNS)
+    ours, theirs = read_csv(output / "runs.csv"), read_csv(sequential / "runs.csv")
+    key = ("cell", "split_seed", "seed", "case", "structure", "missed")
+    assert [tuple(r[k] for k in key) for r in ours] == [tuple(r[k] for k in key) for r in theirs]
+    for mine, other in zip(ours, theirs):
+        for column in ("dice", "hd95"):
+            expected = pytest.approx(float(other[column]), abs=1e-3, nan_ok=True)
+            assert float(mine[column]) == expected
+    with contextlib.redirect_stdout(io.StringIO()) as again:  # nothing left to train
+        assert main(["ablate", grid, "-o", str(output), "--jobs", "2"]) == 0
+    assert "started" not in again.getvalue() and "finished; test Dice" in again.getvalue()
+
+
+@pytest.mark.slow
+def test_a_stopped_jobs_grid_stops_its_children_and_continues(
+    slab_dataset, plain_teacher, tmp_path
+):
+    """SIGTERM to `mtkd ablate --jobs 2` while both its runs train: each child stops at a safe
+    point (its checkpoint saved), the grid exits 130; run again, both runs are resumed."""
+    import signal
+    import subprocess
+    import time
+
+    config = evidence_config(slab_dataset, plain_teacher)
+    config["ablation"].update(seeds=[0], split_seeds=[0])  # no_kd and cwd: one run each
+    config["train"]["epochs"] = 25  # long enough to be stopped inside both runs
+    grid = write_grid(config, tmp_path)
+    output = tmp_path / "ABL"
+    command = [sys.executable, "-m", "mtkd", "ablate", grid, "-o", str(output), "--jobs", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [output / "cells" / cell / "split0" / "seed0" for cell in ("no_kd", "cwd")]
+    deadline = time.monotonic() + 300
+
+    def training(run) -> bool:
+        events = run / "events.jsonl"
+        return events.is_file() and '"type": "metrics"' in events.read_text()
+
+    while not all(training(run) for run in runs):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "run the same `mtkd ablate` command" in stderr
+    for run in runs:  # each child stopped itself at a safe point, its checkpoint saved
+        last = read_events(run / "events.jsonl")[-1]
+        assert (last["type"], last["state"], last["signal"]) == ("status", "interrupted", "SIGTERM")
+        assert (run / "checkpoints" / "last.pt").is_file()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["ablate", grid, "-o", str(output), "--jobs", "2"]) == 0
+    assert printed.getvalue().count("(resuming from its checkpoint; log") == 2
+    rows = read_csv(output / "runs.csv")
+    assert list(dict.fromkeys((r["cell"], r["split_seed"], r["seed"]) for r in rows)) == [
+        ("no_kd", "0", "0"),
+        ("cwd", "0", "0"),
+    ]
+
+
+def test_jobs_must_be_positive_and_share_the_cores(slab_dataset, plain_teacher, tmp_path):
+    from mtkd.ablation.parallel import threads_per_job
+
+    config = evidence_config(slab_dataset, plain_teacher)
+    with pytest.raises(MTKDError, match="--jobs must be at least 1, got 0"):
+        run_ablation(ablation_from_dict(config), tmp_path / "ABL", log=quiet, jobs=0)
+    assert not (tmp_path / "ABL").exists()
+    assert [threads_per_job(j, cpus=16) for j in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]

@@ -26,14 +26,18 @@ original grid, as ``mtkd evaluate``)::
     ABL/plots/curves.png           validation Dice and training loss per epoch, one line a cell
     ABL/tensorboard/<cell>/seed<k> the runs' events as TensorBoard scalars (--tensorboard)
     ABL/.mtkd.lock                 while a grid runs here (a second one is refused at once)
+    ABL/jobs/                      with --jobs N: each child run's config and log
 
 Running it again continues: a finished run (its model exported) is scored from its cached
 result, a run with a checkpoint is resumed exactly, the others are started. Ctrl-C or SIGTERM
-stops the run in progress at a safe point (its checkpoint saved) and ends the grid.
+stops the run in progress at a safe point (its checkpoint saved) and ends the grid. With
+``--jobs N`` (:mod:`mtkd.ablation.parallel`) N runs train at once, each in a child process, and
+are scored in the grid's order: the files written are the same as with one job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -60,6 +64,7 @@ from mtkd.ablation.grid import (
     grid_differences,
     load_ablation,
 )
+from mtkd.ablation.parallel import Job, JobPool, JobsInterrupted
 from mtkd.ablation.report import (
     markdown_report,
     markdown_table,
@@ -116,9 +121,14 @@ def run_ablation(
     log: Callable[[str], None] = print,
     progress: bool | None = None,
     tensorboard: bool = False,
+    jobs: int = 1,
 ) -> AblationResult:
     """Train and score every cell x seed of ``ablation`` in ``output`` (continuing what an
-    earlier call left there), then write the tables and plots."""
+    earlier call left there), then write the tables and plots. ``jobs`` > 1 trains that many
+    runs at once, each in a child process (:mod:`mtkd.ablation.parallel`); the results are
+    the same as with one."""
+    if jobs < 1:
+        raise MTKDError(f"--jobs must be at least 1, got {jobs}")
     root = Path(output)
     if tensorboard:
         summary_writer_class()  # no tensorboard: say so before any training
@@ -131,7 +141,7 @@ def run_ablation(
     _refuse_unrelated(root)  # before the lock file is written there
     with FolderLock(root, "mtkd ablate"):  # one grid process per folder (each run locks its own)
         _claim_folder(root, ablation)
-        return _run_grid(ablation, root, dataset, tests, log, progress, tensorboard)
+        return _run_grid(ablation, root, dataset, tests, log, progress, tensorboard, jobs)
 
 
 def _check_teachers(ablation: Ablation) -> None:
@@ -152,6 +162,7 @@ def _run_grid(
     log: Callable[[str], None],
     progress: bool | None,
     tensorboard: bool,
+    jobs: int = 1,
 ) -> AblationResult:
     device = resolve_device(ablation.base.train.device)
     plan = [
@@ -163,7 +174,18 @@ def _run_grid(
     results: list[dict[str, Any]] = []
     histories: dict[str, list[list[dict[str, Any]]]] = {}
     states: dict[str, str] = {}
-    with StopRequest() as stop:
+    pool = JobPool(root / "jobs", jobs, device.type == "cpu", log) if jobs > 1 else None
+    with StopRequest() as stop, contextlib.ExitStack() as cleanup:
+        if pool is not None:
+            cleanup.callback(pool.close)  # an error stops the children still running
+            for cell, split, seed in plan:  # every run not yet finished, in plan order
+                run_dir = root / "cells" / cell.name / _run_folder(ablation, split, seed)
+                config = ablation.run_config(cell, seed, split)
+                if _needs_training(config, run_dir):
+                    key = run_dir.relative_to(root).as_posix()
+                    resume = RunDir(run_dir).last_checkpoint.is_file()
+                    pool.add(Job(key, config, run_dir, resume))
+            pool.start()
         if ablation.teacher_row:
             for split in ablation.splits:
                 folder = root / TEACHER
@@ -181,14 +203,19 @@ def _run_grid(
                 raise TrainingInterrupted(_stopped(what, index - 1, len(plan), root))
             config = ablation.run_config(cell, seed, split)
             try:
-                states[relative] = _train(config, run_dir, progress, log)
-            except TrainingInterrupted:
+                if pool is not None and relative in pool:
+                    states[relative] = pool.wait(relative, lambda: stop.requested)
+                else:
+                    states[relative] = _train(config, run_dir, progress, log)
+            except (TrainingInterrupted, JobsInterrupted):
                 raise TrainingInterrupted(_stopped(what, index - 1, len(plan), root)) from None
             result = _run_result(
                 ablation, cell, (split, seed), run_dir, relative, dataset, tests[split], device
             )
             results.append(result)
             _write_runs_csv(root, results)
+            if pool is not None:
+                pool.start()  # slots freed while this run was scored
             histories.setdefault(cell.name, []).append(_history(RunDir(run_dir)))
             log(
                 f"{label}: {states[relative]}; test Dice {result['dice']:.3f}, "
@@ -341,16 +368,24 @@ def _check_same(folder: RunDir, config: RunConfig) -> None:
         )
 
 
+def _needs_training(config: RunConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` has no exported model yet (MTKDError if it holds another run)."""
+    folder = RunDir(run_dir)
+    if (folder.model / METADATA).is_file():
+        _check_same(folder, config)
+        return False
+    if folder.last_checkpoint.is_file():
+        _check_same(folder, config)
+    return True
+
+
 def _train(
     config: RunConfig, run_dir: Path, progress: bool | None, log: Callable[[str], None]
 ) -> str:
     """Run, resume or skip one run folder; return what was done."""
-    folder = RunDir(run_dir)
-    if (folder.model / METADATA).is_file():
-        _check_same(folder, config)
+    if not _needs_training(config, run_dir):
         return "finished"
-    if folder.last_checkpoint.is_file():
-        _check_same(folder, config)
+    if RunDir(run_dir).last_checkpoint.is_file():
         resume_run(run_dir, progress=progress, log=log)
         return "resumed"
     Trainer(config, run_dir, progress=progress, log=log).run()

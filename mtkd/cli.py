@@ -300,7 +300,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         f"{' + the teacher' if ablation.teacher_row else ''} in {output}"
     )
     try:
-        result = run_ablation(ablation, output, tensorboard=args.tensorboard)
+        result = run_ablation(ablation, output, tensorboard=args.tensorboard, jobs=args.jobs)
     except TrainingInterrupted as stop:
         print(f"mtkd: {stop}", file=sys.stderr)
         return 130
@@ -503,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mirror each run's events to OUTPUT/tensorboard (needs the tensorboard package)",
     )
     sub.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N, mps)")
+    sub.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many runs at once, each in its own process (default 1; on the CPU "
+        "each gets an equal share of the cores); the results are the same",
+    )
     sub.set_defaults(func=cmd_ablate)
 
     sub = commands.add_parser(
