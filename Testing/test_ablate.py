@@ -17,7 +17,13 @@ import yaml
 from conftest import tiny_config
 from helpers import expect_error
 
-from mtkd.ablate import _claim_folder, ablation_from_dict, load_ablation, run_ablation
+from mtkd.ablate import (
+    _claim_folder,
+    ablation_from_dict,
+    load_ablation,
+    run_ablation,
+    selected_cells,
+)
 from mtkd.ablation.grid import cell_name
 from mtkd.ablation.report import markdown_table, mean_std, summarise_cells, write_plots
 from mtkd.ablation.tensorboard import event_scalars, mirror_run, summary_writer_class
@@ -545,6 +551,11 @@ def test_sweeps_expand_into_named_sub_cells(slab_dataset, plain_teacher):
     legacy = ablation_from_dict(ablation_config(slab_dataset, plain_teacher, {"seeds": [0]}))
     assert "split_seeds" not in legacy.to_dict() and legacy.splits == [0]
     assert all("set" not in cell for cell in legacy.to_dict()["cells"])
+    # --cells: a swept method's name selects its sub-cells, a sub-cell's name itself
+    selected = selected_cells(ablation, ["paper", "cwd"])
+    assert [cell.name for cell in selected] == names[1:]  # in the grid's order
+    chosen = selected_cells(ablation, ["cwd[output.weight=1,scale=1]", "no_kd"])
+    assert [cell.name for cell in chosen] == ["no_kd", "cwd[output.weight=1,scale=1]"]
 
 
 def test_the_recipe_s_unlabelled_images_and_negatives_reach_every_cell(slab_dataset, plain_teacher):
@@ -695,3 +706,30 @@ def test_jobs_must_be_positive_and_share_the_cores(slab_dataset, plain_teacher, 
         run_ablation(ablation_from_dict(config), tmp_path / "ABL", log=quiet, jobs=0)
     assert not (tmp_path / "ABL").exists()
     assert [threads_per_job(j, cpus=16) for j in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+
+
+@pytest.mark.slow
+def test_cells_runs_part_of_a_grid_and_the_reports_say_so(slab_dataset, plain_teacher, tmp_path):
+    """`--cells cwd`: only that cell's runs, summary.json lists the cells not run and
+    evidence.md says PARTIAL; a later call without --cells runs the rest and is complete."""
+    config = evidence_config(slab_dataset, plain_teacher)
+    config["ablation"].update(seeds=[0], split_seeds=[0])
+    grid = write_grid(config, tmp_path)
+    output = tmp_path / "ABL"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["ablate", grid, "-o", str(output), "--cells", "cwd"]) == 0
+    assert [r["cell"] for r in read_csv(output / "results.csv")] == ["cwd"]
+    assert not (output / "cells" / "no_kd").exists()
+    summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
+    assert (list(summary["cells"]), summary["not_run"]) == (["cwd"], ["no_kd"])
+    assert "PARTIAL: the grid's cells no_kd were not run" in (output / "evidence.md").read_text()
+    result = run_ablation(ablation_from_dict(config), output, log=quiet, progress=False)
+    assert result.states == {
+        "cells/no_kd/split0/seed0": "trained",
+        "cells/cwd/split0/seed0": "finished",
+    }
+    assert (
+        "not_run" not in result.evidence and "PARTIAL" not in (output / "evidence.md").read_text()
+    )
+    with pytest.raises(MTKDError, match="no cell 'pmd'; its cells are no_kd, cwd"):
+        run_ablation(ablation_from_dict(config), output, log=quiet, cells=["pmd"])

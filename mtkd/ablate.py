@@ -41,7 +41,7 @@ import contextlib
 import copy
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,13 +122,17 @@ def run_ablation(
     progress: bool | None = None,
     tensorboard: bool = False,
     jobs: int = 1,
+    cells: Sequence[str] | None = None,
 ) -> AblationResult:
     """Train and score every cell x seed of ``ablation`` in ``output`` (continuing what an
     earlier call left there), then write the tables and plots. ``jobs`` > 1 trains that many
     runs at once, each in a child process (:mod:`mtkd.ablation.parallel`); the results are
-    the same as with one."""
+    the same as with one. ``cells`` (names of cells, or of swept methods for all their
+    sub-cells) runs and reports only those, leaving the others for a later call; the reports
+    then name the cells not run."""
     if jobs < 1:
         raise MTKDError(f"--jobs must be at least 1, got {jobs}")
+    selected = selected_cells(ablation, cells)
     root = Path(output)
     if tensorboard:
         summary_writer_class()  # no tensorboard: say so before any training
@@ -141,7 +145,22 @@ def run_ablation(
     _refuse_unrelated(root)  # before the lock file is written there
     with FolderLock(root, "mtkd ablate"):  # one grid process per folder (each run locks its own)
         _claim_folder(root, ablation)
-        return _run_grid(ablation, root, dataset, tests, log, progress, tensorboard, jobs)
+        return _run_grid(ablation, selected, root, dataset, tests, log, progress, tensorboard, jobs)
+
+
+def selected_cells(ablation: Ablation, names: Sequence[str] | None) -> list[Cell]:
+    """The grid's cells named in ``names`` (a swept method's name selects its sub-cells), in
+    the grid's order; all of them for None. MTKDError naming an unknown cell."""
+    if not names:
+        return list(ablation.cells)
+    known = list(dict.fromkeys(n for cell in ablation.cells for n in (cell.family, cell.name)))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise MTKDError(
+            f"--cells: this grid has no cell {', '.join(map(repr, unknown))}; its cells are "
+            f"{', '.join(known)}"
+        )
+    return [cell for cell in ablation.cells if cell.name in names or cell.family in names]
 
 
 def _check_teachers(ablation: Ablation) -> None:
@@ -156,6 +175,7 @@ def _check_teachers(ablation: Ablation) -> None:
 
 def _run_grid(
     ablation: Ablation,
+    cells: list[Cell],
     root: Path,
     dataset: DatasetIndex,
     tests: dict[int, list[str]],
@@ -167,7 +187,7 @@ def _run_grid(
     device = resolve_device(ablation.base.train.device)
     plan = [
         (cell, split, seed)
-        for cell in ablation.cells
+        for cell in cells
         for split in ablation.splits
         for seed in ablation.seeds
     ]
@@ -224,7 +244,8 @@ def _run_grid(
             if tensorboard:
                 mirror_run(run_dir, root / "tensorboard" / relative.removeprefix("cells/"))
     test = [case for split in ablation.splits for case in tests[split]]
-    return _write_reports(ablation, root, results, histories, states, test, log)
+    not_run = [cell.name for cell in ablation.cells if cell not in cells]
+    return _write_reports(ablation, root, results, histories, states, test, log, not_run)
 
 
 def _run_folder(ablation: Ablation, split: int, seed: int) -> str:
@@ -591,6 +612,7 @@ def _write_reports(
     states: dict[str, str],
     test: list[str],
     log: Callable[[str], None],
+    not_run: list[str],
 ) -> AblationResult:
     structures = list(
         dict.fromkeys(name for result in results for name in result.get("per_structure") or {})
@@ -618,6 +640,7 @@ def _write_reports(
         cohort=Path(ablation.base.data.source).name,
         seeds=len(ablation.seeds),
         split_seeds=len(ablation.splits),
+        not_run=not_run,
     )
     files["summary_json"] = root / "summary.json"
     atomic_write_bytes(files["summary_json"], (json.dumps(evidence, indent=2) + "\n").encode())

@@ -300,7 +300,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         f"{' + the teacher' if ablation.teacher_row else ''} in {output}"
     )
     try:
-        result = run_ablation(ablation, output, tensorboard=args.tensorboard, jobs=args.jobs)
+        result = run_ablation(
+            ablation, output, tensorboard=args.tensorboard, jobs=args.jobs, cells=args.cells
+        )
     except TrainingInterrupted as stop:
         print(f"mtkd: {stop}", file=sys.stderr)
         return 130
@@ -509,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="train this many runs at once, each in its own process (default 1; on the CPU "
         "each gets an equal share of the cores); the results are the same",
+    )
+    sub.add_argument(
+        "--cells",
+        nargs="+",
+        metavar="CELL",
+        help="run and report only these cells (a swept method's name: all its sub-cells); "
+        "the others are left for a later call, and the reports name them",
     )
     sub.set_defaults(func=cmd_ablate)
 

@@ -18,7 +18,7 @@ Test scores are reported for the chosen sub-cells only and never feed a choice.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,10 +110,13 @@ def evidence_summary(
     split_seeds: int,
     replicates: int = DEFAULT_REPLICATES,
     bootstrap_seed: int = DEFAULT_SEED,
+    not_run: Sequence[str] = (),
 ) -> dict[str, Any]:
     """``summary.json``: per method, its chosen cell's mean test Dice (per case over
     structures, then over cases, seeds and split seeds), its paired difference against
-    ``no_kd`` with the 95 % interval, its validation Dice, HD95 and missed structures."""
+    ``no_kd`` with the 95 % interval, its validation Dice, HD95 and missed structures.
+    ``not_run``: the grid's cells left out of this pass (``mtkd ablate --cells``), listed
+    under ``"not_run"``: the summary is then partial."""
     rows = runs_rows(results)
     choices = choose_sub_cells(results)
     runs_per_cell: dict[str, list[Mapping[str, Any]]] = {}
@@ -159,6 +162,8 @@ def evidence_summary(
         "bootstrap": {"scheme": BOOTSTRAP, "replicates": replicates, "seed": bootstrap_seed},
         "cells": cells,
     }
+    if not_run:
+        summary["not_run"] = list(not_run)
     teacher = [r for r in results if r.get("role") == TEACHER]
     if teacher:
         summary["teacher"] = {"dice": _number(_mean([r.get("dice") for r in teacher]))}
@@ -199,4 +204,10 @@ def evidence_markdown(summary: Mapping[str, Any]) -> str:
         )
     if "teacher" in summary:
         lines += ["", f"Teacher test Dice: {_text(summary['teacher']['dice'])}."]
+    if summary.get("not_run"):
+        lines += [
+            "",
+            f"PARTIAL: the grid's cells {', '.join(summary['not_run'])} were not run in this "
+            "pass (`mtkd ablate --cells`); the recommendation is among the cells above only.",
+        ]
     return "\n".join(lines) + "\n"
