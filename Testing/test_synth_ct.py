@@ -91,6 +91,20 @@ def test_organs_touch_neighbours_of_close_hounsfield_units(subjects):
     assert sum(size >= 10 for size in touching) >= len(subjects) // 2  # spleen and stomach
 
 
+def test_retroperitoneal_fat_outlines_the_kidneys(subjects):
+    """No bowel in the fat around the kidneys: for most kidneys the median HU 1-3 voxels
+    outside them (where no organ, labelled or not, lies) is fat-like. Bowel there (about
+    35 HU, as close to an unenhanced kidney) hid them in an earlier version (8 % of kidneys)."""
+    medians = []
+    for subject in subjects:
+        for value in (3, 4):  # LABELS: kidney_left, kidney_right
+            kidney = subject.label == value
+            ring = ndimage.binary_dilation(kidney, iterations=3)
+            ring &= ~ndimage.binary_dilation(kidney) & (subject.label == 0) & (subject.tissue == 0)
+            medians.append(float(np.median(subject.image[ring])))
+    assert np.mean(np.array(medians) < -20.0) >= 0.6, medians
+
+
 def test_difficulty_sets_border_contrast_noise_and_lesions():
     def gaps(level):
         drawn = [make_ct_subject(0, index, (48, 40, 16), difficulty=level) for index in range(6)]

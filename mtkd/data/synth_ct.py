@@ -15,6 +15,7 @@ reuses), each subject has:
 - lesions inside organs (cysts, hypo- and hyper-dense), labelled as their organ;
 - vessels: aorta (labelled, with wall calcifications), IVC and portal vein (unlabelled; inside
   the liver the portal branches stay labelled liver); spine, ribs, bowel with gas, the table;
+- retroperitoneal fat around the kidneys and the aorta (no bowel there), as on a real CT;
 - per subject: in-plane spacing (field of view), slice thickness, patient size and position,
   fat thickness, partial-volume blur and (correlated) noise level.
 
@@ -336,9 +337,13 @@ def _draw(rng, size, nominal, difficulty) -> CTSubject | None:
     if (tissue == 6).sum() < _MIN_VOXELS or (tissue == 7).sum() < _MIN_VOXELS:
         return None
 
-    # bowel loops with gas in the rest of the cavity
+    # bowel loops with gas in the rest of the cavity, kept out of the retroperitoneal fat
+    # around the kidneys and the aorta (the fat that outlines them on a real CT)
     free = cavity & ~spine & (label == 0) & (tissue == 0)
-    bowel = free & (_coarse_field(rng, shape, (10, 12, 12)) > rng.uniform(-0.9, -0.4))
+    retro = np.zeros(shape, dtype=bool)
+    for value, margin in ((3, rng.uniform(6, 14)), (4, rng.uniform(6, 14)), (5, rng.uniform(4, 8))):
+        retro |= _within(label == value, adult * margin, spacing)
+    bowel = free & ~retro & (_coarse_field(rng, shape, (10, 12, 12)) > rng.uniform(-0.5, 0.0))
     image[free] = _FAT + rng.uniform(-10, 10)
     image[bowel] = _BOWEL + (15.0 if phase != "non-contrast" else 0.0) + rng.uniform(-5, 5)
     gas = bowel & (_coarse_field(rng, shape, (10, 12, 12)) > 1.8) & (frame.y < 0.2)
@@ -435,6 +440,20 @@ def _lesions(rng, image, label, spacing, base, phase, hard, adult) -> np.ndarray
             image[box][ball] = hu + 3 * rng.standard_normal(int(ball.sum()))
             lesions[box] |= ball
     return lesions
+
+
+def _within(mask: np.ndarray, mm: float, spacing) -> np.ndarray:
+    """Voxels within ``mm`` of ``mask`` (bool ``(z, y, x)``), on the grid of ``spacing``
+    (x y z, mm)."""
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    reach = [int(np.ceil(mm / step)) + 1 for step in spacing[::-1]]
+    grown = tuple(
+        slice(max(b.start - r, 0), min(b.stop + r, n))
+        for b, r, n in zip(box, reach, mask.shape, strict=True)
+    )
+    near = np.zeros(mask.shape, dtype=bool)
+    near[grown] = ndimage.distance_transform_edt(~mask[grown], sampling=spacing[::-1]) <= mm
+    return near
 
 
 def _gap(rng, hard) -> float:
