@@ -37,6 +37,7 @@ METHODS = {
     "dist_tuned",
     "paper_subject_negatives",
     "pmd_unlabelled",
+    "hinton_unlabelled",
     "cwd_unlabelled",
     "dist_unlabelled",
     "paper_unlabelled",

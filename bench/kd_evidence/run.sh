@@ -10,12 +10,14 @@
 #    PARTIAL while the grid is unfinished).
 # Re-running continues where it stopped. Environment: COHORT, SYNTH_ARGS, OUT, DEVICE, MTKD,
 # PYTHON, TEACHER (another teacher config of this folder, e.g. teacher2d_mae: its own teachers,
-# and the grid's folders get the suffix -<teacher>).
+# and the grid's folders get the suffix -<teacher>), JOBS (runs, and teachers, trained at once;
+# default 1), CELLS (run only these cells now, e.g. CELLS="no_kd pmd_unlabelled"; the others are
+# left for a later call and the copied results say PARTIAL).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 COHORT=${COHORT:-runs/kd-evidence/cohort}      # the dataset: any MSD folder; written if missing
-SYNTH_ARGS=${SYNTH_ARGS:-"--style ct --subjects 24 --seed 0"}  # the harder, CT-like cohort
+SYNTH_ARGS=${SYNTH_ARGS:-"--style ct --subjects 32 --seed 0 --difficulty 0.3"}  # calibrated
 OUT=${OUT:-runs/kd-evidence}
 DEVICE=${DEVICE:-}                              # e.g. cuda; empty: the configs' train.device
 MTKD=${MTKD:-mtkd}
@@ -32,30 +34,45 @@ TEACHER=${TEACHER:-$DEFAULT_TEACHER}
 [ -f "bench/kd_evidence/$TEACHER.yaml" ] || { echo "no bench/kd_evidence/$TEACHER.yaml" >&2; exit 2; }
 GRID=$STUDENT                                   # the grid's folder names
 [ "$TEACHER" = "$DEFAULT_TEACHER" ] || GRID=$STUDENT-$TEACHER
+JOBS=${JOBS:-1}
+CELLS=${CELLS:-}
 DEVICE_ARG=()
 [ -n "$DEVICE" ] && DEVICE_ARG=(--device "$DEVICE")
+GRID_ARGS=(--jobs "$JOBS")
+[ -n "$CELLS" ] && GRID_ARGS+=(--cells $CELLS)
 
 [ -f "$COHORT/dataset.json" ] || $MTKD synth "$COHORT" $SYNTH_ARGS
 
 # teachers per cohort and split seed: a new cohort gets new teachers
 TEACHERS=$OUT/teachers/$(basename "$COHORT")
-for config in $($PYTHON bench/kd_evidence/teacher_config.py "$CONFIG" \
-    "bench/kd_evidence/$TEACHER.yaml" "$COHORT" "$TEACHERS/configs"); do
-  run=$TEACHERS/$(basename "$config" .yaml)
+train_teacher() {  # config: train, resume or skip its teacher
+  local run=$TEACHERS/$(basename "$1" .yaml)
   if [ -f "$run/model/mtkd_model.json" ]; then
-    continue
+    return 0
   elif [ -f "$run/checkpoints/last.pt" ]; then
     $MTKD train --resume "$run" "${DEVICE_ARG[@]}"
   else
-    $MTKD train "$config" --run-dir "$run" "${DEVICE_ARG[@]}"
+    $MTKD train "$1" --run-dir "$run" "${DEVICE_ARG[@]}"
+  fi
+}
+pids=()
+for config in $($PYTHON bench/kd_evidence/teacher_config.py "$CONFIG" \
+    "bench/kd_evidence/$TEACHER.yaml" "$COHORT" "$TEACHERS/configs"); do
+  if [ "$JOBS" -gt 1 ]; then  # JOBS teachers at once, each with its share of the cores
+    OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 )) train_teacher "$config" &
+    pids+=($!)
+    if [ ${#pids[@]} -ge "$JOBS" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+  else
+    train_teacher "$config"
   fi
 done
+for pid in "${pids[@]}"; do wait "$pid"; done
 
 RESULTS=bench/results/kd_evidence/$GRID
 mkdir -p "$RESULTS"
 status=0
 $MTKD ablate "$CONFIG" -o "$OUT/$GRID" --data "$COHORT" \
-  --teacher "$TEACHERS/$TEACHER-split{split_seed}" "${DEVICE_ARG[@]}" || status=$?
+  --teacher "$TEACHERS/$TEACHER-split{split_seed}" "${DEVICE_ARG[@]}" "${GRID_ARGS[@]}" || status=$?
 for name in runs.csv results.csv summary.json evidence.md; do
   [ -f "$OUT/$GRID/$name" ] && cp "$OUT/$GRID/$name" "$RESULTS/$name"
 done
@@ -65,4 +82,10 @@ if [ $status -ne 0 ]; then
     "Run bench/kd_evidence/run.sh $STUDENT again (same TEACHER) to continue." > "$RESULTS/PARTIAL"
   exit $status
 fi
-rm -f "$RESULTS/PARTIAL"
+if [ -n "$CELLS" ]; then
+  echo "PARTIAL: only the cells $CELLS were run ($(date -u +%FT%TZ)); summary.json lists the" \
+    "others under not_run. Run bench/kd_evidence/run.sh $STUDENT again without CELLS (same" \
+    "TEACHER) for the whole grid." > "$RESULTS/PARTIAL"
+else
+  rm -f "$RESULTS/PARTIAL"
+fi
