@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from mtkd.engine.devices import check_device_name, is_device_name
+from mtkd.devices import check_device_name, is_device_name
 from MTKDLib.process import engine_command, engine_environment, engine_python, popen_keywords
 
 # Always offered, also when torch is missing or the engine cannot be asked
@@ -22,7 +22,7 @@ _cache: dict[str, list[str]] = {}
 
 def check_device(device: str) -> str:
     """``device`` when it is a device name the engine accepts ("auto", "cpu", "cuda",
-    "cuda:N", "mps": the engine's rule, :mod:`mtkd.engine.devices`); MTKDError (a ValueError)
+    "cuda:N", "mps": the engine's rule, :mod:`mtkd.devices`); MTKDError (a ValueError)
     naming the accepted forms otherwise."""
     return check_device_name(device)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from mtkd.data.atomic import atomic_write_bytes
-from mtkd.infer.model_files import METADATA
 from mtkd.library import ModelLibrary
+from mtkd.run_folder import RunDir
 from MTKDLib.train_config import TrainingOptions
 from MTKDLib.training_set import SceneCase, TrainingSet
 
@@ -119,7 +119,7 @@ class DistillLoop:
         """Step 5: the finished run ``run_dir`` becomes the next version (in the library, with
         its lineage) and the current one."""
         run_dir = Path(run_dir)
-        metadata_file = run_dir / "model" / METADATA
+        metadata_file = RunDir(run_dir).model_metadata
         if not metadata_file.is_file():
             raise ValueError(f"{run_dir}: the run has not finished (no model/ yet)")
         metadata = json.loads(metadata_file.read_text())

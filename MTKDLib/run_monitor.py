@@ -33,8 +33,8 @@ from typing import Any
 
 from mtkd.processes import pid_exists
 from mtkd.progress import PREFIX as PROGRESS_PREFIX
+from mtkd.run_folder import RunDir
 
-EVENTS_FILE = "events.jsonl"
 LOG_LINES = 20
 # metrics fields that are not loss terms (the rest that is numeric and not val_* is)
 NOT_TERMS = frozenset({"epoch", "epochs", "lr", "seconds", "samples", "time"})
@@ -188,7 +188,7 @@ class RunMonitor:
 
     def __init__(self, run_dir: str | Path, log_lines: int = LOG_LINES):
         self.run_dir = Path(run_dir)
-        self.follower = EventFollower(self.run_dir / EVENTS_FILE)
+        self.follower = EventFollower(RunDir(self.run_dir).events)
         self._log_lines = log_lines
         self._reset()
 
@@ -748,7 +748,6 @@ class RunPlots:
 
 
 __all__ = [
-    "EVENTS_FILE",
     "STATES",
     "EventFollower",
     "RunMonitor",

@@ -16,7 +16,8 @@ from typing import Any
 
 from mtkd.config import RunConfig, dump_config
 from mtkd.data.atomic import atomic_write_bytes
-from mtkd.infer.model_files import METADATA
+from mtkd.modelfiles.files import METADATA, model_folder
+from mtkd.run_folder import RunDir
 from MTKDLib.devices import check_device
 
 # student size presets: shown text -> registered network name
@@ -75,9 +76,9 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 def teacher_metadata(teacher: str | Path) -> dict[str, Any]:
     """The model metadata of our run or model folder (read as JSON; no torch needed)."""
     path = Path(teacher)
-    for candidate in (path / METADATA, path / "model" / METADATA):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
+    candidate = model_folder(path) / METADATA
+    if candidate.is_file():
+        return json.loads(candidate.read_text())
     raise ValueError(
         f"{path}: not an MTKD run or model folder ({METADATA} not found); the teacher's "
         "preprocessing is read from it"
@@ -161,11 +162,11 @@ def build_config(options: TrainingOptions) -> dict[str, Any]:
 def write_config(options: TrainingOptions, run_dir: str | Path) -> Path:
     """Write ``RUN/config.yaml`` for a new run (refused where a run already is)."""
     run_dir = Path(run_dir)
-    if (run_dir / "checkpoints" / "last.pt").exists() or (run_dir / "model").exists():
+    if RunDir(run_dir).last_checkpoint.exists() or RunDir(run_dir).model.exists():
         raise ValueError(f"{run_dir}: a run is already there; resume it or choose another folder")
     config = RunConfig.from_dict(build_config(options))
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     # as a run writes it: paths relative to the run folder, their absolute form beside them
     atomic_write_bytes(path, dump_config(config, folder=run_dir).encode())
     return path
@@ -176,13 +177,13 @@ def distill_arguments(run_dir: str | Path, resume: bool = False) -> list[str]:
     run_dir = Path(run_dir)
     if resume:
         return ["distill", "--resume", str(run_dir)]
-    return ["distill", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    return ["distill", str(RunDir(run_dir).config), "--run-dir", str(run_dir)]
 
 
 def server_commands(run_dir: str | Path) -> str:
     """How to run the same configuration on a GPU server (shown in the panel)."""
     run_dir = Path(run_dir)
-    config = shlex.quote(str(run_dir / "config.yaml"))
+    config = shlex.quote(str(RunDir(run_dir).config))
     run = shlex.quote(str(run_dir))
     lines = [
         "# On a GPU server with the same engine (pip install mtkd from this extension's version),",

@@ -26,6 +26,7 @@ from typing import Any
 
 from mtkd.engine.signals import request_stop, stop_file
 from mtkd.folder_lock import FolderLock, check_unlocked
+from mtkd.run_folder import STOPPED, RunDir
 from MTKDLib.process import (
     BackgroundProcess,
     EngineLogic,
@@ -144,7 +145,7 @@ class TrainLogic(EngineLogic):
         once while another process writes the folder (the engine refuses it too, and its
         one-line error becomes the run's error: :func:`MTKDLib.process.error_message`)."""
         run_dir = Path(run_dir)
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
+        if RunDir(run_dir).state != STOPPED:
             raise ValueError(f"{run_dir}: no checkpoint to resume from (checkpoints/last.pt)")
         check_unlocked(run_dir)
         return self._spawn(run_dir, resume=True)
@@ -152,6 +153,6 @@ class TrainLogic(EngineLogic):
     def attach(self, run_dir: str | Path) -> TrainingRun:
         """Follow a run folder this session did not start (running, stopped or finished)."""
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file() and not (run_dir / "events.jsonl").is_file():
+        if not RunDir(run_dir).config.is_file() and not RunDir(run_dir).events.is_file():
             raise ValueError(f"{run_dir}: not a run folder (no config.yaml or events.jsonl)")
         return TrainingRun(run_dir, None, self._plots(run_dir))

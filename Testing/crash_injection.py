@@ -19,7 +19,7 @@ import sys
 import torch
 
 from mtkd.cli import main
-from mtkd.engine.run_dir import EventLog
+from mtkd.run_folder import EventLog
 
 
 def _die() -> None:

@@ -104,7 +104,7 @@ def untrained_model(folder: Path, names: tuple[str, ...] = ("liver",)) -> Path:
     """An untrained tiny 2-D thesis U-Net exported as our model folder (instant, real files):
     softmax over background + ``names``, 32x32 slices, HU window (-160, 240)."""
     from mtkd.data.labels import LabelTable
-    from mtkd.infer.model_io import build_from_spec, export_model
+    from mtkd.modelfiles.model_io import build_from_spec, export_model
 
     spec = {
         "name": "thesis_unet",

@@ -17,21 +17,21 @@ import yaml
 from conftest import tiny_config
 from helpers import expect_error
 
-from mtkd.ablate import (
+from mtkd.ablation.grid import cell_name
+from mtkd.ablation.report import markdown_table, mean_std, summarise_cells, write_plots
+from mtkd.ablation.run import (
     _claim_folder,
     ablation_from_dict,
     load_ablation,
     run_ablation,
     selected_cells,
 )
-from mtkd.ablation.grid import cell_name
-from mtkd.ablation.report import markdown_table, mean_std, summarise_cells, write_plots
 from mtkd.ablation.tensorboard import event_scalars, mirror_run, summary_writer_class
 from mtkd.cli import main
 from mtkd.config import RunConfig, load_config
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.trainer import Trainer, TrainingInterrupted
 from mtkd.errors import MTKDError
+from mtkd.run_folder import read_events
 
 STUDENT = {"name": "thesis_unet", "params": {"channels": [4, 8], "bottleneck": 8}}
 GRID = {

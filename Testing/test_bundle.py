@@ -26,15 +26,15 @@ from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.export.bundle import SCHEMA_URL, verify_bundle, write_bundle
 from mtkd.export.verify import sample_input
-from mtkd.infer.bundle import (
+from mtkd.modelfiles.bundle import (
     MAX_ZIP_MEMBER,
     THESIS_TARGET,
     check_zip_sizes,
     load_bundle,
     safe_extract,
 )
-from mtkd.infer.model_io import build_from_spec, export_model, load_model, sha256_of
-from mtkd.infer.sources import load_any_model
+from mtkd.modelfiles.model_io import build_from_spec, export_model, load_model, sha256_of
+from mtkd.modelfiles.sources import load_any_model
 from mtkd.models import MultiTaskNet, build_network
 
 DATA = Path(__file__).parent / "Data"

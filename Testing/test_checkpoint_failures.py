@@ -13,10 +13,10 @@ from helpers import expect_error
 
 from mtkd.config import RunConfig
 from mtkd.engine import checkpoint
-from mtkd.engine.checkpoint import load_checkpoint, save_checkpoint
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.trainer import Trainer
 from mtkd.errors import MTKDError
+from mtkd.modelfiles.checkpoint import load_checkpoint, save_checkpoint
+from mtkd.run_folder import read_events
 
 
 def failing_save(code: int, message: str):

@@ -19,7 +19,7 @@ import yaml
 from helpers import write_dicom_series
 
 from mtkd.cli import main
-from mtkd.engine.run_dir import read_events
+from mtkd.run_folder import read_events
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ from mtkd.infer.compare import (
     format_comparison,
     write_comparison,
 )
-from mtkd.infer.model_io import load_model
 from mtkd.infer.picture import slice_panels, structure_colors, write_contour_png
 from mtkd.infer.predictor import Predictor
+from mtkd.modelfiles.model_io import load_model
 
 DATA = Path(__file__).parent / "Data"
 CT = DATA / "abdomen_ct.nii.gz"

@@ -9,8 +9,8 @@ import yaml
 
 from mtkd.cli import main
 from mtkd.config import RunConfig, dump_config, load_config
+from mtkd.distill.presets import resolve_terms
 from mtkd.distill.spec import TapPair
-from mtkd.engine.terms import resolve_terms
 from mtkd.errors import MTKDError
 
 EXAMPLES = Path(__file__).parents[1] / "examples"

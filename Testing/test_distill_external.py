@@ -25,14 +25,14 @@ from mtkd.data.segnrrd import write_seg_nrrd
 from mtkd.data.stored_outputs import open_stored_outputs
 from mtkd.distill.distiller import Distiller
 from mtkd.distill.spec import OutputTerm
-from mtkd.engine.checkpoint import load_checkpoint
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.teacher_source import pseudo_logits, teacher_transform
 from mtkd.engine.trainer import Trainer, TrainingInterrupted
 from mtkd.errors import MTKDError
 from mtkd.infer.inference import first_output
-from mtkd.infer.model_io import load_model, sha256_of
-from mtkd.infer.sources import load_any_model, load_checkpoint_model
+from mtkd.modelfiles.checkpoint import load_checkpoint
+from mtkd.modelfiles.model_io import load_model, sha256_of
+from mtkd.modelfiles.sources import load_any_model, load_checkpoint_model
+from mtkd.run_folder import read_events
 
 STRUCTURES = ["liver", "spleen", "kidney_right"]
 OUTPUT_ONLY = {"loss": "pmd", "weight": 1.0, "temperature": 4.0}

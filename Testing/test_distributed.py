@@ -20,13 +20,13 @@ from helpers import stop_at_batch
 from test_models import CASES, _case_id
 
 from mtkd.config import RunConfig
-from mtkd.engine.checkpoint import load_checkpoint
 from mtkd.engine.distributed import Distributed, shard_indices
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.step import TrainingStep
 from mtkd.errors import MTKDError
+from mtkd.modelfiles.checkpoint import load_checkpoint
 from mtkd.models import build_network, network_info
+from mtkd.run_folder import read_events
 
 # --- shards and the environment ---------------------------------------------------------------
 
@@ -229,8 +229,8 @@ def test_torchrun_trains_on_two_shards_and_resumes_after_a_stop(make_config, tmp
 def test_a_mid_epoch_checkpoint_of_another_process_count_restarts_its_epoch(make_config, tmp_path):
     """A checkpoint saved in the middle of an epoch by 2 processes, resumed by 1: the shard
     it stopped in no longer exists, so that epoch starts again from its beginning."""
-    from mtkd.engine.checkpoint import save_checkpoint
     from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
+    from mtkd.modelfiles.checkpoint import save_checkpoint
 
     config = RunConfig.from_dict(make_config("train", train__epochs=2))
     trainer = Trainer(config, tmp_path / "run", progress=False, log=lambda _: None)

@@ -9,11 +9,11 @@ import torch
 from helpers import stop_at_batch
 
 from mtkd.config import RunConfig
-from mtkd.engine.checkpoint import load_checkpoint
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 from mtkd.errors import MTKDError
-from mtkd.infer.model_io import load_model
+from mtkd.modelfiles.checkpoint import load_checkpoint
+from mtkd.modelfiles.model_io import load_model
+from mtkd.run_folder import read_events
 
 
 def quiet(config: dict, run_dir, **options):

@@ -9,10 +9,10 @@ import SimpleITK as sitk
 
 from mtkd.config import RunConfig
 from mtkd.data.image_io import write_image
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.trainer import Trainer
-from mtkd.infer.model_io import load_model
 from mtkd.infer.predictor import Predictor
+from mtkd.modelfiles.model_io import load_model
+from mtkd.run_folder import read_events
 
 # (index, size) of three blocks of the real abdomen CT around the kidneys and liver
 BLOCKS = [([20, 20, 66], [72, 64, 12]), ([24, 18, 80], [72, 64, 12]), ([22, 22, 94], [72, 64, 12])]

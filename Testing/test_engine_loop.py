@@ -16,14 +16,14 @@ from conftest import tiny_config
 from helpers import expect_error, stop_at_batch
 
 from mtkd.config import RunConfig, load_config
-from mtkd.engine.checkpoint import load_checkpoint
-from mtkd.engine.run_dir import read_events
+from mtkd.distill.presets import PRESETS, feature_weights, resolve_terms
 from mtkd.engine.teacher_source import TeacherSource, check_feature_terms
-from mtkd.engine.terms import PRESETS, feature_weights, resolve_terms
 from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 from mtkd.errors import MTKDError
-from mtkd.infer.model_io import load_model
+from mtkd.modelfiles.checkpoint import load_checkpoint
+from mtkd.modelfiles.model_io import load_model
 from mtkd.models import network_info
+from mtkd.run_folder import read_events
 
 S1 = {"name": "thesis_s1", "params": {}, "reconstruction": "none"}
 T1 = {"name": "thesis_t1_backbone", "params": {}, "reconstruction": "masked"}

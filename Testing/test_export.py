@@ -26,11 +26,11 @@ from mtkd.export.formats import export_model_as
 from mtkd.export.onnx import ONNX_RELATIVE_BOUND, export_onnx
 from mtkd.export.torchscript import TORCHSCRIPT_RELATIVE_BOUND, export_torchscript
 from mtkd.export.verify import check_export, max_logit_difference, sample_input
-from mtkd.infer.model_io import METADATA, build_from_spec, export_model, load_model, sha256_of
-from mtkd.infer.onnx_model import OnnxNetwork, load_onnx
 from mtkd.infer.predictor import Predictor
-from mtkd.infer.sources import load_any_model
-from mtkd.infer.torchscript_model import load_torchscript
+from mtkd.modelfiles.model_io import METADATA, build_from_spec, export_model, load_model, sha256_of
+from mtkd.modelfiles.onnx import OnnxNetwork, load_onnx
+from mtkd.modelfiles.sources import load_any_model
+from mtkd.modelfiles.torchscript import load_torchscript
 
 CT = Path(__file__).parent / "Data" / "abdomen_ct.nii.gz"
 FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}

@@ -16,11 +16,11 @@ from mtkd.config import RunConfig
 from mtkd.data.image_io import read_image
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.trainer import Trainer, resume_run
-from mtkd.infer.model_io import export_model, load_model
 from mtkd.infer.predictor import Predictor
+from mtkd.modelfiles.model_io import export_model, load_model
 from mtkd.models import build_network
+from mtkd.run_folder import read_events
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

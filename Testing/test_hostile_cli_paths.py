@@ -32,7 +32,7 @@ from conftest import DATA, tiny_config
 from helpers import untrained_model
 
 from mtkd.cli import build_parser, main
-from mtkd.infer.model_io import WEIGHTS
+from mtkd.modelfiles.model_io import WEIGHTS
 
 # ------------------------------------------------------------------ classification
 

@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 
 from mtkd.config import RunConfig, dump_config, load_config
 from mtkd.data.splits import Split, read_split
-from mtkd.engine.devices import check_device_name, is_device_name
-from mtkd.engine.trainer import resolve_device
+from mtkd.devices import check_device_name, is_device_name, resolve_device
 from mtkd.errors import MTKDError
 from mtkd.protocols import PRESETS, load_protocol
 from MTKDLib.devices import check_device

@@ -48,13 +48,13 @@ from mtkd.data.labels import LabelTable
 from mtkd.data.loading import read_case
 from mtkd.data.preprocess import Preprocessing
 from mtkd.data.segnrrd import read_seg_nrrd, write_seg_nrrd
-from mtkd.engine.checkpoint import load_checkpoint
 from mtkd.errors import MTKDError
-from mtkd.infer.bundle import load_bundle, safe_extract
-from mtkd.infer.model_files import sha256_of
-from mtkd.infer.model_io import LoadedModel, build_from_spec, export_model, load_model
-from mtkd.infer.sources import load_any_model
 from mtkd.library import ModelLibrary
+from mtkd.modelfiles.bundle import load_bundle, safe_extract
+from mtkd.modelfiles.checkpoint import load_checkpoint
+from mtkd.modelfiles.files import sha256_of
+from mtkd.modelfiles.model_io import LoadedModel, build_from_spec, export_model, load_model
+from mtkd.modelfiles.sources import load_any_model
 
 # Reproducible in CI (the same examples on every run), bounded, no per-example deadline (the
 # no_hang guard below catches hangs), no example database written into the source tree.

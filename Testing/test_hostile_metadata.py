@@ -26,10 +26,10 @@ from test_hostile_input import HOSTILE, assert_clear, attempt, scratch
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError
 from mtkd.infer.inference import first_output
-from mtkd.infer.model_io import LoadedModel, load_model
-from mtkd.infer.model_metadata import CHECKSUM_KEY, MODEL_KEYS, PREPROCESSING_KEYS, seal
-from mtkd.infer.sources import load_any_model
 from mtkd.library import ModelLibrary
+from mtkd.modelfiles.metadata import CHECKSUM_KEY, MODEL_KEYS, PREPROCESSING_KEYS, seal
+from mtkd.modelfiles.model_io import LoadedModel, load_model
+from mtkd.modelfiles.sources import load_any_model
 
 DELETE = "<delete>"
 # Keys whose problems another check names: the weights' SHA-256 (the weights file) and the

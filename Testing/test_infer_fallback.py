@@ -13,8 +13,8 @@ from torch import nn
 from mtkd.errors import MTKDError
 from mtkd.infer.fallback import InferenceFallbackWarning, fallback_steps, is_out_of_memory
 from mtkd.infer.memory import InferencePlan
-from mtkd.infer.model_io import load_model
 from mtkd.infer.predictor import Predictor
+from mtkd.modelfiles.model_io import load_model
 
 
 class OutOfMemoryAbove(nn.Module):

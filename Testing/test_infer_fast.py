@@ -37,9 +37,9 @@ from mtkd.infer.memory import (
     plan_inference,
     usable_cpus,
 )
-from mtkd.infer.model_io import LoadedModel
 from mtkd.infer.predictor import Predictor
 from mtkd.infer.resample import NotSeparableError, preprocess
+from mtkd.modelfiles.model_io import LoadedModel
 from mtkd.models import build_network
 
 LABELS = LabelTable({1: "liver", 2: "spleen", 3: "kidney_right"})

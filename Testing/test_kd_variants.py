@@ -15,16 +15,16 @@ from monai.networks.nets import BasicUNet, UNet
 from mtkd.config import DistillConfig, OutputTermConfig, RunConfig, TapPairConfig
 from mtkd.distill.distiller import Distiller
 from mtkd.distill.losses import get_output_loss, infonce_loss
-from mtkd.distill.spec import TapPair
-from mtkd.engine.seg_loss import SegmentationLoss
-from mtkd.engine.step import TrainingStep
-from mtkd.engine.terms import (
+from mtkd.distill.presets import (
     OUTPUT_PRESETS,
     PRESETS,
     feature_weights,
     resolve_output_term,
     resolve_terms,
 )
+from mtkd.distill.spec import TapPair
+from mtkd.engine.seg_loss import SegmentationLoss
+from mtkd.engine.step import TrainingStep
 from mtkd.errors import MTKDError
 from mtkd.models import build_teacher
 from mtkd.models.multitask import frozen_running_stats, reconstruction_loss
@@ -453,8 +453,8 @@ def test_hinton_published_by_hand() -> None:
 
 
 def _run(config: dict, run_dir) -> list[dict]:
-    from mtkd.engine.run_dir import read_events
     from mtkd.engine.trainer import Trainer
+    from mtkd.run_folder import read_events
 
     Trainer(RunConfig.from_dict(config), run_dir, progress=False, log=lambda _: None).run()
     return [e for e in read_events(run_dir / "events.jsonl") if e["type"] == "metrics"]

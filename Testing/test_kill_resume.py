@@ -19,8 +19,8 @@ import pytest
 import torch
 import yaml
 
-from mtkd.engine.checkpoint import load_checkpoint
-from mtkd.engine.run_dir import read_events
+from mtkd.modelfiles.checkpoint import load_checkpoint
+from mtkd.run_folder import read_events
 
 DRIVER = Path(__file__).with_name("crash_injection.py")
 ROOT = Path(__file__).resolve().parents[1]

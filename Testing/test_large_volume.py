@@ -19,9 +19,9 @@ from test_infer_fast import flipped, make_prep, rotated, tiny_model
 
 from mtkd.infer.inference import predict_planned, window_starts, window_tiles
 from mtkd.infer.memory import segmentation_memory_bound
-from mtkd.infer.model_io import LoadedModel, load_model
 from mtkd.infer.predictor import Predictor
 from mtkd.infer.resample import ModelInput, preprocess
+from mtkd.modelfiles.model_io import LoadedModel, load_model
 
 CPU = torch.device("cpu")
 ONE_PIECE = 1 << 40  # bytes: every chunk and slab the whole volume

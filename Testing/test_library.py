@@ -18,9 +18,9 @@ from mtkd.cli import main
 from mtkd.data.image_io import read_image
 from mtkd.data.labels import LabelTable
 from mtkd.errors import MTKDError
-from mtkd.infer.model_io import build_from_spec, export_model, load_model, sha256_of
-from mtkd.infer.sources import load_any_model
 from mtkd.library import ENTRY_FILE, ModelLibrary, default_library_root, slugify
+from mtkd.modelfiles.model_io import build_from_spec, export_model, load_model, sha256_of
+from mtkd.modelfiles.sources import load_any_model
 
 DATA = Path(__file__).parent / "Data"
 STRUCTURES = ["liver", "spleen", "kidney_right"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mtkd.config import DistillConfig, OutputTermConfig
 from mtkd.distill.losses import OUTPUT_LOSSES, cwd_loss, dist_loss, get_output_loss, pmd_loss
-from mtkd.engine.terms import resolve_output_term
+from mtkd.distill.presets import resolve_output_term
 from mtkd.errors import MTKDError
 
 LOSSES = {"cwd": cwd_loss, "dist": dist_loss}

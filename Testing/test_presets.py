@@ -14,10 +14,10 @@ import yaml
 
 from mtkd.cli import main
 from mtkd.config import differing_keys, load_config
+from mtkd.data.cohort import write_cohort
 from mtkd.data.image_io import write_image
-from mtkd.data.synth import LABELS, make_subject, write_cohort
-from mtkd.engine.run_dir import read_events
-from mtkd.engine.terms import resolve_terms
+from mtkd.data.synth import LABELS, make_subject
+from mtkd.distill.presets import resolve_terms
 from mtkd.errors import MTKDError
 from mtkd.infer.pooled import (
     SliceCounts,
@@ -28,6 +28,7 @@ from mtkd.infer.pooled import (
 )
 from mtkd.models import build_network, build_teacher, count_parameters
 from mtkd.protocols import available_protocols, load_protocol, write_configs
+from mtkd.run_folder import read_events
 
 SPLEEN = "thesis-2d-spleen"
 MULTI = "3d-multiorgan"

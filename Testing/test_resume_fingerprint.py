@@ -18,9 +18,9 @@ from helpers import stop_at_batch
 
 from mtkd.cli import main
 from mtkd.config import RunConfig
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.trainer import Trainer, TrainingInterrupted
 from mtkd.errors import MTKDError
+from mtkd.run_folder import read_events
 
 
 def quiet(config: RunConfig, run: Path, logs: list[str] | None = None, **options) -> Trainer:
@@ -29,7 +29,7 @@ def quiet(config: RunConfig, run: Path, logs: list[str] | None = None, **options
 
 
 def resume(run: Path, logs: list[str] | None = None):
-    from mtkd.engine.run_dir import RunDir
+    from mtkd.run_folder import RunDir
 
     return quiet(RunDir(run).load_config(), run, logs, resume=True).run()
 

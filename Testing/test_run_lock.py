@@ -21,11 +21,11 @@ from conftest import tiny_config
 from helpers import stop_at_batch
 
 from mtkd.config import RunConfig, load_config
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.signals import stop_file
 from mtkd.engine.trainer import Trainer, TrainingInterrupted
 from mtkd.errors import MTKDError
 from mtkd.folder_lock import LOCK_NAME, FolderLock, FolderLocked, check_unlocked, holder_of
+from mtkd.run_folder import read_events
 from MTKDLib.process import BackgroundProcess, engine_command, engine_environment
 from MTKDLib.train_config import TrainingOptions, distill_arguments
 from MTKDLib.train_logic import TrainingRun, TrainLogic
@@ -388,7 +388,7 @@ def test_a_second_ablation_in_the_same_folder_is_refused(
 ):
     from test_ablate import ablation_config
 
-    from mtkd.ablate import ablation_from_dict, run_ablation
+    from mtkd.ablation.run import ablation_from_dict, run_ablation
 
     ablation = ablation_from_dict(ablation_config(slab_dataset, teacher_run, {"seeds": [0]}))
     folder = tmp_path / "grid"

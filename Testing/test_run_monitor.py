@@ -18,8 +18,8 @@ import pytest
 from slicer_scene import new_scene
 
 from mtkd.config import RunConfig
-from mtkd.engine.run_dir import EventLog, read_events
 from mtkd.engine.trainer import Trainer, TrainingInterrupted
+from mtkd.run_folder import EventLog, read_events
 from MTKDLib.run_monitor import (
     EventFollower,
     RunMonitor,

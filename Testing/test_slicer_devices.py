@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtkd.cli import main
-from mtkd.engine.trainer import resolve_device
+from mtkd.devices import resolve_device
 from mtkd.environment import device_names
 from mtkd.errors import MTKDError
 from MTKDLib import devices

@@ -19,8 +19,8 @@ from mtkd.cli import main
 from mtkd.data.labels import LabelTable, remap_label_array
 from mtkd.data.segnrrd import write_segmentation
 from mtkd.data.terminology import lookup
-from mtkd.infer.model_io import load_model
 from mtkd.library import ModelLibrary
+from mtkd.modelfiles.model_io import load_model
 from MTKDLib.compare_logic import CompareLogic
 from MTKDLib.library_table import format_size, library_rows, model_choices, version_text
 from MTKDLib.mrml_io import labelmap_array, load_segmentation, segment_names

@@ -21,9 +21,9 @@ from mtkd.config import RunConfig, load_config
 from mtkd.data.datasets import load_dataset
 from mtkd.data.labels import LabelTable, remap_label_array
 from mtkd.data.segnrrd import write_segmentation
-from mtkd.engine.run_dir import read_events
-from mtkd.infer.model_io import load_model
 from mtkd.library import ModelLibrary
+from mtkd.modelfiles.model_io import load_model
+from mtkd.run_folder import read_events
 from MTKDLib.distill_loop import DistillLoop
 from MTKDLib.mrml_io import labelmap_array, load_segmentation
 from MTKDLib.train_config import (

@@ -15,8 +15,6 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from mtkd.engine.checkpoint import load_checkpoint
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.signals import (
     LAUNCHED_AT_ENV,
     STOP_FILE_NAME,
@@ -25,6 +23,8 @@ from mtkd.engine.signals import (
     request_stop,
     stop_file,
 )
+from mtkd.modelfiles.checkpoint import load_checkpoint
+from mtkd.run_folder import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,12 +20,12 @@ from mtkd.distill.losses import (
     get_feature_loss,
     resize_labels,
 )
+from mtkd.distill.presets import resolve_terms
 from mtkd.distill.spec import OutputTerm, TapPair
-from mtkd.engine.checkpoint import load_checkpoint
-from mtkd.engine.run_dir import read_events
-from mtkd.engine.terms import resolve_terms
 from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 from mtkd.errors import MTKDError
+from mtkd.modelfiles.checkpoint import load_checkpoint
+from mtkd.run_folder import read_events
 
 
 @pytest.fixture(autouse=True)

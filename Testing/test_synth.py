@@ -10,9 +10,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from mtkd.cli import main
+from mtkd.data.cohort import COHORT_NAME, write_cohort
 from mtkd.data.datasets import load_dataset
 from mtkd.data.image_io import read_image, read_label
-from mtkd.data.synth import COHORT_NAME, LABELS, NOISE_HU, NOMINAL_HU, make_subject, write_cohort
+from mtkd.data.synth import LABELS, NOISE_HU, NOMINAL_HU, make_subject
 from mtkd.errors import MTKDError
 
 SUBJECTS = 3

@@ -10,9 +10,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from mtkd.cli import main
+from mtkd.data.cohort import write_cohort
 from mtkd.data.datasets import load_dataset
 from mtkd.data.image_io import read_image, read_label
-from mtkd.data.synth import LABELS, write_cohort
+from mtkd.data.synth import LABELS
 from mtkd.data.synth_ct import PHASES, TISSUES, make_ct_subject
 from mtkd.errors import MTKDError
 

@@ -21,15 +21,15 @@ from mtkd.data.loading import PatchDataset, SliceDataset, VolumeCache
 from mtkd.data.preprocess import Preprocessing
 from mtkd.data.splits import split_cases
 from mtkd.distill.distiller import Distiller
+from mtkd.distill.presets import scale_taps
 from mtkd.distill.spec import OutputTerm, TapPair
-from mtkd.engine.checkpoint import load_checkpoint
-from mtkd.engine.run_dir import read_events
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.step import TrainingStep, labelled_seg_loss
-from mtkd.engine.terms import scale_taps
 from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 from mtkd.errors import MTKDError
-from mtkd.infer.model_io import build_from_spec, load_model
+from mtkd.modelfiles.checkpoint import load_checkpoint
+from mtkd.modelfiles.model_io import build_from_spec, load_model
+from mtkd.run_folder import read_events
 
 TINY = {"name": "thesis_unet", "params": {"channels": [4, 8], "bottleneck": 16}}
 

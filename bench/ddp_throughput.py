@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from mtkd.engine.run_dir import read_events
+from mtkd.run_folder import read_events
 
 
 def mtkd(*args: str, nproc: int | None = None, threads: int | None = None) -> None:

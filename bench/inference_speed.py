@@ -40,8 +40,8 @@ from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.engine.trainer import Trainer
 from mtkd.infer.memory import PeakMemory
-from mtkd.infer.model_io import export_model, load_model
 from mtkd.infer.predictor import Predictor
+from mtkd.modelfiles.model_io import export_model, load_model
 from mtkd.models import build_network
 
 ROOT = Path(__file__).resolve().parents[1]

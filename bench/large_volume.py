@@ -44,9 +44,9 @@ from mtkd.infer.memory import (
     InferencePlan,
     segmentation_memory_bound,
 )
-from mtkd.infer.model_io import export_model, load_model
 from mtkd.infer.predictor import Predictor
 from mtkd.infer.resample import ModelInput, preprocess
+from mtkd.modelfiles.model_io import export_model, load_model
 from mtkd.models import build_teacher
 
 LABELS = LabelTable({1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left"})

@@ -57,7 +57,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mtkd.data.datasets import load_dataset
     from mtkd.data.splits import read_split
-    from mtkd.engine.trainer import resolve_device
+    from mtkd.devices import resolve_device
     from mtkd.infer.evaluate import (
         check_scores_csv,
         evaluate,
@@ -65,8 +65,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         summary_table,
         write_scores_csv,
     )
-    from mtkd.infer.model_io import load_model
     from mtkd.infer.predictor import Predictor
+    from mtkd.modelfiles.model_io import load_model
 
     inputs = [path for path in (args.split, args.labels_json) if path]
     if args.csv:  # cheap checks first: the model and the data take a while to load
@@ -94,10 +94,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from mtkd.data.ct_check import ct_intensity_warning
     from mtkd.data.image_io import check_writable, expand_image_inputs, read_image
     from mtkd.data.segnrrd import write_segmentation
-    from mtkd.engine.trainer import resolve_device
+    from mtkd.devices import resolve_device
     from mtkd.infer.output_paths import segment_outputs
     from mtkd.infer.predictor import Predictor
-    from mtkd.infer.sources import load_any_model
+    from mtkd.modelfiles.sources import load_any_model
 
     progress = ProgressReporter(args.progress)
     device = resolve_device(args.device)
@@ -133,7 +133,7 @@ def _segmenter(path: str, labels_json: str | None, device):
     from mtkd.data.labels import LabelTable
     from mtkd.infer.compare import ModelSegmenter, StoredSegmentation
     from mtkd.infer.predictor import Predictor
-    from mtkd.infer.sources import is_stored_output, load_any_model
+    from mtkd.modelfiles.sources import is_stored_output, load_any_model
 
     if is_stored_output(path):
         labels = LabelTable.from_json(labels_json) if labels_json else None
@@ -147,7 +147,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from mtkd.data.image_io import check_writable, read_image, read_label
     from mtkd.data.labels import LabelTable
     from mtkd.data.segnrrd import write_segmentation
-    from mtkd.engine.trainer import resolve_device
+    from mtkd.devices import resolve_device
     from mtkd.infer.compare import compare, comparison_paths, format_comparison, write_comparison
     from mtkd.infer.output_paths import check_compare_outputs, compare_inputs
 
@@ -233,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from mtkd.data.synth import write_cohort
+    from mtkd.data.cohort import write_cohort
 
     path = write_cohort(
         args.output,
@@ -281,7 +281,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from mtkd.ablate import load_ablation, run_ablation
+    from mtkd.ablation.run import load_ablation, run_ablation
     from mtkd.engine.trainer import TrainingInterrupted
 
     ablation = load_ablation(

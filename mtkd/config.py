@@ -33,7 +33,7 @@ from mtkd.config_paths import (
     relative_paths,
     resolve_paths,
 )
-from mtkd.engine.devices import check_device_name
+from mtkd.devices import check_device_name
 from mtkd.errors import MTKDError, one_line
 
 # distill.unlabelled's words that are not folders (a folder called so is written ./train)
@@ -183,7 +183,7 @@ class DistillConfig:
     ``feature_loss`` and ``scale_weights`` change a preset's pairs (not explicit ``pairs``); with
     ``feature_loss: supcon`` (supervised voxel contrast) the pairs' temperature is 0.1.
     ``cwd_published``, ``dist_published`` and ``hinton_published`` are an output term alone at
-    its authors' published settings (sources in :mod:`mtkd.engine.terms`).
+    its authors' published settings (sources in :mod:`mtkd.distill.presets`).
     """
 
     teacher: str = ""  # run/model folder, checkpoint, bundle, TorchScript/ONNX, stored outputs

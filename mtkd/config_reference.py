@@ -92,7 +92,7 @@ def choices() -> dict[str, str]:
     """What a ``{NAME}`` placeholder of a comment stands for: the choices of every Literal
     field by dotted key, the registries' names, and example entries from the dataclasses."""
     from mtkd.distill.losses import FEATURE_LOSSES, OUTPUT_LOSSES
-    from mtkd.engine.terms import OUTPUT_PRESETS, PAIR_PRESETS, PRESETS
+    from mtkd.distill.presets import OUTPUT_PRESETS, PAIR_PRESETS, PRESETS
 
     found = {
         "PRESETS": " | ".join(PRESETS),

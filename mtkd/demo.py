@@ -19,12 +19,13 @@ from mtkd.data.datasets import load_dataset
 from mtkd.data.image_io import check_writable, read_image
 from mtkd.data.segnrrd import write_seg_nrrd
 from mtkd.demo_data import SLAB, STRUCTURES, write_slab_dataset, write_whole_ct_slabs
-from mtkd.engine.trainer import Trainer, resolve_device
+from mtkd.devices import resolve_device
+from mtkd.engine.trainer import Trainer
 from mtkd.errors import MTKDError
 from mtkd.infer.evaluate import evaluate, format_score, format_table, summarise
-from mtkd.infer.model_io import load_model
 from mtkd.infer.predictor import Predictor
 from mtkd.metrics import PENALTY_NOTE, format_missed
+from mtkd.modelfiles.model_io import load_model
 
 __all__ = ["SLAB", "STRUCTURES", "run_demo", "write_slab_dataset", "write_whole_ct_slabs"]
 

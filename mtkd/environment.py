@@ -125,7 +125,7 @@ def environment_report(device: str | None = None) -> dict[str, Any]:
         report.update(cuda_available=False, gpus=[], devices=device_names())
         return report
 
-    from mtkd.engine.trainer import resolve_device
+    from mtkd.devices import resolve_device
     from mtkd.infer.memory import free_memory_bytes
 
     chosen = resolve_device(str(device) if device is not None else "auto")

@@ -9,12 +9,12 @@
 
 An import is checked (metadata present, valid and unchanged, SHA-256 of the weights equal to
 the metadata's, zip members that stay inside the folder and within the size limits of
-:func:`mtkd.infer.bundle.check_zip_sizes`, the model opens with mtkd) in a hidden staging
+:func:`mtkd.modelfiles.bundle.check_zip_sizes`, the model opens with mtkd) in a hidden staging
 folder inside the library and then renamed into place, so no half-imported entry is ever
 visible and a failed import leaves nothing. Only the files the model needs are copied (its
 metadata and weights; a bundle's metadata, inference config, weights, LICENSE and
 docs/README.md). Each entry folder is a model source that
-:func:`mtkd.infer.sources.load_any_model` opens.
+:func:`mtkd.modelfiles.sources.load_any_model` opens.
 
 A folder of the library is an entry only if its ``library_entry.json`` is present and valid
 (a JSON object with a known ``library_format`` and ``format``): other folders are never
@@ -38,8 +38,8 @@ from typing import Any
 
 from mtkd.data.atomic import atomic_write_bytes, fsync_dir, missing_folders, remove_if_empty
 from mtkd.errors import MTKDError, error_summary
-from mtkd.infer.model_files import METADATA, WEIGHTS, sha256_of
-from mtkd.infer.model_metadata import check_seal, file_name, validate_metadata
+from mtkd.modelfiles.files import METADATA, RUN_MODEL, WEIGHTS, model_folder, sha256_of
+from mtkd.modelfiles.metadata import check_seal, file_name, validate_metadata
 
 ENTRY_FILE = "library_entry.json"
 ENTRY_VERSION = 1
@@ -151,8 +151,8 @@ def _check_weights(folder: Path, shown: Path, relative: str, expected: Any) -> s
 
 def _inspect(folder: Path, shown: Path, fallback_name: str) -> _Candidate:
     """The checked model in ``folder``: ours (run, model or export folder) or a bundle."""
-    if not (folder / METADATA).is_file() and (folder / "model" / METADATA).is_file():
-        folder, shown = folder / "model", shown / "model"  # a run folder
+    if model_folder(folder) != folder:  # a run folder
+        folder, shown = model_folder(folder), shown / RUN_MODEL
     if (folder / METADATA).is_file():
         metadata = _read_json(folder / METADATA, shown / METADATA)
         fmt = metadata.get("format", "pytorch")
@@ -226,7 +226,7 @@ def _zip_needed(source: Path) -> tuple[str, set[str]]:
             by_name = {info.filename.replace("\\", "/").removeprefix("./"): info for info in infos}
             info = by_name.get(prefix + METADATA)
             if info is not None:
-                from mtkd.infer.bundle import check_zip_sizes
+                from mtkd.modelfiles.bundle import check_zip_sizes
 
                 check_zip_sizes([info], source)
                 metadata = json.loads(archive.read(info).decode("utf-8"))
@@ -274,7 +274,7 @@ def _open_check(folder: Path, shown: Path) -> dict[str, Any]:
     """Open the staged model with mtkd (as its users will) and describe it."""
     from torch import nn
 
-    from mtkd.infer.sources import load_any_model
+    from mtkd.modelfiles.sources import load_any_model
     from mtkd.models import count_parameters
 
     try:
@@ -552,10 +552,10 @@ class ModelLibrary:
             return target, candidate
         if not zipfile.is_zipfile(source):
             raise MTKDError(_NOT_A_MODEL, source)
-        from mtkd.infer.bundle import safe_extract
-        from mtkd.infer.sources import _is_torchscript_zip
+        from mtkd.modelfiles.bundle import safe_extract
+        from mtkd.modelfiles.sources import is_torchscript_zip
 
-        if _is_torchscript_zip(source):
+        if is_torchscript_zip(source):
             raise MTKDError(
                 "a lone TorchScript file carries no checked metadata; import the folder that "
                 "'mtkd export --format torchscript' wrote (or a zip of it)",

@@ -52,13 +52,13 @@ from mtkd.data.atomic import atomic_write_bytes
 from mtkd.data.splits import read_split
 from mtkd.errors import MTKDError, one_line
 from mtkd.metrics import format_missed
+from mtkd.run_folder import FINISHED, STOPPED, RunDir
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 PLACEHOLDERS = ("DATA", "RUNS")
 STAGE_KEYS = ("baseline_of", "config")
 PROTOCOL_KEYS = ("protocol", "description", "expects", "reference", "common", "stages")
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-MODEL_METADATA = "mtkd_model.json"
 
 __all__ = [
     "Protocol",
@@ -70,7 +70,6 @@ __all__ = [
     "protocol_file",
     "run_protocol",
     "select_stages",
-    "stage_state",
     "write_configs",
 ]
 
@@ -476,21 +475,6 @@ def write_configs(protocol: Protocol, folder: str | Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------- running
-def stage_state(run_dir: Path) -> str:
-    """``done`` (a model), ``resume`` (a checkpoint) or ``new``."""
-    if (run_dir / "model" / MODEL_METADATA).is_file():
-        return "done"
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        return "resume"
-    return "new"
-
-
-def _comparable(config: RunConfig) -> dict[str, Any]:
-    data = config.to_dict()
-    data["train"]["device"] = None  # where a run ran does not change what it is
-    return data
-
-
 def check_expectations(protocol: Protocol) -> None:
     """The dataset has the layout and structures the protocol expects (clear errors early)."""
     from mtkd.data.datasets import load_dataset
@@ -546,38 +530,30 @@ def _run_stages(
     evaluate: bool,
     log: Callable[[str], None],
 ) -> dict[str, Any] | None:
-    from mtkd.engine.run_dir import RunDir
     from mtkd.engine.trainer import Trainer
 
     for stage in select_stages(protocol, selection):
         run_dir = runs / stage.name
-        state = stage_state(run_dir)
-        if state != "new":
-            stored = RunDir(run_dir).load_config()
-            differing = differing_keys(_comparable(stored), _comparable(stage.config))
-            if differing:
-                raise MTKDError(
-                    f"stage '{stage.name}': this run folder was made with another "
-                    f"configuration (differs in {', '.join(differing)}); use another --runs "
-                    "folder or remove this one",
-                    run_dir,
-                )
-        if state == "done":
-            log(f"[{protocol.name}] {stage.name}: done, skipped ({run_dir / 'model'})")
+        folder = RunDir(run_dir)
+        state = folder.state
+        folder.check_holds(
+            stage.config, f"stage '{stage.name}': use another --runs folder or remove this one"
+        )
+        if state == FINISHED:
+            log(f"[{protocol.name}] {stage.name}: done, skipped ({folder.model})")
             continue
         if stage.is_student and stage.config.distill is not None:  # no-KD twins too
             teacher = Path(stage.config.distill.teacher)
             ours = teacher.parent == runs.resolve()
-            if (ours and stage_state(teacher) != "done") or not teacher.exists():
+            if (ours and RunDir(teacher).state != FINISHED) or not teacher.exists():
                 raise MTKDError(
                     f"stage '{stage.name}' needs its teacher, which has no model yet; run "
                     f"the teacher first (--stage {teacher.name if ours else 'teacher'})",
                     teacher,
                 )
-        if state == "resume":
+        if state == STOPPED:
             log(f"[{protocol.name}] {stage.name}: resuming from its checkpoint")
-            config = RunDir(run_dir).load_config()
-            Trainer(config, run_dir, resume=True, log=log).run()
+            Trainer(folder.load_config(), run_dir, resume=True, log=log).run()
         else:
             log(f"[{protocol.name}] {stage.name}: training ({stage.config.kind})")
             Trainer(stage.config, run_dir, log=log).run()
@@ -595,7 +571,7 @@ def _shared_split(protocol: Protocol, runs: Path, finished: list[Stage]) -> dict
     """The split every finished stage used (they must agree: the same patients)."""
     split, first = None, None
     for stage in finished:
-        path = runs / stage.name / "split.json"
+        path = RunDir(runs / stage.name).split
         if not path.is_file():
             raise MTKDError("run folder without split.json", path.parent)
         current = read_split(path).to_dict()
@@ -638,14 +614,14 @@ def evaluate_protocol(
 ) -> dict[str, Any]:
     """Evaluate every finished stage's model on the test patients of the shared split."""
     from mtkd.data.datasets import load_dataset
-    from mtkd.engine.trainer import resolve_device
+    from mtkd.devices import resolve_device
     from mtkd.infer.evaluate import summarise
-    from mtkd.infer.model_io import load_model
     from mtkd.infer.pooled import evaluate_with_slices
     from mtkd.infer.predictor import Predictor
+    from mtkd.modelfiles.model_io import load_model
 
     runs = Path(runs)
-    finished = [s for s in protocol.stages if stage_state(runs / s.name) == "done"]
+    finished = [s for s in protocol.stages if RunDir(runs / s.name).state == FINISHED]
     if not finished:
         raise MTKDError(f"no finished stage of protocol '{protocol.name}' to evaluate", runs)
     split = _shared_split(protocol, runs, finished)
@@ -664,7 +640,7 @@ def evaluate_protocol(
         pooled, per_slice = result.pooled(), result.mean_slice()
         pooled["mean"] = _mean(list(pooled.values()))
         per_slice["mean"] = _mean(list(per_slice.values()))
-        run_split = read_split(runs / stage.name / "split.json")
+        run_split = read_split(RunDir(runs / stage.name).split)
         trained_on = (
             run_split.student_train if stage.config.train_on == "student_train" else run_split.train
         )

@@ -1,2 +1,4 @@
-"""Ablation grids: the configuration and its cells (:mod:`.grid`), the tables and plots
-(:mod:`.report`) and the TensorBoard mirror (:mod:`.tensorboard`); ``mtkd.ablate`` runs them."""
+"""Ablation grids (``mtkd ablate``): the configuration and its cells (:mod:`.grid`), running
+and scoring them (:mod:`.run`, with :mod:`.parallel` for several runs at once), the evidence
+statistics (:mod:`.stats`, :mod:`.evidence`), the tables and plots (:mod:`.report`) and the
+TensorBoard mirror (:mod:`.tensorboard`)."""

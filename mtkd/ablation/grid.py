@@ -55,7 +55,7 @@ from mtkd.config import (
     resolve_file_paths,
 )
 from mtkd.distill.losses import get_output_loss
-from mtkd.engine.terms import THESIS_PAIRS, feature_weights
+from mtkd.distill.presets import THESIS_PAIRS, feature_weights
 from mtkd.errors import MTKDError
 
 FORMAT = 1

@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mtkd.engine.run_dir import read_events
 from mtkd.errors import MTKDError
+from mtkd.run_folder import RunDir, read_events
 
 _SKIP = {"type", "time", "epoch", "epochs"}
 _RENAME = {
@@ -71,7 +71,7 @@ def mirror_run(run_dir: str | Path, log_dir: str | Path) -> int:
     return how many scalars were written."""
     writer_class = summary_writer_class()
     run_dir, log_dir = Path(run_dir), Path(log_dir)
-    events = read_events(run_dir / "events.jsonl")
+    events = read_events(RunDir(run_dir).events)
     if not events:
         raise MTKDError("no events.jsonl to mirror (not a run folder?)", path=run_dir)
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from mtkd.data.datasets import Case, DatasetIndex
 from mtkd.engine.teacher_source import teacher_kind
 from mtkd.errors import MTKDError
 from mtkd.folder_lock import LOCK_NAME
-from mtkd.infer.model_files import METADATA
+from mtkd.modelfiles.files import model_folder
 
 __all__ = [
     "FINGERPRINT_FORMAT",
@@ -101,8 +101,8 @@ def teacher_fingerprint(path: str | Path) -> dict[str, Any]:
     """The teacher's kind and the content of the files it is loaded from."""
     path = Path(path)
     kind = teacher_kind(path)
-    if kind != "stored" and (path / "model" / METADATA).is_file():
-        path = path / "model"  # a run folder: its model, not its checkpoints and reports
+    if kind != "stored":
+        path = model_folder(path)  # a run folder: its model, not its checkpoints and reports
     return {"kind": kind, "content": content_digest(path)}
 
 

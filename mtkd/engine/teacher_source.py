@@ -2,7 +2,7 @@
 
 ``distill.teacher`` names either a network (our run or model folder, our training checkpoint,
 a MONAI bundle, a TorchScript file or export, an ONNX export: opened by
-:func:`mtkd.infer.sources.load_any_model`) or a folder of another tool's stored outputs
+:func:`mtkd.modelfiles.sources.load_any_model`) or a folder of another tool's stored outputs
 (:mod:`mtkd.data.stored_outputs`). Feature-level terms need a network with taps (ours or a
 bundle); the output-level term works with every kind.
 
@@ -27,15 +27,15 @@ from mtkd.config import DistillConfig
 from mtkd.data.image_io import IMAGE_SUFFIXES
 from mtkd.data.labels import LabelTable
 from mtkd.data.stored_outputs import StoredOutputs, match_by_name, open_stored_outputs
-from mtkd.engine.terms import feature_weights
+from mtkd.distill.presets import feature_weights
 from mtkd.errors import MTKDError
-from mtkd.infer.model_io import LoadedModel, sha256_of
-from mtkd.infer.sources import (
-    _folder_format,
-    _is_bundle_folder,
-    _is_model_folder,
-    _is_torchscript_zip,
+from mtkd.modelfiles.model_io import LoadedModel, sha256_of
+from mtkd.modelfiles.sources import (
+    folder_format,
+    is_bundle_folder,
+    is_model_folder,
     is_stored_output,
+    is_torchscript_zip,
     load_any_model,
 )
 
@@ -116,8 +116,8 @@ def is_stored_teacher(path: str | Path) -> bool:
         return True
     return (
         path.is_dir()
-        and not _is_model_folder(path)
-        and not _is_bundle_folder(path)
+        and not is_model_folder(path)
+        and not is_bundle_folder(path)
         and _has_case_folders(path)
     )
 
@@ -125,13 +125,13 @@ def is_stored_teacher(path: str | Path) -> bool:
 def _model_kind(path: Path) -> str:
     """The kind of a model source that ``load_any_model`` opens (same tests, same order)."""
     if path.is_dir():
-        if _is_model_folder(path):
-            return {"torchscript": "torchscript", "onnx": "onnx"}.get(_folder_format(path), "run")
+        if is_model_folder(path):
+            return {"torchscript": "torchscript", "onnx": "onnx"}.get(folder_format(path), "run")
         return "bundle"
     if path.suffix.lower() == ".onnx":
         return "onnx"
     if zipfile.is_zipfile(path):
-        if _is_torchscript_zip(path):
+        if is_torchscript_zip(path):
             return "torchscript"
         if path.suffix == ".zip":
             return "bundle"

@@ -49,7 +49,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import socket
 import sys
 import time
@@ -57,7 +56,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -69,12 +67,12 @@ from mtkd.data.datasets import Case, DatasetIndex, load_dataset, load_unlabelled
 from mtkd.data.loading import PatchDataset, SliceDataset, VolumeCache
 from mtkd.data.preprocess import Preprocessing
 from mtkd.data.splits import Split, split_cases
+from mtkd.devices import autocast_for, resolve_device, seed_everything
 from mtkd.distill.distiller import Distiller
-from mtkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from mtkd.distill.presets import feature_weights, resolve_output_term, resolve_terms
 from mtkd.engine.distributed import Distributed, shard_indices
 from mtkd.engine.fingerprint import fingerprint_differences, read_fingerprint, run_fingerprint
 from mtkd.engine.optim import build_optimizer, build_scheduler
-from mtkd.engine.run_dir import EventLog, RunDir
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.signals import StopRequest, stop_file
 from mtkd.engine.step import IGNORE_LABEL, TrainingStep
@@ -85,24 +83,24 @@ from mtkd.engine.teacher_source import (
     resolve_teacher,
     teacher_transform,
 )
-from mtkd.engine.terms import feature_weights, resolve_output_term, resolve_terms
 from mtkd.errors import MTKDError
 from mtkd.folder_lock import FolderLock, FolderLocked
 from mtkd.infer.inference import (
-    autocast_for,
     predict_volume,
     probabilities_to_labels,
     repeat_channels,
 )
-from mtkd.infer.model_io import (
+from mtkd.metrics import dice_per_structure, nanmean
+from mtkd.modelfiles.checkpoint import load_checkpoint, save_checkpoint
+from mtkd.modelfiles.model_io import (
     FORMAT_VERSION,
     LoadedModel,
     build_from_spec,
     export_model,
     load_model,
 )
-from mtkd.metrics import dice_per_structure, nanmean
 from mtkd.models import count_parameters, network_info
+from mtkd.run_folder import EventLog, RunDir
 
 CHECKPOINT_FORMAT = 1
 RANK_SEED_STRIDE = 1_000_003  # per-rank offset of the augmentation, dropout and mask seeds
@@ -130,21 +128,6 @@ class RunResult:
 def _spacing(spacing: tuple[float, ...] | None) -> tuple[float, ...] | None:
     """Spacing rounded to 1 µm for comparison (None keeps each image's own spacing)."""
     return None if spacing is None else tuple(round(float(s), 3) for s in spacing)
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> CUDA when available, else the CPU; "cpu", "cuda", "cuda:N", "mps" as named.
-    A device this machine does not have (or an unknown name) is an MTKDError; the rule lives
-    in :mod:`mtkd.engine.devices`."""
-    from mtkd.engine import devices
-
-    return devices.resolve_device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def labelled_training_cases(split: Split, train_on: str) -> list[str]:

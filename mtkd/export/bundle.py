@@ -46,7 +46,7 @@ from mtkd.data.image_io import check_writable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError
 from mtkd.export.verify import check_export, sample_input
-from mtkd.infer.bundle import (
+from mtkd.modelfiles.bundle import (
     METADATA,
     MONAI_REGISTERED,
     MTKD_SECTION,
@@ -57,10 +57,10 @@ from mtkd.infer.bundle import (
     network_definition,
     read_config,
 )
-from mtkd.infer.model_io import LoadedModel, sha256_of
-from mtkd.infer.model_metadata import seal
+from mtkd.modelfiles.metadata import seal
+from mtkd.modelfiles.model_io import LoadedModel, sha256_of
 from mtkd.models import MultiTaskNet, network_info
-from mtkd.models.monai_nets import _dynunet_strides, _segresnet_blocks_up, _unet_strides
+from mtkd.models.monai_nets import dynunet_strides, segresnet_blocks_up, unet_strides
 from mtkd.models.thesis_unet import ThesisUNet
 
 SCHEMA_URL = (
@@ -81,7 +81,7 @@ def _unet(p: dict[str, Any]) -> dict[str, Any]:
     keys = ("kernel_size", "up_kernel_size", "num_res_units", "act", "norm", "dropout")
     return {
         "channels": list(p["channels"]),
-        "strides": list(_unet_strides(p["channels"], p["strides"])),
+        "strides": list(unet_strides(p["channels"], p["strides"])),
         **{k: p[k] for k in keys},
     }
 
@@ -94,7 +94,7 @@ def _segresnet(p: dict[str, Any]) -> dict[str, Any]:
     return {
         "init_filters": p["init_filters"],
         "blocks_down": list(p["blocks_down"]),
-        "blocks_up": list(_segresnet_blocks_up(p["blocks_down"], p["blocks_up"])),
+        "blocks_up": list(segresnet_blocks_up(p["blocks_down"], p["blocks_up"])),
         "dropout_prob": p["dropout_prob"],
         "upsample_mode": p["upsample_mode"],
     }
@@ -106,7 +106,7 @@ def _swinunetr(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dynunet(p: dict[str, Any]) -> dict[str, Any]:
-    strides = _dynunet_strides(p["depth"], p["strides"])
+    strides = dynunet_strides(p["depth"], p["strides"])
     return {
         "kernel_size": [3] * len(strides) if p["kernel_size"] is None else p["kernel_size"],
         "strides": strides,

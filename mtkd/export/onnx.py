@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from mtkd.errors import MTKDError
-from mtkd.export.formats import (
+from mtkd.export.common import (
     WEIGHTS_FILES,
     SegmentationOnly,
     check_output_folder,
@@ -36,8 +36,8 @@ from mtkd.export.formats import (
     verify_both_sizes,
 )
 from mtkd.export.verify import DEFAULT_RELATIVE_BOUND, sample_input
-from mtkd.infer.model_io import LoadedModel
-from mtkd.infer.onnx_model import METADATA_PROP, OnnxNetwork, open_session
+from mtkd.modelfiles.model_io import LoadedModel
+from mtkd.modelfiles.onnx import METADATA_PROP, OnnxNetwork, open_session
 
 ONNX_RELATIVE_BOUND = DEFAULT_RELATIVE_BOUND
 DYNAMO_OPSET = 18

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from mtkd.errors import MTKDError
-from mtkd.export.formats import (
+from mtkd.export.common import (
     WEIGHTS_FILES,
     SegmentationOnly,
     check_output_folder,
@@ -27,7 +27,7 @@ from mtkd.export.formats import (
     verify_both_sizes,
 )
 from mtkd.export.verify import sample_input
-from mtkd.infer.model_io import METADATA, LoadedModel
+from mtkd.modelfiles.model_io import METADATA, LoadedModel
 
 # A trace replays the same kernels, so the loaded-back file must match very closely.
 TORCHSCRIPT_RELATIVE_BOUND = 1e-5

@@ -16,7 +16,7 @@ import torch
 from mtkd.data.preprocess import build_transforms, to_metatensor
 from mtkd.errors import MTKDError
 from mtkd.infer.inference import first_output, repeat_channels
-from mtkd.infer.model_io import LoadedModel
+from mtkd.modelfiles.model_io import LoadedModel
 
 # Largest allowed |exported - pytorch| logit difference, relative to (1 + max |logit|).
 DEFAULT_RELATIVE_BOUND = 1e-3

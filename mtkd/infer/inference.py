@@ -12,7 +12,6 @@ tensor or a list/tuple whose first item is the segmentation.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from mtkd.data.preprocess import Preprocessing
+from mtkd.devices import autocast_for
 from mtkd.infer.memory import InferencePlan, round_up
 
 Network = nn.Module | Callable[[torch.Tensor], Any]
@@ -38,14 +38,6 @@ def repeat_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     if images.shape[1] == channels:
         return images
     return images.expand(images.shape[0], channels, *images.shape[2:])
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bf16 (fp16 where bf16 is unsupported) autocast on CUDA; a no-op context on the CPU."""
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def first_output(output: object) -> torch.Tensor:

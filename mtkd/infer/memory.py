@@ -219,7 +219,7 @@ def _probe(network, in_channels, dims, size_multiple, device, amp) -> float:
     leaves = [m for m in network.modules() if next(m.children(), None) is None]
     if not leaves:
         return FALLBACK_BYTES_PER_VOXEL
-    from mtkd.infer.inference import autocast_for
+    from mtkd.devices import autocast_for
 
     total = 0
 
@@ -359,7 +359,7 @@ def has_extent_dependent_norm(network: object, spec: dict | None = None) -> bool
     if isinstance(network, nn.Module):
         return any(isinstance(m, _EXTENT_DEPENDENT_NORMS) for m in network.modules())
     if spec:
-        from mtkd.infer.model_io import build_from_spec
+        from mtkd.modelfiles.model_io import build_from_spec
 
         with torch.device("meta"):
             return has_extent_dependent_norm(build_from_spec(spec))

@@ -187,7 +187,7 @@ def compare_inputs(
     """The paths ``mtkd compare`` reads (the missing and unset left out), and the folders
     among them whose content is an input: the image's DICOM series, a teacher's or student's
     stored folder of masks (a model folder is not one)."""
-    from mtkd.infer.sources import is_stored_output
+    from mtkd.modelfiles.sources import is_stored_output
 
     given = [Path(p) for p in (image, teacher, student, *others) if p]
     inputs = [path for path in given if os.path.lexists(path)]

@@ -43,8 +43,8 @@ from mtkd.infer.memory import (
     plan_inference,
     slab_bytes_for,
 )
-from mtkd.infer.model_io import LoadedModel
 from mtkd.infer.resample import ModelInput, NotSeparableError
+from mtkd.modelfiles.model_io import LoadedModel
 
 Result = TypeVar("Result")
 

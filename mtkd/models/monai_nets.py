@@ -60,7 +60,8 @@ def _one_per_transition(
     return list(given)
 
 
-def _unet_strides(channels: Sequence[int], strides: Sequence[IntOrSeq] | None) -> list[IntOrSeq]:
+def unet_strides(channels: Sequence[int], strides: Sequence[IntOrSeq] | None) -> list[IntOrSeq]:
+    """UNet's strides, one per transition between ``channels`` (default 2 each), checked."""
     return _one_per_transition("unet", "channels", channels, "strides", strides, 2)
 
 
@@ -83,7 +84,7 @@ def build_unet(
         in_channels=in_channels,
         out_channels=out_channels,
         channels=tuple(channels),
-        strides=tuple(_unet_strides(channels, strides)),
+        strides=tuple(unet_strides(channels, strides)),
         kernel_size=kernel_size,
         up_kernel_size=up_kernel_size,
         num_res_units=num_res_units,
@@ -103,7 +104,7 @@ def unet_layout(params: Mapping[str, Any]) -> TapLayout:
     channels, half resolution) when there are at least 3 levels.
     """
     channels = params["channels"]
-    strides = _unet_strides(channels, params["strides"])
+    strides = unet_strides(channels, params["strides"])
     depth = len(channels)
     prefixes = ["model" + ".1.submodule" * k for k in range(depth)]
     decoder = f"{prefixes[1]}.2" if depth > 2 else "model.2"
@@ -147,7 +148,8 @@ def basic_unet_layout(params: Mapping[str, Any]) -> TapLayout:
 # --- monai.networks.nets.SegResNet ----------------------------------------------------------
 
 
-def _segresnet_blocks_up(blocks_down: Sequence[int], blocks_up: Sequence[int] | None) -> tuple:
+def segresnet_blocks_up(blocks_down: Sequence[int], blocks_up: Sequence[int] | None) -> tuple:
+    """SegResNet's up blocks, one per transition of ``blocks_down`` (default 1 each), checked."""
     return tuple(
         _one_per_transition("segresnet", "blocks_down", blocks_down, "blocks_up", blocks_up, 1)
     )
@@ -171,7 +173,7 @@ def build_segresnet(
         out_channels=out_channels,
         dropout_prob=dropout_prob,
         blocks_down=tuple(blocks_down),
-        blocks_up=_segresnet_blocks_up(blocks_down, blocks_up),
+        blocks_up=segresnet_blocks_up(blocks_down, blocks_up),
         upsample_mode=upsample_mode,
     )
 
@@ -180,7 +182,7 @@ def segresnet_layout(params: Mapping[str, Any]) -> TapLayout:
     """``down_layers.0`` (full resolution) .. ``down_layers.N-2``, bottleneck ``down_layers.N-1``,
     last decoder ``up_layers.M-1``."""
     levels = len(params["blocks_down"])
-    ups = len(_segresnet_blocks_up(params["blocks_down"], params["blocks_up"]))
+    ups = len(segresnet_blocks_up(params["blocks_down"], params["blocks_up"]))
     return TapLayout(
         encoder_taps=[f"down_layers.{i}" for i in range(levels - 1)],
         bottleneck_tap=f"down_layers.{levels - 1}",
@@ -233,7 +235,8 @@ def swinunetr_layout(params: Mapping[str, Any]) -> TapLayout:
 # --- monai.networks.nets.DynUNet ------------------------------------------------------------
 
 
-def _dynunet_strides(depth: int | None, strides: Sequence[IntOrSeq] | None) -> list[IntOrSeq]:
+def dynunet_strides(depth: int | None, strides: Sequence[IntOrSeq] | None) -> list[IntOrSeq]:
+    """DynUNet's strides: ``strides`` checked, or 1 then 2 per level for ``depth`` levels."""
     if strides is None:
         depth = 4 if depth is None else depth
         if depth < 2:
@@ -265,7 +268,7 @@ def build_dynunet(
     """MONAI DynUNet (nnU-Net style). Without ``strides``: ``depth`` (default 4) 2x
     downsamplings after a stride-1 input block; kernel sizes default to 3 and upsampling
     kernels to the strides."""
-    strides = _dynunet_strides(depth, strides)
+    strides = dynunet_strides(depth, strides)
     kernel_size = [3] * len(strides) if kernel_size is None else list(kernel_size)
     if upsample_kernel_size is None:
         upsample_kernel_size = strides[1:]
@@ -285,7 +288,7 @@ def build_dynunet(
 def dynunet_layout(params: Mapping[str, Any]) -> TapLayout:
     """``input_block``, ``downsamples.0..L-3``, bottleneck ``bottleneck``, last decoder
     ``upsamples.L-2`` (L = number of strides)."""
-    strides = _dynunet_strides(params["depth"], params["strides"])
+    strides = dynunet_strides(params["depth"], params["strides"])
     levels = len(strides)
     return TapLayout(
         encoder_taps=["input_block"] + [f"downsamples.{i}" for i in range(levels - 2)],

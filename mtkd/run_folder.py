@@ -12,6 +12,12 @@
     RUN/checkpoints/       last.pt and best.pt, written atomically
     RUN/model/             the exported network (weights + metadata)
     RUN/report/            tables written at the end
+
+:class:`RunDir` is the one owner of this layout (no other module joins these names), and
+:meth:`RunDir.state` with :meth:`RunDir.check_holds` is the one rule for what to do with a run
+folder that a protocol, an ablation or MTKD Train meets again: continue a new one, resume a
+stopped one, skip a finished one, and refuse one that holds a run of another configuration.
+Free of torch: the Slicer modules and the model library read run folders with it.
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mtkd.config import RunConfig, dump_config, load_config
+from mtkd.config import RunConfig, differing_keys, dump_config, load_config
 from mtkd.data.atomic import TEMPORARY_PREFIX, atomic_write_bytes
 from mtkd.errors import MTKDError
+from mtkd.modelfiles.files import METADATA, RUN_MODEL
+
+NEW, STOPPED, FINISHED = "new", "stopped", "finished"
+""":attr:`RunDir.state`: nothing to resume; a checkpoint to resume from; an exported model."""
 
 
 class RunDir:
@@ -40,8 +50,40 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     last_checkpoint = property(lambda self: self.root / "checkpoints" / "last.pt")
     best_checkpoint = property(lambda self: self.root / "checkpoints" / "best.pt")
-    model = property(lambda self: self.root / "model")
+    model = property(lambda self: self.root / RUN_MODEL)
+    model_metadata = property(lambda self: self.root / RUN_MODEL / METADATA)
     report = property(lambda self: self.root / "report")
+
+    @property
+    def state(self) -> str:
+        """:data:`FINISHED` (its model exported), :data:`STOPPED` (a checkpoint to resume
+        from) or :data:`NEW`."""
+        if self.model_metadata.is_file():
+            return FINISHED
+        if self.last_checkpoint.is_file():
+            return STOPPED
+        return NEW
+
+    @property
+    def is_run(self) -> bool:
+        """Whether this folder holds a run's configuration and split (a run was started)."""
+        return self.config.is_file() and self.split.is_file()
+
+    def check_holds(self, config: RunConfig, advice: str) -> None:
+        """MTKDError unless the run stored here (if any) is a run of ``config``: every key but
+        ``train.device`` (where a run ran does not change what it is), paths compared where
+        they point. ``advice`` ends the message (what the user can do instead)."""
+        if self.state == NEW:
+            return
+        stored, expected = self.load_config().to_dict(), config.with_absolute_paths().to_dict()
+        stored["train"]["device"] = expected["train"]["device"] = None
+        differences = differing_keys(stored, expected)
+        if differences:
+            raise MTKDError(
+                "this run folder holds a run of another configuration (it differs in "
+                f"{', '.join(differences)}); {advice}",
+                path=self.root,
+            )
 
     def create(self, config: RunConfig) -> None:
         """Start a new run here.

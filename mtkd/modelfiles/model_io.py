@@ -5,7 +5,7 @@
     MODEL/model.pt          state_dict of the network (loaded with weights_only=True)
     MODEL/mtkd_model.json   network name and parameters, labels, preprocessing, output
                             activation, lineage (teacher), metrics, SHA-256 of model.pt,
-                            SHA-256 of the metadata itself (mtkd.infer.model_metadata)
+                            SHA-256 of the metadata itself (mtkd.modelfiles.metadata)
 
 A run folder can stand for its model (``RUN/model``).
 """
@@ -25,8 +25,8 @@ from mtkd.data.image_io import atomic_path, atomic_write_bytes
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError, error_summary, one_line
-from mtkd.infer.model_files import FORMAT_VERSION, METADATA, WEIGHTS, sha256_of
-from mtkd.infer.model_metadata import check_seal, seal, validate_metadata
+from mtkd.modelfiles.files import FORMAT_VERSION, METADATA, WEIGHTS, model_folder, sha256_of
+from mtkd.modelfiles.metadata import check_seal, seal, validate_metadata
 from mtkd.models import build_teacher, count_parameters
 
 # A spec building more parameters than this is refused before any memory is allocated for it
@@ -105,16 +105,14 @@ def resolve_model_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise MTKDError("model not found", path=path)
-    if (path / METADATA).is_file():
-        return path
-    if (path / "model" / METADATA).is_file():
-        return path / "model"
+    if (model_folder(path) / METADATA).is_file():
+        return model_folder(path)
     raise MTKDError(f"not a model or run folder ({METADATA} not found)", path=path)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load an exported model; the SHA-256 of its weights and of its metadata must match,
-    the metadata must pass the schema (:mod:`mtkd.infer.model_metadata`), and the weights
+    the metadata must pass the schema (:mod:`mtkd.modelfiles.metadata`), and the weights
     load weights-only."""
     folder = resolve_model_folder(path)
     try:

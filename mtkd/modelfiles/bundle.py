@@ -39,13 +39,13 @@ from mtkd.data.atomic import temporary_sibling
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError, error_summary, one_line
-from mtkd.infer.model_io import LoadedModel, build_from_spec, sha256_of
-from mtkd.infer.model_metadata import (
+from mtkd.modelfiles.metadata import (
     check_seal,
     validate_labels,
     validate_metadata,
     validate_preprocessing,
 )
+from mtkd.modelfiles.model_io import LoadedModel, build_from_spec, sha256_of
 from mtkd.models import count_parameters, network_info
 from mtkd.models.thesis_unet import ThesisUNet
 

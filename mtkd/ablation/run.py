@@ -85,16 +85,16 @@ from mtkd.config_paths import (
 from mtkd.data.atomic import atomic_write_bytes
 from mtkd.data.datasets import DatasetIndex, load_dataset
 from mtkd.data.splits import split_cases
-from mtkd.engine.run_dir import RunDir, read_events
+from mtkd.devices import resolve_device
 from mtkd.engine.signals import StopRequest
-from mtkd.engine.trainer import Trainer, TrainingInterrupted, resolve_device, resume_run
+from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 from mtkd.errors import MTKDError
 from mtkd.folder_lock import LOCK_NAME, FolderLock
 from mtkd.infer.evaluate import evaluate, summarise, write_scores_csv
-from mtkd.infer.model_files import METADATA
-from mtkd.infer.model_io import LoadedModel, load_model
 from mtkd.infer.predictor import Predictor
 from mtkd.metrics import MISSED
+from mtkd.modelfiles.model_io import LoadedModel, load_model
+from mtkd.run_folder import FINISHED, STOPPED, RunDir, read_events
 
 # 2: HD95 with the missed-structure penalty, missed/spurious counts; 3: per-case scores,
 # split seed, validation Dice
@@ -166,7 +166,7 @@ def selected_cells(ablation: Ablation, names: Sequence[str] | None) -> list[Cell
 def _check_teachers(ablation: Ablation) -> None:
     """Open each split seed's teacher once (on the CPU) before any folder is written, so that
     a teacher that cannot be read stops the grid with its own error."""
-    from mtkd.infer.sources import is_stored_output, load_any_model
+    from mtkd.modelfiles.sources import is_stored_output, load_any_model
 
     for teacher in dict.fromkeys(ablation.teacher(split) for split in ablation.splits):
         if not is_stored_output(teacher):
@@ -203,7 +203,7 @@ def _run_grid(
                 config = ablation.run_config(cell, seed, split)
                 if _needs_training(config, run_dir):
                     key = run_dir.relative_to(root).as_posix()
-                    resume = RunDir(run_dir).last_checkpoint.is_file()
+                    resume = RunDir(run_dir).state == STOPPED
                     pool.add(Job(key, config, run_dir, resume))
             pool.start()
         if ablation.teacher_row:
@@ -371,33 +371,11 @@ def _test_cases(base: RunConfig, dataset: DatasetIndex, seed: int) -> list[str]:
     return list(test)
 
 
-def _without_device(config: RunConfig) -> dict[str, Any]:
-    data = config.to_dict()
-    data["train"].pop("device")
-    return data
-
-
-def _check_same(folder: RunDir, config: RunConfig) -> None:
-    stored = _without_device(folder.load_config())  # its paths absolute, as found
-    expected = _without_device(config.with_absolute_paths())
-    differences = [key for key in expected if stored.get(key) != expected.get(key)]
-    if differences:
-        raise MTKDError(
-            "this run folder holds a run of another configuration (it differs in "
-            f"{', '.join(differences)}); delete it to run this cell afresh",
-            path=folder.root,
-        )
-
-
 def _needs_training(config: RunConfig, run_dir: Path) -> bool:
     """Whether ``run_dir`` has no exported model yet (MTKDError if it holds another run)."""
     folder = RunDir(run_dir)
-    if (folder.model / METADATA).is_file():
-        _check_same(folder, config)
-        return False
-    if folder.last_checkpoint.is_file():
-        _check_same(folder, config)
-    return True
+    folder.check_holds(config, "delete it to run this cell afresh")
+    return folder.state != FINISHED
 
 
 def _train(
@@ -406,7 +384,7 @@ def _train(
     """Run, resume or skip one run folder; return what was done."""
     if not _needs_training(config, run_dir):
         return "finished"
-    if RunDir(run_dir).last_checkpoint.is_file():
+    if RunDir(run_dir).state == STOPPED:
         resume_run(run_dir, progress=progress, log=log)
         return "resumed"
     Trainer(config, run_dir, progress=progress, log=log).run()
@@ -476,7 +454,7 @@ def _run_result(
         raise MTKDError(
             f"this run's test cases ({run_test}) are not the grid's ({test})", path=run_dir
         )
-    metadata = json.loads((folder.model / METADATA).read_text())
+    metadata = json.loads(folder.model_metadata.read_text())
     sha256 = metadata.get("weights_sha256")
     cache = folder.report / RESULT_FILE
     cached = _cached(cache, sha256, test)
@@ -520,7 +498,7 @@ def _teacher_result(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The teacher's row: its test scores (cached in ``folder``/result.json)."""
-    from mtkd.infer.sources import is_stored_output, load_any_model
+    from mtkd.modelfiles.sources import is_stored_output, load_any_model
 
     if is_stored_output(teacher):
         raise MTKDError(
@@ -565,7 +543,7 @@ def _teacher_result(
 
 def _warn_teacher_overlap(teacher: Path, test: list[str], log: Callable[[str], None]) -> None:
     """Warn when the teacher's own run trained or validated on the grid's test cases."""
-    for split_file in (teacher / "split.json", teacher.parent / "split.json"):
+    for split_file in (RunDir(teacher).split, RunDir(teacher.parent).split):  # run, model/
         if split_file.is_file():
             try:
                 split = json.loads(split_file.read_text())

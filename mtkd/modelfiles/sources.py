@@ -21,7 +21,8 @@ import torch
 
 from mtkd.data.image_io import IMAGE_SUFFIXES
 from mtkd.errors import MTKDError, error_summary
-from mtkd.infer.model_io import METADATA, LoadedModel, load_model
+from mtkd.modelfiles.files import model_folder
+from mtkd.modelfiles.model_io import METADATA, LoadedModel, load_model
 
 # what another tool's stored segmentation may be (mtkd.data.stored_outputs reads them)
 STORED_SUFFIXES = (*IMAGE_SUFFIXES, ".npz")
@@ -32,20 +33,22 @@ def is_stored_output(path: str | Path) -> bool:
     path = Path(path)
     if path.is_file():
         return path.name.lower().endswith(STORED_SUFFIXES)
-    if path.is_dir() and not _is_model_folder(path) and not _is_bundle_folder(path):
+    if path.is_dir() and not is_model_folder(path) and not is_bundle_folder(path):
         return any(child.name.lower().endswith(STORED_SUFFIXES) for child in path.iterdir())
     return False
 
 
-def _is_model_folder(path: Path) -> bool:
-    return (path / METADATA).is_file() or (path / "model" / METADATA).is_file()
+def is_model_folder(path: Path) -> bool:
+    """Whether ``path`` is our model folder, or a run folder holding one in ``model/``."""
+    return (model_folder(path) / METADATA).is_file()
 
 
-def _is_bundle_folder(path: Path) -> bool:
+def is_bundle_folder(path: Path) -> bool:
+    """Whether ``path`` is an unpacked MONAI bundle (it has ``configs/metadata.json``)."""
     return (path / "configs" / "metadata.json").is_file()
 
 
-def _is_torchscript_zip(path: Path) -> bool:
+def is_torchscript_zip(path: Path) -> bool:
     """TorchScript archives are zips holding ``*/constants.pkl`` and ``*/code/``."""
     try:
         with zipfile.ZipFile(path) as archive:
@@ -54,13 +57,11 @@ def _is_torchscript_zip(path: Path) -> bool:
         return False
 
 
-def _folder_format(folder: Path) -> str:
+def folder_format(folder: Path) -> str:
     """The ``format`` of a model folder's metadata ("pytorch" when absent or unreadable)."""
     import json
 
-    metadata_file = folder / METADATA
-    if not metadata_file.is_file():
-        metadata_file = folder / "model" / METADATA
+    metadata_file = model_folder(folder) / METADATA
     try:
         metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -74,19 +75,19 @@ def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> Load
     if not path.exists():
         raise MTKDError("model not found", path=path)
     if path.is_dir():
-        if _is_model_folder(path):
-            kind = _folder_format(path)
+        if is_model_folder(path):
+            kind = folder_format(path)
             if kind == "torchscript":
-                from mtkd.infer.torchscript_model import load_torchscript
+                from mtkd.modelfiles.torchscript import load_torchscript
 
                 return load_torchscript(path, device)
             if kind == "onnx":
-                from mtkd.infer.onnx_model import load_onnx
+                from mtkd.modelfiles.onnx import load_onnx
 
                 return load_onnx(path, device)
             return load_model(path, device)
-        if _is_bundle_folder(path):
-            from mtkd.infer.bundle import load_bundle
+        if is_bundle_folder(path):
+            from mtkd.modelfiles.bundle import load_bundle
 
             return load_bundle(path, device)
         raise MTKDError(
@@ -95,16 +96,16 @@ def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> Load
             path=path,
         )
     if path.suffix == ".onnx":
-        from mtkd.infer.onnx_model import load_onnx
+        from mtkd.modelfiles.onnx import load_onnx
 
         return load_onnx(path, device)
     if zipfile.is_zipfile(path):
-        if _is_torchscript_zip(path):
-            from mtkd.infer.torchscript_model import load_torchscript
+        if is_torchscript_zip(path):
+            from mtkd.modelfiles.torchscript import load_torchscript
 
             return load_torchscript(path, device)
         if path.suffix == ".zip":
-            from mtkd.infer.bundle import load_bundle
+            from mtkd.modelfiles.bundle import load_bundle
 
             return load_bundle(path, device)
         return load_checkpoint_model(path, device)
@@ -115,8 +116,8 @@ def load_any_model(path: str | Path, device: str | torch.device = "cpu") -> Load
 
 def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """The network of a training checkpoint of ours (``RUN/checkpoints/last.pt`` or ``best.pt``)."""
-    from mtkd.engine.checkpoint import load_checkpoint
-    from mtkd.infer.model_io import model_from_state
+    from mtkd.modelfiles.checkpoint import load_checkpoint
+    from mtkd.modelfiles.model_io import model_from_state
 
     path = Path(path)
     try:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from mtkd.errors import MTKDError, error_summary
-from mtkd.infer.model_io import LoadedModel, sha256_of
-from mtkd.infer.torchscript_model import (
+from mtkd.modelfiles.model_io import LoadedModel, sha256_of
+from mtkd.modelfiles.torchscript import (
     checked_export_files,
     export_folder,
     loaded_model,

@@ -11,6 +11,18 @@ METADATA = "mtkd_model.json"
 FORMAT_VERSION = 1
 
 
+RUN_MODEL = "model"
+"""The folder in which a run keeps its exported model (``RUN/model``, :mod:`mtkd.run_folder`)."""
+
+
+def model_folder(path: Path) -> Path:
+    """``path``, or ``path/model`` when ``path`` is a run folder holding its exported model
+    (and no model of its own)."""
+    if not (path / METADATA).is_file() and (path / RUN_MODEL / METADATA).is_file():
+        return path / RUN_MODEL
+    return path
+
+
 def sha256_of(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

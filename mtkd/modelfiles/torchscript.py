@@ -3,7 +3,7 @@
 The metadata a model needs (labels, preprocessing, output activation) comes from the export
 folder's ``mtkd_model.json`` (whose SHA-256 must match the file), else from the file itself
 (the extra file ``mtkd_model.json`` our exporter embeds), else from a sidecar ``<file>.json``.
-The metadata helpers here are shared with :mod:`mtkd.infer.onnx_model`.
+The metadata helpers here are shared with :mod:`mtkd.modelfiles.onnx`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError, error_summary
-from mtkd.infer.model_io import METADATA, LoadedModel, sha256_of
-from mtkd.infer.model_metadata import check_seal, validate_metadata
+from mtkd.modelfiles.files import model_folder
+from mtkd.modelfiles.metadata import check_seal, validate_metadata
+from mtkd.modelfiles.model_io import METADATA, LoadedModel, sha256_of
 
 DEFAULT_SIZE_MULTIPLE = 16
 _REQUIRED = ("labels", "preprocessing", "activation")
@@ -70,9 +71,8 @@ def export_folder(path: Path) -> Path | None:
     """The folder holding our ``mtkd_model.json`` for ``path`` (itself or its ``model/``)."""
     if not path.is_dir():
         return None
-    for folder in (path, path / "model"):
-        if (folder / METADATA).is_file():
-            return folder
+    if (model_folder(path) / METADATA).is_file():
+        return model_folder(path)
     raise MTKDError(f"not a model folder ({METADATA} not found)", path)
 
 

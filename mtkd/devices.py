@@ -1,8 +1,10 @@
-"""Device names: the one rule for what a device string is, and turning one into a torch device.
+"""Devices and seeding: the one rule for what a device string is, turning one into a torch
+device, mixed precision on it, and seeding every random generator a run uses.
 
 A device name is ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (N = 0, 1, ... in ASCII digits) or
 ``mps``. :func:`check_device_name` applies that rule without torch (the Slicer modules and the
 configuration use it); :func:`resolve_device` also checks that this machine has the device.
+torch is imported only inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -63,3 +65,27 @@ def resolve_device(name: str) -> torch.device:
             f" (cuda:0 to cuda:{count - 1})"
         )
     return torch.device("cuda", index) if ":" in name else torch.device("cuda")
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """bf16 (fp16 where bf16 is unsupported) autocast on CUDA; a no-op context on the CPU."""
+    import contextlib
+
+    import torch
+
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators from ``seed``."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
