@@ -7,7 +7,8 @@
 #    uses its base student's teachers), trained or resumed; 3. `mtkd ablate
 #    bench/kd_evidence/<grid>.yaml` in $OUT/<grid> (resumes); 4. runs.csv, results.csv,
 #    summary.json and evidence.md copied to bench/results/kd_evidence/<grid>/ (with a file
-#    PARTIAL while the grid is unfinished).
+#    PARTIAL while the grid is unfinished); 5. real_ct.csv there: every finished run and the
+#    teachers scored on the bundled real CT (bench/kd_evidence/real_ct.py, an external check).
 # Re-running continues where it stopped. Environment: COHORT, SYNTH_ARGS, OUT, DEVICE, MTKD,
 # PYTHON, TEACHER (another teacher config of this folder, e.g. teacher2d_mae: its own teachers,
 # and the grid's folders get the suffix -<teacher>), JOBS (runs, and teachers, trained at once;
@@ -76,6 +77,13 @@ $MTKD ablate "$CONFIG" -o "$OUT/$GRID" --data "$COHORT" \
 for name in runs.csv results.csv summary.json evidence.md; do
   [ -f "$OUT/$GRID/$name" ] && cp "$OUT/$GRID/$name" "$RESULTS/$name"
 done
+# the external check: every finished run and the teachers on the bundled real CT
+TEACHER_ARGS=()
+for run in "$TEACHERS/$TEACHER"-split*; do
+  [ -f "$run/model/mtkd_model.json" ] && TEACHER_ARGS+=(--teacher "$run")
+done
+$PYTHON bench/kd_evidence/real_ct.py "$OUT/$GRID" "$RESULTS/real_ct.csv" "${TEACHER_ARGS[@]}" \
+  "${DEVICE_ARG[@]}" || echo "warning: the real-CT scoring failed (see above)" >&2
 if [ $status -ne 0 ]; then
   echo "PARTIAL: the grid stopped ($(date -u +%FT%TZ), exit $status); runs.csv holds the" \
     "finished runs; summary.json/evidence.md are from an earlier complete pass, if any." \
