@@ -90,8 +90,7 @@ from mtkd.engine.signals import StopRequest
 from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 from mtkd.errors import MTKDError
 from mtkd.folder_lock import LOCK_NAME, FolderLock
-from mtkd.infer.evaluate import evaluate, summarise, write_scores_csv
-from mtkd.infer.predictor import Predictor
+from mtkd.infer.scoring import score_model
 from mtkd.metrics import MISSED
 from mtkd.modelfiles.model_io import LoadedModel, load_model
 from mtkd.run_folder import FINISHED, STOPPED, RunDir, read_events
@@ -397,9 +396,8 @@ def _score(
     """Per-volume Dice and HD95 on ``test``, averaged over volumes then structures, how many
     structure-volumes were missed (or spurious) and scored the penalty HD95, and the scores of
     every case and structure (``cases``)."""
-    scores = evaluate(Predictor(model, device), dataset, test)
-    write_scores_csv(scores, csv_path)
-    summary = summarise(scores)
+    scored = score_model(model, dataset, test, device, scores_csv=csv_path)
+    summary = dict(scored.summary)
     mean = summary.pop("mean")
     return {
         "dice": mean["dice"],
@@ -415,7 +413,7 @@ def _score(
                 "hd95": s.hd95_mm,
                 "missed": int(s.outcome == MISSED),
             }
-            for s in scores
+            for s in scored.scores
         ],
     }
 
