@@ -1,6 +1,9 @@
 """Slicer-side code shared by the MTKD modules: MRML <-> engine files, the engine process
-runner, the segment and compare logic, and Python dependency handling.
+runner and its liveness checks (``process``), following a run's events (``run_monitor``) and
+plotting them (``run_plots``), the segment, compare, train and distill-again logic, and Python
+dependency handling.
 
-Nothing here imports Qt, so it runs against real MRML from the ``slicer-core`` package in the
-tests; the widgets in ``MTKDSegment.py`` and ``MTKDTrain.py`` are thin layers over it.
+Only ``gui`` (the widgets the two module panels share) imports Qt; everything else runs
+against real MRML from the ``slicer-core`` package in the tests, and the panels in
+``MTKDSegment.py`` and ``MTKDTrain.py`` are thin layers over it.
 """

@@ -23,6 +23,7 @@ import contextlib
 import importlib.util
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,7 @@ from typing import Any, Generic, TypeVar
 
 from mtkd.engine.signals import LAUNCHED_AT_ENV
 from mtkd.engine.signals import request_stop as write_stop_file
+from mtkd.processes import pid_exists
 from mtkd.progress import parse_progress
 
 T = TypeVar("T")
@@ -424,3 +426,57 @@ class EngineLogic:
     ) -> EngineTask[T]:
         """An :class:`EngineTask` in this logic's engine process settings."""
         return EngineTask(prepare, collect, python=self.python, env=self.env)
+
+
+# ---------------------------------------------------------------- liveness
+def pid_alive(pid: int, argv: Sequence[str] | None = None, started_at: float | None = None) -> bool:
+    """Whether process ``pid`` of this machine runs and, on Linux, is still the run's process
+    rather than a later one that reused its pid: its command line mentions ``mtkd`` or ends
+    with ``argv[1:]`` (the arguments the run recorded), or it started no later than
+    ``started_at`` (the time of the run's first event: a process that already had this pid
+    then is the run's own)."""
+    if not pid_exists(pid):
+        return False
+    if not sys.platform.startswith("linux") or not Path("/proc/self/cmdline").exists():
+        return True
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # unreadable: trust the signal
+    words = [word.decode(errors="replace") for word in raw.split(b"\0") if word]
+    if not words:
+        return False  # a zombie: ended, not yet reaped
+    if any(_names_mtkd(word) for word in words):
+        return True
+    tail = list(argv[1:]) if argv else []
+    if tail and words[-len(tail) :] == tail:
+        return True
+    began = _linux_start_time(pid)
+    return began is not None and started_at is not None and began <= started_at + START_SLACK
+
+
+START_SLACK = 1.0  # seconds: /proc/stat's boot time is whole seconds
+
+
+def _linux_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, starttime
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _names_mtkd(word: str) -> bool:
+    """``mtkd`` (``-m mtkd``), ``mtkd.cli``, ``/venv/bin/mtkd``, ``/src/mtkd/__main__.py``; not a
+    folder that merely contains the letters (``/opt/mtkd-env/bin/python``)."""
+    for part in re.split(r"[\\/]", word.lower()):
+        if part in ("mtkd", "mtkd.exe") or part.startswith("mtkd."):
+            return True
+    return False

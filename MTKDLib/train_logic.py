@@ -34,7 +34,8 @@ from MTKDLib.process import (
     engine_environment,
     error_message,
 )
-from MTKDLib.run_monitor import RunMonitor, RunPlots, RunState
+from MTKDLib.run_monitor import RunMonitor, RunState
+from MTKDLib.run_plots import RunPlots
 from MTKDLib.train_config import TrainingOptions, distill_arguments, write_config
 
 

@@ -364,7 +364,7 @@ class MTKDTrainWidget(ModuleWidget):
     def showPlots(self) -> None:
         """The run's table in the table view, its charts in the two plot widgets (each
         shows a plot view node of its own, which a qMRMLPlotWidget does not create)."""
-        from MTKDLib.run_monitor import plot_view_node
+        from MTKDLib.run_plots import plot_view_node
 
         table, losses, validation = self.run.plots.nodes()
         self.ui.metricsTableView.setMRMLTableNode(table)

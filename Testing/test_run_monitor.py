@@ -20,16 +20,15 @@ from slicer_scene import new_scene
 from mtkd.config import RunConfig
 from mtkd.engine.trainer import Trainer, TrainingInterrupted
 from mtkd.run_folder import EventLog, read_events
+from MTKDLib.process import pid_alive
 from MTKDLib.run_monitor import (
     EventFollower,
     RunMonitor,
-    RunPlots,
     RunState,
     format_duration,
     format_status,
-    pid_alive,
-    plot_view_node,
 )
+from MTKDLib.run_plots import RunPlots, plot_view_node
 
 HOST = socket.gethostname()
 

@@ -25,6 +25,7 @@ HEADLESS = [
     "mrml_io",
     "process",
     "run_monitor",
+    "run_plots",
     "segment_logic",
     "train_config",
     "train_logic",
