@@ -506,8 +506,8 @@ def test_summary_json_of_the_grid(evidence_grid):
     best = max(summary["cells"], key=lambda name: summary["cells"][name]["val_dice"])
     assert summary["recommended"] == best
     assert summary["cells"]["no_kd"]["diff_vs_nokd"] == {"mean": 0, "ci95": [0, 0], "pairs": 12}
-    assert "| cell | chosen on validation |" in (output / "evidence.md").read_text()
-    assert "seeds 0, 1 x split seeds 0, 1" in (output / "summary.md").read_text()
+    assert "| cell | chosen on validation |" in (output / "evidence.md").read_text(encoding="utf-8")
+    assert "seeds 0, 1 x split seeds 0, 1" in (output / "summary.md").read_text(encoding="utf-8")
 
 
 def test_sweeps_expand_into_named_sub_cells(slab_dataset, plain_teacher):
@@ -722,14 +722,16 @@ def test_cells_runs_part_of_a_grid_and_the_reports_say_so(slab_dataset, plain_te
     assert not (output / "cells" / "no_kd").exists()
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     assert (list(summary["cells"]), summary["not_run"]) == (["cwd"], ["no_kd"])
-    assert "PARTIAL: the grid's cells no_kd were not run" in (output / "evidence.md").read_text()
+    assert "PARTIAL: the grid's cells no_kd were not run" in (output / "evidence.md").read_text(
+        encoding="utf-8"
+    )
     result = run_ablation(ablation_from_dict(config), output, log=quiet, progress=False)
     assert result.states == {
         "cells/no_kd/split0/seed0": "trained",
         "cells/cwd/split0/seed0": "finished",
     }
-    assert (
-        "not_run" not in result.evidence and "PARTIAL" not in (output / "evidence.md").read_text()
+    assert "not_run" not in result.evidence and "PARTIAL" not in (output / "evidence.md").read_text(
+        encoding="utf-8"
     )
     with pytest.raises(MTKDError, match="no cell 'pmd'; its cells are no_kd, cwd"):
         run_ablation(ablation_from_dict(config), output, log=quiet, cells=["pmd"])

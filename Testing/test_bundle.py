@@ -123,7 +123,7 @@ def test_written_bundle_holds_monai_metadata_config_and_weights(bundles, name):
     model, folder, returned = bundles[name]
     for relative in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
         assert (folder / relative).is_file(), relative
-    assert "SHA-256" in (folder / "docs" / "README.md").read_text()
+    assert "SHA-256" in (folder / "docs" / "README.md").read_text(encoding="utf-8")
     assert "licen" in (folder / "LICENSE").read_text().lower()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]
     metadata = json.loads((folder / "configs" / "metadata.json").read_text())

@@ -300,8 +300,8 @@ def test_thesis_protocol_end_to_end_on_a_task09_folder(tmp_path, capsys):
     assert "run the teacher first" in capsys.readouterr().err
     assert main(args) == 0
     report = json.loads((runs / "report.json").read_text())
-    assert "pooled slice Dice" in (runs / "report.md").read_text()
-    assert "| mean HD95 mm | missed |" in (runs / "report.md").read_text()
+    assert "pooled slice Dice" in (runs / "report.md").read_text(encoding="utf-8")
+    assert "| mean HD95 mm | missed |" in (runs / "report.md").read_text(encoding="utf-8")
     assert list(report["models"]) == THESIS_STAGES
     # the split: by patient, validation from the non-test patients, students on half of train
     split = report["split"]
