@@ -10,7 +10,10 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-DATA = Path(__file__).parent / "Data"
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository."""
+DATA = Path(__file__).resolve().parent / "Data"
+"""The bundled real CT files and their licences."""
 STRUCTURES = ["liver", "spleen", "kidney_right"]
 
 
@@ -80,3 +83,20 @@ def make_config(slab_dataset):
     """``make_config(kind, **overrides)`` -> a tiny run config dict on the slab dataset;
     an override ``section__field=value`` sets one field of a section."""
     return lambda kind="train", **overrides: tiny_config(slab_dataset, kind, **overrides)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A scratch folder for one test module (the hostile-input tests)."""
+    return tmp_path_factory.mktemp("hostile")
+
+
+@pytest.fixture(scope="module")
+def small_ct(data_dir, base) -> Path:
+    """A small crop of the bundled real CT (NIfTI)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(data_dir / "abdomen_ct.nii.gz"))
+    path = base / "small_ct.nii.gz"
+    sitk.WriteImage(sitk.RegionOfInterest(image, [24, 20, 8], [40, 30, 70]), str(path))
+    return path

@@ -126,3 +126,37 @@ def untrained_model(folder: Path, names: tuple[str, ...] = ("liver",)) -> Path:
         lineage={"kind": "test"},
     )
     return folder
+
+
+# networks with an input shape each: (name, params, (B, C, *S)); test_models and
+# test_distributed build every one
+NETWORK_CASES = [
+    ("thesis_unet", {"channels": (4, 8), "bottleneck": 16}, (2, 3, 16, 16)),
+    ("thesis_unet", {"channels": (4, 8, 8), "spatial_dims": 3, "in_channels": 1}, (2, 1, 8, 8, 8)),
+    ("thesis_s1", {}, (2, 3, 16, 16)),
+    ("thesis_s1", {"spatial_dims": 3, "in_channels": 1, "out_channels": 3}, (2, 1, 8, 8, 8)),
+    ("thesis_s2", {}, (2, 3, 16, 16)),
+    ("thesis_t1_backbone", {}, (2, 3, 16, 16)),
+    ("unet", {"spatial_dims": 2}, (2, 1, 32, 32)),
+    ("unet", {"spatial_dims": 2, "channels": (4, 8, 16, 32), "num_res_units": 1}, (2, 1, 16, 16)),
+    ("unet", {"channels": (4, 8, 16), "num_res_units": 0}, (2, 1, 8, 8, 8)),
+    ("basic_unet", {"spatial_dims": 2, "features": (4, 4, 8, 16, 32, 4)}, (2, 1, 32, 32)),
+    ("basic_unet", {"features": (4, 4, 8, 8, 16, 4)}, (2, 1, 32, 16, 16)),
+    ("segresnet", {"spatial_dims": 2, "in_channels": 3}, (2, 3, 32, 32)),
+    ("segresnet", {"blocks_down": (1, 1, 1)}, (2, 1, 16, 16, 16)),
+    ("swinunetr", {"spatial_dims": 2, "feature_size": 12}, (1, 1, 64, 64)),
+    ("swinunetr", {"feature_size": 12}, (1, 1, 64, 32, 32)),
+    ("dynunet", {"spatial_dims": 2, "depth": 3, "filters": (4, 8, 16, 32)}, (2, 1, 32, 32)),
+    ("dynunet", {"depth": 2, "filters": (4, 8, 16)}, (2, 1, 16, 16, 16)),
+    (
+        "dynunet",
+        {"strides": (1, (2, 2, 1), 2), "kernel_size": (3, 3, 3), "filters": (4, 8, 16)},
+        (2, 1, 16, 16, 8),
+    ),
+]
+
+
+def network_case_id(case: tuple) -> str:
+    """A test id for a :data:`NETWORK_CASES` entry: name, dims and input size."""
+    name, params, shape = case
+    return f"{name}-{len(shape) - 2}d-{'-'.join(map(str, shape[2:]))}"

@@ -16,7 +16,7 @@ export PYTHONPATH="$PKG:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" \
   | tee -a "$OUT/gpu.txt"
-[ -n "${SKIP_TESTS:-}" ] || timeout 100 python3 -m pytest -q -p no:cacheprovider Testing/test_gpu.py 2>&1 \
+[ -n "${SKIP_TESTS:-}" ] || timeout 100 python3 -m pytest -q -p no:cacheprovider Testing/engine/test_gpu.py 2>&1 \
   | tail -15 | tee "$OUT/gpu_tests.txt"
 timeout 270 python3 bench/inference_speed.py --device cuda --repeats 3 --work /tmp/bench \
   --student .devcarry/student_model --carry .devcarry ${BENCH_ARGS:-} --out "$OUT/inference_gpu.json" \

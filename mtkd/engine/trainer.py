@@ -451,7 +451,7 @@ class Trainer:
             reconstruction_weight=self.config.multitask.weight,
             reconstruction_loss_on=self.config.multitask.reconstruction_loss_on,
         )
-        # every trainable parameter is used by every step (Testing/test_distributed.py), so
+        # every trainable parameter is used by every step (Testing/engine/test_distributed.py), so
         # DDP needs no search for unused ones
         self.step: torch.nn.Module = (
             DistributedDataParallel(
