@@ -7,8 +7,9 @@ network) or raise an MTKDError naming the metadata file and the key; never anoth
 exception. Import refuses exactly what loading refuses. Metadata that records its checksum
 (``metadata_sha256``) is refused after any edit.
 
-Example tests of the same checks: Testing/modelfiles/test_library.py (edited, reversed, short-label
-metadata; zip bombs; non-entry folders), Testing/modelfiles/test_bundle.py and Testing/export/test_export.py.
+Example tests of the same checks: Testing/modelfiles/test_library.py (edited, reversed,
+short-label metadata; zip bombs; non-entry folders), Testing/modelfiles/test_bundle.py and
+Testing/export/test_export.py.
 """
 
 from __future__ import annotations
