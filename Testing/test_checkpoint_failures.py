@@ -12,9 +12,9 @@ import torch
 from helpers import expect_error
 
 from mtkd.config import RunConfig
-from mtkd.engine import checkpoint
 from mtkd.engine.trainer import Trainer
 from mtkd.errors import MTKDError
+from mtkd.modelfiles import checkpoint
 from mtkd.modelfiles.checkpoint import load_checkpoint, save_checkpoint
 from mtkd.run_folder import read_events
 
