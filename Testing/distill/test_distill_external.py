@@ -339,7 +339,10 @@ def test_teacher_with_more_structures_matches_by_name(teacher_run, make_config, 
     )
     trainer = quiet(config, tmp_path / "subset")
     trainer.run()
-    assert trainer.distiller is not None and trainer.distiller.teacher_transform is not None
+    assert (
+        trainer.models.distiller is not None
+        and trainer.models.distiller.teacher_transform is not None
+    )
     metrics = [
         e for e in read_events(tmp_path / "subset" / "events.jsonl") if e["type"] == "metrics"
     ]
@@ -347,7 +350,7 @@ def test_teacher_with_more_structures_matches_by_name(teacher_run, make_config, 
 
     # the matched target is the teacher's own probabilities of those structures
     teacher = load_model(teacher_run)
-    matched = teacher_transform(teacher, trainer.labels, "softmax")
+    matched = teacher_transform(teacher, trainer.data.labels, "softmax")
     logits = torch.randn(2, 4, 8, 8)  # background, liver, spleen, kidney_right
     p = torch.softmax(logits, 1)
     expected = torch.stack([p[:, 0] + p[:, 3], p[:, 2], p[:, 1]], 1)
@@ -392,14 +395,14 @@ def test_checkpoint_of_a_stopped_run_opens_as_a_model(ts_outputs, make_config, t
     assert not (tmp_path / "run" / "model").exists()
     device = trainer.device
     for model in (load_checkpoint_model(checkpoint, device), load_any_model(checkpoint, device)):
-        assert model.labels == trainer.labels and model.activation == trainer.activation
-        assert model.prep == trainer.prep
+        assert model.labels == trainer.data.labels and model.activation == trainer.data.activation
+        assert model.prep == trainer.data.prep
         assert model.metadata["lineage"]["teacher"]["kind"] == "stored"
-        image = trainer.cache[trainer.split.val[0]].image  # (1, X, Y, Z), a real CT
+        image = trainer.data.cache[trainer.data.split.val[0]].image  # (1, X, Y, Z), a real CT
         slices = image.permute(3, 0, 1, 2).to(device)
-        trainer.network.eval()
+        trainer.models.network.eval()
         with torch.no_grad():
-            expected = trainer.network(slices)
+            expected = trainer.models.network(slices)
             got = model.network(slices)
         assert torch.allclose(got, expected, rtol=0.0, atol=1e-6)
         assert not torch.equal(got, torch.zeros_like(got))

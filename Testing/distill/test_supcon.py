@@ -472,14 +472,14 @@ def test_supcon_distillation_run(teacher_run, make_config, tmp_path) -> None:
             assert f"{label}.{part}" in state["connectors"]
     assert int(state["connectors"]["B-B.criterion.memory_count"].sum()) > 0
     exported = torch.load(result.model_dir / "model.pt", weights_only=True)
-    assert set(exported) == set(trainer.network.state_dict())  # the plain student
+    assert set(exported) == set(trainer.models.network.state_dict())  # the plain student
     assert not any(word in key for key in exported for word in ("_head", "criterion", "memory"))
     # a resumed trainer restores the heads and the memory
     resumed = quiet(_supcon_config(make_config, teacher_run), tmp_path / "kd", resume=True)
     resumed._prepare_data()
     resumed._prepare_model()
     resumed._restore()
-    restored = resumed.distiller.connector_state_dict()
+    restored = resumed.models.distiller.connector_state_dict()
     assert set(restored) == set(state["connectors"])
     assert all(torch.equal(restored[k], state["connectors"][k].to(restored[k])) for k in restored)
 

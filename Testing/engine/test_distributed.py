@@ -104,8 +104,11 @@ def _train_as_rank(rank: int, world_size: int, port: int, config: dict, folder: 
     trainer.run()
     if rank == 1:  # rank 0 exported the best epoch's weights and holds those now
         parameters = {
-            **{f"model.{k}": v for k, v in trainer.network.named_parameters()},
-            **{f"connectors.{k}": v for k, v in trainer.distiller.connectors.named_parameters()},
+            **{f"model.{k}": v for k, v in trainer.models.network.named_parameters()},
+            **{
+                f"connectors.{k}": v
+                for k, v in trainer.models.distiller.connectors.named_parameters()
+            },
         }
         torch.save({k: v.detach() for k, v in parameters.items()}, Path(folder) / "rank1.pt")
 

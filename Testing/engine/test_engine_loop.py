@@ -92,12 +92,12 @@ def test_init_from_loads_the_previous_weights_before_training(teacher_run, make_
     trainer.run_dir.create(trainer.config)
     trainer._prepare_data()
     trainer._prepare_model()
-    assert same_weights(trainer.network.state_dict(), previous.network.state_dict())
+    assert same_weights(trainer.models.network.state_dict(), previous.network.state_dict())
     fresh = quiet(make_config("train", name="fresh"), tmp_path / "fresh")
     fresh.run_dir.create(fresh.config)
     fresh._prepare_data()
     fresh._prepare_model()
-    assert not same_weights(fresh.network.state_dict(), previous.network.state_dict())
+    assert not same_weights(fresh.models.network.state_dict(), previous.network.state_dict())
 
     result = quiet(config, tmp_path / "run").run()
     expected = previous.metadata["metrics"]["best_val_dice"]
@@ -317,7 +317,9 @@ def test_all_scales_distillation_trains_its_pairs(teacher_run, make_config, tmp_
     )
     trainer = quiet(config, tmp_path / "kd")
     trainer.run()
-    assert [(p.name, p.student, p.teacher, p.loss, p.weight) for p in trainer.distiller.pairs] == [
+    assert [
+        (p.name, p.student, p.teacher, p.loss, p.weight) for p in trainer.models.distiller.pairs
+    ] == [
         ("E2-E2", "enc2", "backbone.enc2", "cosine", 0.3),
         ("B-B", "bottleneck", "backbone.bottleneck", "cosine", 0.2),
         ("D-D", "dec2", "backbone.dec2", "cosine", 0.1),

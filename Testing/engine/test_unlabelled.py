@@ -229,15 +229,15 @@ def test_unlabelled_train_adds_exactly_the_non_student_training_patients(
     config["data"]["source"] = str(data)
     trainer = quiet(config, tmp_path / "kd")
     trainer.run()
-    assert sorted(trainer.unlabelled_ids) == others
-    assert trainer.train_ids == split.student_train
-    slices = sum(trainer.cache[c].image.shape[-1] for c in split.train)
+    assert sorted(trainer.data.unlabelled_ids) == others
+    assert trainer.data.train_ids == split.student_train
+    slices = sum(trainer.data.cache[c].image.shape[-1] for c in split.train)
     (training,) = _status(tmp_path / "kd", "training")
     assert training["unlabelled_cases"] == len(others)
     assert training["train_cases"] == len(split.student_train)
     assert training["train_samples"] == slices  # every training patient's images
-    assert all(not trainer.cache[c].has_label for c in others)
-    assert all(trainer.cache[c].has_label for c in split.student_train + split.val)
+    assert all(not trainer.data.cache[c].has_label for c in others)
+    assert all(trainer.data.cache[c].has_label for c in split.student_train + split.val)
 
 
 def test_a_folder_of_unlabelled_cts_joins_and_is_fingerprinted(slab_dataset, kd_config, tmp_path):
@@ -248,7 +248,7 @@ def test_a_folder_of_unlabelled_cts_joins_and_is_fingerprinted(slab_dataset, kd_
     config = kd_config(distill__unlabelled=str(extra))
     trainer = quiet(config, tmp_path / "kd")
     trainer.run()
-    assert trainer.unlabelled_ids == names
+    assert trainer.data.unlabelled_ids == names
     (training,) = _status(tmp_path / "kd", "training")
     assert training["unlabelled_cases"] == 2
     fingerprint = json.loads((tmp_path / "kd" / "fingerprint.json").read_text())
@@ -293,9 +293,9 @@ def test_the_no_kd_baseline_leaves_the_unlabelled_images_out(kd_config, tmp_path
     run with distill.unlabelled is the plain no-KD run."""
     trainer = quiet(kd_config(distill__unlabelled="train", distill__scale=0.0), tmp_path / "b")
     trainer.run()
-    assert trainer.unlabelled_ids == [] and trainer.distiller is None
+    assert trainer.data.unlabelled_ids == [] and trainer.models.distiller is None
     (training,) = _status(tmp_path / "b", "training")
-    labelled = sum(trainer.cache[c].image.shape[-1] for c in trainer.train_ids)
+    labelled = sum(trainer.data.cache[c].image.shape[-1] for c in trainer.data.train_ids)
     assert training["unlabelled_cases"] == 0 and training["train_samples"] == labelled
     zero = {"teacher": kd_config()["distill"]["teacher"], "output": {"weight": 0.0}}
     config = kd_config(train_on="none", distill={**zero, "unlabelled": "train"})
