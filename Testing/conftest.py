@@ -100,3 +100,15 @@ def small_ct(data_dir, base) -> Path:
     path = base / "small_ct.nii.gz"
     sitk.WriteImage(sitk.RegionOfInterest(image, [24, 20, 8], [40, 30, 70]), str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def written_bundle(teacher_run, base, small_ct) -> Path:
+    """The tiny teacher written as a MONAI bundle of ours (its metadata records the SHA-256)."""
+    from mtkd.data.image_io import read_image
+    from mtkd.export.bundle import write_bundle
+    from mtkd.modelfiles.model_io import load_model
+
+    folder = base / "bundle"
+    write_bundle(load_model(teacher_run), folder, read_image(small_ct))
+    return folder

@@ -10,13 +10,11 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import pytest
 import torch
 from hostile import HOSTILE, assert_clear, attempt, scratch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from mtkd.data.image_io import read_image
 from mtkd.errors import MTKDError
 from mtkd.library import ModelLibrary
 from mtkd.modelfiles.bundle import load_bundle
@@ -210,16 +208,6 @@ def test_model_metadata_and_weights_of_the_wrong_shape(teacher_run, base, change
                 assert_clear(outcome, named if what == "weights" else model)
             else:
                 assert isinstance(outcome, LoadedModel)
-
-
-@pytest.fixture(scope="module")
-def written_bundle(teacher_run, base, small_ct) -> Path:
-    """The tiny teacher written as a MONAI bundle of ours (its metadata records the SHA-256)."""
-    from mtkd.export.bundle import write_bundle
-
-    folder = base / "bundle"
-    write_bundle(load_model(teacher_run), folder, read_image(small_ct))
-    return folder
 
 
 @settings(HOSTILE, max_examples=20)
