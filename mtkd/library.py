@@ -9,7 +9,7 @@
 
 An import is checked (metadata present, valid and unchanged, SHA-256 of the weights equal to
 the metadata's, zip members that stay inside the folder and within the size limits of
-:func:`mtkd.modelfiles.bundle.check_zip_sizes`, the model opens with mtkd) in a hidden staging
+:func:`mtkd.modelfiles.zips.check_zip_sizes`, the model opens with mtkd) in a hidden staging
 folder inside the library and then renamed into place, so no half-imported entry is ever
 visible and a failed import leaves nothing. Only the files the model needs are copied (its
 metadata and weights; a bundle's metadata, inference config, weights, LICENSE and
@@ -226,7 +226,7 @@ def _zip_needed(source: Path) -> tuple[str, set[str]]:
             by_name = {info.filename.replace("\\", "/").removeprefix("./"): info for info in infos}
             info = by_name.get(prefix + METADATA)
             if info is not None:
-                from mtkd.modelfiles.bundle import check_zip_sizes
+                from mtkd.modelfiles.zips import check_zip_sizes
 
                 check_zip_sizes([info], source)
                 metadata = json.loads(archive.read(info).decode("utf-8"))
@@ -552,8 +552,8 @@ class ModelLibrary:
             return target, candidate
         if not zipfile.is_zipfile(source):
             raise MTKDError(_NOT_A_MODEL, source)
-        from mtkd.modelfiles.bundle import safe_extract
         from mtkd.modelfiles.sources import is_torchscript_zip
+        from mtkd.modelfiles.zips import safe_extract
 
         if is_torchscript_zip(source):
             raise MTKDError(

@@ -25,17 +25,14 @@ from monai.networks.nets import UNet
 from mtkd.data.image_io import read_image
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
-from mtkd.export.bundle import SCHEMA_URL, verify_bundle, write_bundle
+from mtkd.export.bundle import verify_bundle, write_bundle
+from mtkd.export.bundle_metadata import SCHEMA_URL
 from mtkd.export.verify import sample_input
-from mtkd.modelfiles.bundle import (
-    MAX_ZIP_MEMBER,
-    THESIS_TARGET,
-    check_zip_sizes,
-    load_bundle,
-    safe_extract,
-)
+from mtkd.modelfiles.bundle import load_bundle
+from mtkd.modelfiles.bundle_config import THESIS_TARGET
 from mtkd.modelfiles.model_io import build_from_spec, export_model, load_model, sha256_of
 from mtkd.modelfiles.sources import load_any_model
+from mtkd.modelfiles.zips import MAX_ZIP_MEMBER, check_zip_sizes, safe_extract
 from mtkd.models import MultiTaskNet, build_network
 
 UNET_PARAMS = {

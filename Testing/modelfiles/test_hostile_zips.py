@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from mtkd.errors import MTKDError
 from mtkd.library import ModelLibrary
-from mtkd.modelfiles.bundle import load_bundle, safe_extract
+from mtkd.modelfiles.bundle import load_bundle
+from mtkd.modelfiles.zips import safe_extract
 
 # --- zips ----------------------------------------------------------------------------------------
 

@@ -7,12 +7,15 @@ mtkd never does:
 
 - the network comes from ``network_def`` (or what ``network`` names): its ``_target_`` must be
   a class of ``monai.networks.nets`` (or mtkd's ``ThesisUNet``) and its arguments JSON literals
-  or ``@key`` references to literals; expressions, other targets and ``%`` macros are refused;
+  or ``@key`` references to literals; expressions, other targets and ``%`` macros are refused
+  (:mod:`mtkd.modelfiles.bundle_config`);
 - the weights load with ``torch.load(weights_only=True)``;
 - labels come from ``network_data_format.outputs.pred.channel_def`` of the metadata;
   preprocessing from its ``mtkd`` section (bundles mtkd wrote), else from the literal
   ``Spacingd`` / ``ScaleIntensityRanged`` / ``CropForegroundd`` / ``Resized`` steps of the
-  config's ``preprocessing``; steps mtkd cannot reproduce are refused by name.
+  config's ``preprocessing``; steps mtkd cannot reproduce are refused by name
+  (:mod:`mtkd.modelfiles.bundle_transforms`);
+- a zip is extracted with :func:`mtkd.modelfiles.zips.safe_extract`.
 
 The inputs of a network without an ``mtkd`` section are padded to multiples of 32 for
 SwinUNETR and 16 otherwise, unless the network maps onto a registered mtkd network, whose own
@@ -24,12 +27,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import shutil
-import stat
 import zipfile
-from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +39,14 @@ from mtkd.data.atomic import temporary_sibling
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.errors import MTKDError, error_summary, one_line
+from mtkd.modelfiles.bundle_config import (
+    build_network_def,
+    network_class,
+    network_definition,
+    read_config,
+    read_mapping,
+)
+from mtkd.modelfiles.bundle_transforms import multilabel_sigmoid, preprocessing_from_config
 from mtkd.modelfiles.metadata import (
     check_seal,
     validate_labels,
@@ -46,14 +54,13 @@ from mtkd.modelfiles.metadata import (
     validate_preprocessing,
 )
 from mtkd.modelfiles.model_io import LoadedModel, build_from_spec, sha256_of
+from mtkd.modelfiles.zips import safe_extract
 from mtkd.models import count_parameters, network_info
 from mtkd.models.thesis_unet import ThesisUNet
 
 METADATA = Path("configs") / "metadata.json"
-CONFIGS = tuple(Path("configs") / f"inference{s}" for s in (".json", ".yaml", ".yml"))
 WEIGHTS = Path("models") / "model.pt"
 MTKD_SECTION = "mtkd"
-THESIS_TARGET = "mtkd.models.thesis_unet.ThesisUNet"
 # MONAI networks that are also registered mtkd networks (same keyword names).
 MONAI_REGISTERED = {
     "UNet": "unet",
@@ -62,180 +69,15 @@ MONAI_REGISTERED = {
     "SwinUNETR": "swinunetr",
     "DynUNet": "dynunet",
 }
-# Zips of models (bundles, library imports) are checked before anything is extracted. The
-# largest supported network (a SwinUNETR teacher) has about 10^8 parameters, 0.4 GB as float32;
-# a bundle may hold it in two or three forms (model.pt, model.ts, model.onnx).
-MAX_ZIP_MEMBER = 2 << 30  # bytes, unpacked, of one member
-MAX_ZIP_TOTAL = 4 << 30  # bytes, unpacked, of all the members extracted
-MAX_ZIP_RATIO = 100  # unpacked / packed size of a member above 1 MiB (weights pack ~1:1)
-_RATIO_FREE = 1 << 20
-_REFERENCE = re.compile(r"\$?@([A-Za-z_]\w*(?:(?:#|::)\w+)*)")
-_ID_SEPARATOR = re.compile(r"::|#")
-# Preprocessing steps that do not change what the network sees beyond what mtkd reproduces.
-_NEUTRAL_STEPS = {
-    "LoadImage",
-    "EnsureChannelFirst",
-    "AddChannel",
-    "EnsureType",
-    "ToTensor",
-    "ToNumpy",
-    "CastToType",
-    "SpatialPad",
-    "DivisiblePad",
-    "Identity",
-    "ToDevice",
-    "CopyItems",
-    "DeleteItems",
-    "SelectItems",
-    "SaveImage",
-    "RepeatChannel",  # the input's num_channels gives the repetition
-}
-_READ_STEPS = {"Orientation", "Spacing", "ScaleIntensityRange", "CropForeground", "Resize"}
-_SPECIAL_KEYS = {"_target_", "_desc_", "_mode_", "_disabled_", "_requires_"}
 
 
-# --- zips -------------------------------------------------------------------------------------
+# --- the bundle folder ------------------------------------------------------------------------
 
 
 def cache_root() -> Path:
     """Where zipped bundles are extracted: ``$MTKD_CACHE/bundles`` or ``~/.cache/mtkd/bundles``."""
     base = os.environ.get("MTKD_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "mtkd") / "bundles"
-
-
-def _member_problem(info: zipfile.ZipInfo) -> str | None:
-    """Why zip member ``info`` may not be extracted (escapes the target, a link, no name), or
-    None."""
-    name = info.filename.replace("\\", "/")
-    if name.startswith("/") or PurePosixPath(name).is_absolute():
-        return "has an absolute path"
-    if PureWindowsPath(info.filename).drive or re.match(r"^[A-Za-z]:", name):
-        return "names a drive"
-    if ".." in name.split("/"):
-        return "climbs out with '..'"
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return "is a symbolic link"
-    if "\x00" in name:
-        return "has a NUL character in its name"
-    if not info.is_dir() and not [p for p in name.split("/") if p not in ("", ".")]:
-        return "has no file name"
-    return None
-
-
-def _unwrite(written: list[Path]) -> None:
-    """Remove the files and folders (listed in creation order) of a failed extraction."""
-    for path in reversed(written):
-        try:
-            if path.is_dir() and not path.is_symlink():
-                path.rmdir()
-            else:
-                path.unlink()
-        except OSError:
-            pass
-
-
-def _makedirs(folder: Path, written: list[Path]) -> None:
-    """``folder.mkdir(parents=True, exist_ok=True)``, listing each folder it creates."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for path in reversed(missing):
-        path.mkdir(exist_ok=True)
-        written.append(path)
-
-
-def _gib(size: int) -> str:
-    return f"{size / (1 << 30):.1f} GiB" if size >= 1 << 30 else f"{size / (1 << 20):.1f} MiB"
-
-
-def check_zip_sizes(members: list[zipfile.ZipInfo], zip_path: Path) -> None:
-    """MTKDError naming ``zip_path`` if ``members`` would unpack to more than
-    :data:`MAX_ZIP_TOTAL` in all, a member to more than :data:`MAX_ZIP_MEMBER`, or a member
-    above 1 MiB to more than :data:`MAX_ZIP_RATIO` times its packed size (a zip bomb)."""
-    total = 0
-    for info in members:
-        size = info.file_size
-        if size > MAX_ZIP_MEMBER:
-            raise MTKDError(
-                f"refused to extract: member {info.filename!r} would unpack to {_gib(size)} "
-                f"(more than {_gib(MAX_ZIP_MEMBER)})",
-                zip_path,
-            )
-        if size > _RATIO_FREE and size > MAX_ZIP_RATIO * max(info.compress_size, 1):
-            raise MTKDError(
-                f"refused to extract: member {info.filename!r} would unpack to {_gib(size)} from "
-                f"{info.compress_size} bytes (more than {MAX_ZIP_RATIO} times; a zip bomb?)",
-                zip_path,
-            )
-        total += size
-    if total > MAX_ZIP_TOTAL:
-        raise MTKDError(
-            f"refused to extract: it would unpack to {_gib(total)} (more than "
-            f"{_gib(MAX_ZIP_TOTAL)})",
-            zip_path,
-        )
-
-
-def safe_extract(
-    zip_path: str | Path, target: str | Path, keep: Callable[[str], bool] | None = None
-) -> Path:
-    """Extract ``zip_path`` into ``target`` (created if needed) and return ``target``.
-
-    ``keep`` (given a member's name with ``/`` separators) selects the members to extract; by
-    default all. Every member is checked before anything is written: an absolute path, a
-    drive, a ``..`` component, a symbolic link or a file without a name refuses the whole zip,
-    and so do members to extract whose sizes break :func:`check_zip_sizes` (MTKDError naming
-    it). A member that cannot be written or decompressed (damaged data, an unsupported
-    compression, encryption, clashing names) refuses it too, and what was written is removed.
-    """
-    zip_path, target = Path(zip_path), Path(target)
-    try:
-        archive = zipfile.ZipFile(zip_path)
-    except Exception as error:  # noqa: BLE001 - a damaged directory fails in many ways
-        raise MTKDError(f"not a readable zip file ({error_summary(error)})", zip_path) from None
-    with archive:
-        members = archive.infolist()
-        for info in members:
-            problem = _member_problem(info)
-            if problem:
-                raise MTKDError(f"refused to extract: member {info.filename!r} {problem}", zip_path)
-        if keep is not None:
-            members = [info for info in members if keep(info.filename.replace("\\", "/"))]
-        check_zip_sizes(members, zip_path)
-        root = target.resolve()
-        plan = []
-        for info in members:
-            parts = [p for p in info.filename.replace("\\", "/").split("/") if p not in ("", ".")]
-            destination = root.joinpath(*parts) if parts else root
-            if os.path.commonpath([root, destination.resolve()]) != str(root):
-                raise MTKDError(
-                    f"refused to extract: member {info.filename!r} lands outside the target",
-                    zip_path,
-                )
-            plan.append((info, destination))
-        written: list[Path] = []
-        member = None
-        try:
-            _makedirs(root, written)
-            for member, destination in plan:
-                if member.is_dir():
-                    _makedirs(destination, written)
-                    continue
-                _makedirs(destination.parent, written)
-                existed = destination.exists()
-                with archive.open(member) as source, open(destination, "wb") as sink:
-                    if not existed:
-                        written.append(destination)
-                    shutil.copyfileobj(source, sink, 1 << 20)
-        except Exception as error:  # noqa: BLE001 - zipfile fails in many ways on a damaged zip
-            _unwrite(written)
-            where = f"member {member.filename!r}" if member is not None else "the target folder"
-            raise MTKDError(
-                f"refused to extract: {where} cannot be written or read ({error_summary(error)})",
-                zip_path,
-            ) from None
-    return target
 
 
 def _bundle_prefix(names: list[str], zip_path: Path) -> str:
@@ -283,184 +125,7 @@ def bundle_folder(path: str | Path, extract_to: str | Path | None = None) -> Pat
     return final / prefix
 
 
-# --- reading configs without running them ----------------------------------------------------
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise MTKDError(f"unreadable ({error})", path) from None
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as error:  # noqa: BLE001 - any parse failure is the file's problem
-        raise MTKDError(f"not valid {path.suffix[1:].upper()} ({error})", path) from None
-    if not isinstance(data, dict):
-        raise MTKDError("expected a JSON/YAML object at the top level", path)
-    return data
-
-
-def read_config(folder: Path) -> tuple[dict[str, Any], Path]:
-    """The bundle's inference config (JSON or YAML, parsed as data only) and its path."""
-    for relative in CONFIGS:
-        if (folder / relative).is_file():
-            return _read_mapping(folder / relative), folder / relative
-    raise MTKDError(
-        "bundle config is missing (configs/inference.json or configs/inference.yaml)",
-        folder / CONFIGS[0],
-    )
-
-
-def _runs_code(where: str, value: Any, path: Path) -> MTKDError:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return MTKDError(
-        f"{where} is {shown}: the bundle config would run code there, and mtkd does not "
-        "execute bundle configs (only JSON literals and @references to literals are read)",
-        path,
-    )
-
-
-def _lookup(config: dict[str, Any], reference: str, path: Path) -> Any:
-    node: Any = config
-    for part in _ID_SEPARATOR.split(reference):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            raise MTKDError(f"config reference '@{reference}' points to nothing", path)
-    return node
-
-
-def literal(
-    value: Any, config: dict[str, Any], path: Path, where: str, seen: tuple[str, ...] = ()
-) -> Any:
-    """``value`` with its ``@key`` references replaced; MTKDError for anything that would run
-    code (``$`` expressions, ``_target_`` objects, ``%`` macros)."""
-    if isinstance(value, str):
-        if value.startswith("$"):
-            raise _runs_code(where, value, path)
-        if value.startswith("%"):
-            raise MTKDError(f"{where} is {value!r}: '%' macros are not supported", path)
-        if value.startswith("@"):
-            reference = value[1:]
-            if reference in seen:
-                raise MTKDError(f"{where}: config references loop through '@{reference}'", path)
-            target = _lookup(config, reference, path)
-            return literal(target, config, path, where, (*seen, reference))
-        return value
-    if isinstance(value, list):
-        return [literal(v, config, path, f"{where}[{i}]", seen) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if "_target_" in value:
-            raise _runs_code(where, {"_target_": value["_target_"]}, path)
-        special = sorted(k for k in value if str(k) in _SPECIAL_KEYS)
-        if special:
-            raise _runs_code(where, {special[0]: value[special[0]]}, path)
-        return {k: literal(v, config, path, f"{where}.{k}", seen) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    raise MTKDError(f"{where} holds a {type(value).__name__}, not a JSON value", path)
-
-
-def _follow(config: dict[str, Any], node: Any, name: str, path: Path) -> tuple[Any, str]:
-    """Follow ``"@x"`` / ``"$@x..."`` by name only (nothing is evaluated)."""
-    for _ in range(16):
-        if not isinstance(node, str):
-            return node, name
-        match = _REFERENCE.match(node)
-        if match is None:
-            raise _runs_code(name, node, path)
-        name = match.group(1)
-        node = _lookup(config, name, path)
-    raise MTKDError(f"config references starting at '{name}' do not end", path)
-
-
-def network_class(target: Any, path: Path) -> type[nn.Module]:
-    """The class a ``network_def`` ``_target_`` names: a ``monai.networks.nets`` class (short or
-    dotted name) or mtkd's ThesisUNet; anything else is refused."""
-    import monai.networks.nets as nets
-
-    if target == THESIS_TARGET:
-        return ThesisUNet
-    if not isinstance(target, str):
-        raise _runs_code("network_def._target_", target, path)
-    name = target.rsplit(".", 1)[-1]
-    found = getattr(nets, name, None)
-    if not (inspect.isclass(found) and issubclass(found, nn.Module)):
-        found = None
-    allowed = {name, f"monai.networks.nets.{name}"}
-    if found is not None:
-        allowed.add(f"{found.__module__}.{name}")
-    if found is None or target not in allowed:
-        raise MTKDError(
-            f"network_def._target_ is {target!r}, not a class of monai.networks.nets: the bundle "
-            "config would run code there, and mtkd does not execute bundle configs",
-            path,
-        )
-    return found
-
-
-def network_definition(config: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The network's definition ``{"_target_": ..., **arguments}`` with literal arguments only."""
-    if "network_def" in config:
-        node, name = _follow(config, config["network_def"], "network_def", path)
-    elif "network" in config:
-        node, name = _follow(config, config["network"], "network", path)
-    else:
-        raise MTKDError("bundle config has no network_def", path)
-    if not isinstance(node, dict) or "_target_" not in node:
-        raise MTKDError(f"{name} is not a network definition (a dict with _target_)", path)
-    if node.get("_mode_", "default") != "default" or node.get("_disabled_") or "_requires_" in node:
-        raise _runs_code(name, {k: node[k] for k in node if k in _SPECIAL_KEYS - {"_desc_"}}, path)
-    cls = network_class(node["_target_"], path)
-    arguments = {}
-    for key, value in node.items():
-        if key in _SPECIAL_KEYS:
-            continue
-        value = literal(value, config, path, f"{name}.{key}")
-        if (value and "pretrained" in str(key).lower()) or any(
-            "://" in text for text in _strings(value)
-        ):
-            raise MTKDError(
-                f"{name}.{key} = {value!r}: mtkd does not fetch or read other weights while "
-                "building a bundle's network",
-                path,
-            )
-        arguments[key] = value
-    target = THESIS_TARGET if cls is ThesisUNet else node["_target_"]
-    return {"_target_": target, **arguments}
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
-def build_network_def(definition: dict[str, Any], path: Path) -> nn.Module:
-    """Instantiate a checked :func:`network_definition` (no config code runs)."""
-    cls = network_class(definition["_target_"], path)
-    arguments = {k: v for k, v in definition.items() if k != "_target_"}
-    try:
-        return cls(**arguments)
-    except Exception as error:  # noqa: BLE001 - any constructor failure is the bundle's
-        raise MTKDError(
-            f"cannot build {cls.__name__} from network_def ({type(error).__name__}: {error})", path
-        ) from None
-
-
-# --- weights, labels, preprocessing ----------------------------------------------------------
+# --- weights and labels -----------------------------------------------------------------------
 
 
 def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
@@ -521,163 +186,6 @@ def labels_from_metadata(metadata: dict[str, Any], path: Path) -> tuple[LabelTab
     if missing:
         raise MTKDError(f"channel_def names no structure for channel(s) {missing}", path)
     return LabelTable({c: names[c] for c in range(1, channels)}, source=path), "softmax"
-
-
-def _steps(config: dict[str, Any], path: Path, key: str = "preprocessing") -> list[dict[str, Any]]:
-    if key not in config:
-        return []
-    node, name = _follow(config, config[key], key, path)
-    if isinstance(node, dict) and "transforms" in node:
-        node, name = _follow(config, node["transforms"], f"{name}.transforms", path)
-    if not isinstance(node, list):
-        raise MTKDError(f"{name} is not a list of transforms", path)
-    steps = []
-    for index, item in enumerate(node):
-        item, _ = _follow(config, item, f"{name}[{index}]", path)
-        if not isinstance(item, dict) or not isinstance(item.get("_target_"), str):
-            raise MTKDError(f"{name}[{index}] is not a transform (a dict with _target_)", path)
-        steps.append(item)
-    return steps
-
-
-def _multilabel_sigmoid(config: dict[str, Any], path: Path) -> bool:
-    """True when the config's postprocessing applies a literal sigmoid activation."""
-    try:
-        steps = _steps(config, path, "postprocessing")
-    except MTKDError:
-        return False
-    return any(
-        step["_target_"].rsplit(".", 1)[-1] in ("Activations", "Activationsd")
-        and step.get("sigmoid") is True
-        for step in steps
-    )
-
-
-def _applies_to_image(step: dict[str, Any], config: dict[str, Any], path: Path) -> bool:
-    keys = literal(step.get("keys", "image"), config, path, "transform keys")
-    return "image" in ([keys] if isinstance(keys, str) else keys)
-
-
-def _numbers(value: Any, count: int, where: str, path: Path) -> list[float]:
-    values = [value] * count if isinstance(value, (int, float)) else value
-    if (
-        not isinstance(values, list)
-        or len(values) < count
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    ):
-        raise MTKDError(f"{where} is {value!r}, not {count} numbers", path)
-    return [float(v) for v in values[:count]]
-
-
-def preprocessing_from_config(
-    config: dict[str, Any],
-    metadata: dict[str, Any],
-    dims: int,
-    in_channels: int,
-    path: Path,
-) -> Preprocessing:
-    """Preprocessing read from the literal transforms of a third-party bundle config."""
-    found: dict[str, Any] = {}
-    unsupported = []
-    for step in _steps(config, path):
-        target = step["_target_"]
-        base = target.rsplit(".", 1)[-1]
-        base = base[:-1] if base.endswith("d") else base
-        if "." in target and not target.startswith("monai.transforms."):
-            base = target  # another package's transform: unknown, whatever its name
-        if base in _NEUTRAL_STEPS:
-            continue
-        if base not in _READ_STEPS:
-            unsupported.append(step["_target_"])
-            continue
-        if not _applies_to_image(step, config, path):
-            continue
-        where = f"preprocessing {step['_target_']}"
-        args = {
-            k: literal(v, config, path, f"{where}.{k}")
-            for k, v in step.items()
-            if k
-            in {"pixdim", "a_min", "a_max", "b_min", "b_max", "clip", "axcodes", "spatial_size"}
-        }
-        if base == "Orientation":
-            if args.get("axcodes", "RAS") != "RAS":
-                unsupported.append(f"{step['_target_']}(axcodes={args.get('axcodes')!r})")
-        elif base == "Spacing":
-            if "pixdim" not in args:
-                raise MTKDError(f"{where} has no pixdim", path)
-            found["spacing"] = tuple(_numbers(args["pixdim"], 3, f"{where}.pixdim", path))
-        elif base == "ScaleIntensityRange":
-            low, high = (
-                _numbers(args.get(k), 1, f"{where}.{k}", path)[0] for k in ("a_min", "a_max")
-            )
-            b_min, b_max = (args.get("b_min"), args.get("b_max"))
-            if (b_min, b_max) != (0, 1):
-                raise MTKDError(
-                    f"{where} scales to [{b_min}, {b_max}]; mtkd feeds networks the HU window "
-                    "scaled to [0, 1] only",
-                    path,
-                )
-            if not args.get("clip", False):
-                raise MTKDError(
-                    f"{where} does not clip; mtkd clips intensities to the HU window", path
-                )
-            found["hu_window"] = (low, high)
-        elif base == "CropForeground":
-            found["crop_foreground"] = True
-        elif base == "Resize":
-            if dims != 2:
-                unsupported.append(step["_target_"])
-                continue
-            found["slice_size"] = tuple(
-                int(v) for v in _numbers(args.get("spatial_size"), 2, f"{where}.spatial_size", path)
-            )
-    if unsupported:
-        raise MTKDError(
-            f"preprocessing step(s) {', '.join(unsupported)} cannot be reproduced by mtkd "
-            "(it reads Orientationd RAS, Spacingd, ScaleIntensityRanged, CropForegroundd and a "
-            "2-D in-plane Resized)",
-            path,
-        )
-    missing = [n for n in ("hu_window",) if n not in found]
-    if dims == 2 and "slice_size" not in found:
-        missing.append("slice_size (an in-plane Resized for a 2-D network)")
-    if missing:
-        raise MTKDError(
-            f"cannot tell the preprocessing: no {', '.join(missing)} (mtkd needs a literal "
-            "ScaleIntensityRanged with b_min 0, b_max 1 and clip, and reads Spacingd pixdim when "
-            "present; an mtkd section in the metadata would give them)",
-            path,
-        )
-    return Preprocessing(
-        dims=dims,
-        hu_window=found["hu_window"],
-        spacing=found.get("spacing"),
-        crop_foreground=found.get("crop_foreground", False),
-        slice_size=found.get("slice_size", (128, 128)),
-        patch_size=_patch_size(config, metadata, dims, path),
-        in_channels=in_channels,
-    )
-
-
-def _patch_size(
-    config: dict[str, Any], metadata: dict[str, Any], dims: int, path: Path
-) -> tuple[int, int, int]:
-    """roi_size of a literal sliding-window inferer, else a literal input spatial_shape, else 96."""
-    if dims == 3 and "inferer" in config:
-        try:
-            node, _ = _follow(config, config["inferer"], "inferer", path)
-            roi = literal(node.get("roi_size"), config, path, "inferer.roi_size")
-        except (MTKDError, AttributeError):
-            roi = None
-        if isinstance(roi, list) and len(roi) == 3 and all(isinstance(v, int) for v in roi):
-            return tuple(roi)
-    try:
-        shape = metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]
-    except (KeyError, TypeError):
-        shape = None
-    if isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) for v in shape):
-        return tuple(shape)
-    return (96, 96, 96)
 
 
 # --- specs -----------------------------------------------------------------------------------
@@ -744,12 +252,36 @@ def _require(folder: Path, relative: Path) -> Path:
 
 
 def _section(metadata: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """The metadata's ``mtkd`` section (a bundle mtkd wrote) with its seal checked, or None."""
     section = metadata.get(MTKD_SECTION)
     if section is None:
         return None
     if not isinstance(section, dict):
         raise MTKDError("the mtkd section of the metadata is not an object", path)
+    check_seal(section, path, prefix="mtkd.")
     return section
+
+
+def _weights_digest(section: dict[str, Any] | None, weights: Path) -> str:
+    """SHA-256 of ``weights``, checked against the one the ``mtkd`` section records."""
+    digest = sha256_of(weights)
+    if section is not None and section.get("weights_sha256") not in (None, digest):
+        raise MTKDError("SHA-256 of the weights does not match the bundle metadata", weights)
+    return digest
+
+
+def _network_with_weights(
+    definition: dict[str, Any], weights: Path, config_file: Path, device: str | torch.device
+) -> nn.Module:
+    """The network of a checked ``network_def`` with the bundle's weights, on ``device``, in
+    eval mode."""
+    network = build_network_def(definition, config_file)
+    try:
+        network.load_state_dict(read_state_dict(weights))
+    except RuntimeError as error:
+        raise MTKDError(f"weights do not fit the network ({one_line(error)})", weights) from None
+    network.to(device).eval()
+    return network
 
 
 def _input_channels(metadata: dict[str, Any], definition: dict[str, Any]) -> int:
@@ -768,6 +300,55 @@ def _output_channels(definition: dict[str, Any]) -> int | None:
     return channels if isinstance(channels, int) and not isinstance(channels, bool) else None
 
 
+def _read_from_section(
+    section: dict[str, Any], metadata_file: Path, definition: dict[str, Any]
+) -> tuple[LabelTable, str, Preprocessing]:
+    """Labels, activation and preprocessing as the ``mtkd`` section of a bundle we wrote gives
+    them, validated."""
+    validate_metadata(section, metadata_file, _output_channels(definition), prefix="mtkd.")
+    labels = LabelTable.from_dict(section["labels"], source=metadata_file)
+    return labels, section["activation"], Preprocessing.from_dict(section["preprocessing"])
+
+
+def _read_from_config(
+    config: dict[str, Any],
+    config_file: Path,
+    metadata: dict[str, Any],
+    metadata_file: Path,
+    definition: dict[str, Any],
+) -> tuple[LabelTable, str, Preprocessing]:
+    """Labels, activation and preprocessing of a third-party bundle, read from its metadata's
+    ``channel_def`` and its config's literal transforms, validated."""
+    labels, activation = labels_from_metadata(metadata, metadata_file)
+    if activation == "softmax" and multilabel_sigmoid(config, config_file):
+        raise MTKDError(
+            "the bundle applies a sigmoid to several output channels (multi-label); mtkd "
+            "reads one-hot (softmax) outputs or a single sigmoid channel",
+            config_file,
+        )
+    dims = definition.get("spatial_dims", definition.get("dimensions", 3))
+    if dims not in (2, 3):
+        raise MTKDError(f"network_def has spatial_dims {dims!r}; mtkd needs 2 or 3", config_file)
+    prep = preprocessing_from_config(
+        config, metadata, dims, _input_channels(metadata, definition), config_file
+    )
+    validate_labels(labels.to_dict(), activation, _output_channels(definition), metadata_file)
+    validate_preprocessing(json.loads(json.dumps(prep.to_dict())), config_file)
+    return labels, activation, prep
+
+
+def _size_multiple(
+    section: dict[str, Any] | None, spec: dict[str, Any] | None, network: nn.Module
+) -> int:
+    """What the input sides must be multiples of: as the ``mtkd`` section says, else as the
+    registered network says, else 32 for SwinUNETR and 16 otherwise."""
+    if section is not None and isinstance(section.get("size_multiple"), int):
+        return section["size_multiple"]
+    if spec is not None:
+        return network_info(spec["name"], **spec["params"]).size_multiple
+    return 32 if type(network).__name__ == "SwinUNETR" else 16
+
+
 def load_bundle(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -779,56 +360,23 @@ def load_bundle(
     metadata_file = _require(folder, METADATA)
     config, config_file = read_config(folder)
     weights = _require(folder, WEIGHTS)
-    metadata = _read_mapping(metadata_file)
+    metadata = read_mapping(metadata_file)
     section = _section(metadata, metadata_file)
-    if section is not None:
-        check_seal(section, metadata_file, prefix="mtkd.")
-    digest = sha256_of(weights)
-    if section is not None and section.get("weights_sha256") not in (None, digest):
-        raise MTKDError("SHA-256 of the weights does not match the bundle metadata", weights)
-
+    digest = _weights_digest(section, weights)
     definition = network_definition(config, config_file)
-    network = build_network_def(definition, config_file)
-    try:
-        network.load_state_dict(read_state_dict(weights))
-    except RuntimeError as error:
-        raise MTKDError(f"weights do not fit the network ({one_line(error)})", weights) from None
-    network.to(device).eval()
+    network = _network_with_weights(definition, weights, config_file, device)
 
     spec = None
     if section is not None and isinstance(section.get("network"), dict):
         spec = section["network"] if _matches(section["network"], network) else None
     spec = spec or registry_spec(definition, network)
-    out_channels = _output_channels(definition)
     if section is not None:
-        validate_metadata(section, metadata_file, out_channels, prefix="mtkd.")
-        labels = LabelTable.from_dict(section["labels"], source=metadata_file)
-        activation = section["activation"]
-        prep = Preprocessing.from_dict(section["preprocessing"])
+        labels, activation, prep = _read_from_section(section, metadata_file, definition)
     else:
-        labels, activation = labels_from_metadata(metadata, metadata_file)
-        if activation == "softmax" and _multilabel_sigmoid(config, config_file):
-            raise MTKDError(
-                "the bundle applies a sigmoid to several output channels (multi-label); mtkd "
-                "reads one-hot (softmax) outputs or a single sigmoid channel",
-                config_file,
-            )
-        dims = definition.get("spatial_dims", definition.get("dimensions", 3))
-        if dims not in (2, 3):
-            raise MTKDError(
-                f"network_def has spatial_dims {dims!r}; mtkd needs 2 or 3", config_file
-            )
-        prep = preprocessing_from_config(
-            config, metadata, dims, _input_channels(metadata, definition), config_file
+        labels, activation, prep = _read_from_config(
+            config, config_file, metadata, metadata_file, definition
         )
-        validate_labels(labels.to_dict(), activation, out_channels, metadata_file)
-        validate_preprocessing(json.loads(json.dumps(prep.to_dict())), config_file)
-    if section is not None and isinstance(section.get("size_multiple"), int):
-        size_multiple = section["size_multiple"]
-    elif spec is not None:
-        size_multiple = network_info(spec["name"], **spec["params"]).size_multiple
-    else:
-        size_multiple = 32 if type(network).__name__ == "SwinUNETR" else 16
+    size_multiple = _size_multiple(section, spec, network)
     if spec is None:
         spec = {
             "name": definition["_target_"],
