@@ -35,15 +35,12 @@ MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 100
 # Known to be longer, each at most its present size: split them when they are next changed.
 LONG_FILES: dict[str, int] = {
-    "mtkd/infer/resample.py": 751,
     "mtkd/config.py": 642,
     "mtkd/ablation/run.py": 638,
-    "mtkd/infer/compare.py": 628,
     "mtkd/engine/trainer.py": 606,
 }
 LONG_FUNCTIONS: dict[str, int] = {
     "mtkd/data/synth_ct.py:_draw": 221,
-    "mtkd/infer/compare.py:compare": 109,
 }
 
 

@@ -44,8 +44,8 @@ from mtkd.infer.memory import (
     InferencePlan,
     segmentation_memory_bound,
 )
+from mtkd.infer.model_input import ModelInput, preprocess
 from mtkd.infer.predictor import Predictor
-from mtkd.infer.resample import ModelInput, preprocess
 from mtkd.modelfiles.model_io import export_model, load_model
 from mtkd.models import build_teacher
 

@@ -21,15 +21,12 @@ from mtkd.data.image_io import read_image, read_label, write_image
 from mtkd.data.labels import LabelTable
 from mtkd.data.segnrrd import write_seg_nrrd
 from mtkd.errors import MTKDError
-from mtkd.infer.compare import (
-    ModelSegmenter,
-    StoredSegmentation,
-    compare,
-    format_comparison,
-    write_comparison,
-)
+from mtkd.infer.compare import compare
+from mtkd.infer.comparison_files import write_comparison
+from mtkd.infer.comparison_table import format_comparison
 from mtkd.infer.picture import slice_panels, structure_colors, write_contour_png
 from mtkd.infer.predictor import Predictor
+from mtkd.infer.segmenters import ModelSegmenter, StoredSegmentation
 from mtkd.modelfiles.model_io import load_model
 
 CT = DATA / "abdomen_ct.nii.gz"

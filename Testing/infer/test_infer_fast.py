@@ -37,8 +37,9 @@ from mtkd.infer.memory import (
     plan_inference,
     usable_cpus,
 )
+from mtkd.infer.model_grid import NotSeparableError
+from mtkd.infer.model_input import preprocess
 from mtkd.infer.predictor import Predictor
-from mtkd.infer.resample import NotSeparableError, preprocess
 from mtkd.modelfiles.model_io import LoadedModel
 from mtkd.models import build_network
 

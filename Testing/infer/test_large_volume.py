@@ -1,6 +1,6 @@
 """A very large volume is segmented in parts within the stated memory bound, with the labels
 of the one-piece path: network input, probabilities and labels are made slab by slab along z
-(``mtkd.infer.resample.ModelInput``, ``mtkd.infer.inference.predict_in_slabs``,
+(``mtkd.infer.model_input.ModelInput``, ``mtkd.infer.inference.predict_in_slabs``,
 ``GridMapping.to_original``); the bound is ``mtkd.infer.memory.segmentation_memory_bound``."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from test_infer_fast import flipped, make_prep, rotated, tiny_model
 
 from mtkd.infer.inference import predict_planned, window_starts, window_tiles
 from mtkd.infer.memory import segmentation_memory_bound
+from mtkd.infer.model_input import ModelInput, preprocess
 from mtkd.infer.predictor import Predictor
-from mtkd.infer.resample import ModelInput, preprocess
 from mtkd.modelfiles.model_io import LoadedModel, load_model
 
 CPU = torch.device("cpu")

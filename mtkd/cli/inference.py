@@ -164,8 +164,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def _segmenter(path: str, labels_json: str | None, device):
     """A model (any source) or a stored segmentation of another tool, for ``compare``."""
     from mtkd.data.labels import LabelTable
-    from mtkd.infer.compare import ModelSegmenter, StoredSegmentation
     from mtkd.infer.predictor import Predictor
+    from mtkd.infer.segmenters import ModelSegmenter, StoredSegmentation
     from mtkd.modelfiles.sources import is_stored_output, load_any_model
 
     if is_stored_output(path):
@@ -181,7 +181,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from mtkd.data.labels import LabelTable
     from mtkd.data.segnrrd import write_segmentation
     from mtkd.devices import resolve_device
-    from mtkd.infer.compare import compare, comparison_paths, format_comparison, write_comparison
+    from mtkd.infer.compare import compare
+    from mtkd.infer.comparison_files import comparison_paths, write_comparison
+    from mtkd.infer.comparison_table import format_comparison
     from mtkd.infer.output_paths import check_compare_outputs, compare_inputs
 
     progress = ProgressReporter(args.progress)

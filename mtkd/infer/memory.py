@@ -6,7 +6,7 @@ budget), and slice batches for 2-D networks. ``PeakMemory`` measures what a run 
 
 **The memory bound of one segmentation** (``Predictor.predict``, whose plan follows the
 budget ``memory_budget_bytes``, else half the free memory). The volume is preprocessed,
-predicted and mapped back onto the input grid in slabs along z (:mod:`mtkd.infer.resample`,
+predicted and mapped back onto the input grid in slabs along z (:mod:`mtkd.infer.model_input`,
 :func:`mtkd.infer.inference.predict_in_slabs`): no full-resolution float copy of the image and
 no (C, X, Y, Z) probability volume on the input grid is ever made. At its peak a segmentation
 holds, above the process's own baseline (``PROCESS_BASELINE_BYTES``: Python, torch, MONAI,

@@ -1,12 +1,13 @@
 """Segment CT images with a loaded model, on the input's exact grid.
 
 Preprocessing and its inverse run as plain torch ops on the predictor's device
-(:mod:`mtkd.infer.resample`); the network runs on the whole volume, in sliding windows or in
-slice batches as the free memory allows (:mod:`mtkd.infer.memory`). All three run in slabs
-along z, one after the other: the network input of a slab is made from the image when the
-network needs it, and its probabilities are mapped onto the input grid and turned into labels
-as soon as they are complete, so a very large volume is segmented within the memory bound
-stated in :mod:`mtkd.infer.memory`, with the same result as in one piece.
+(:mod:`mtkd.infer.model_input`, :mod:`mtkd.infer.grid_mapping`); the network runs on the whole
+volume, in sliding windows or in slice batches as the free memory allows
+(:mod:`mtkd.infer.memory`). All three run in slabs along z, one after the other: the network
+input of a slab is made from the image when the network needs it, and its probabilities are
+mapped onto the input grid and turned into labels as soon as they are complete, so a very
+large volume is segmented within the memory bound stated in :mod:`mtkd.infer.memory`, with the
+same result as in one piece.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from mtkd.infer.memory import (
     plan_inference,
     slab_bytes_for,
 )
-from mtkd.infer.resample import ModelInput, NotSeparableError
+from mtkd.infer.model_grid import NotSeparableError
+from mtkd.infer.model_input import ModelInput
 from mtkd.modelfiles.model_io import LoadedModel
 
 Result = TypeVar("Result")
