@@ -17,10 +17,10 @@ import yaml
 from conftest import tiny_config
 from helpers import expect_error
 
+from mtkd.ablation.folder import claim_folder
 from mtkd.ablation.grid import cell_name
 from mtkd.ablation.report import markdown_table, mean_std, summarise_cells, write_plots
 from mtkd.ablation.run import (
-    _claim_folder,
     ablation_from_dict,
     load_ablation,
     run_ablation,
@@ -79,7 +79,7 @@ def test_a_grid_moved_with_its_data_continues_and_other_data_is_another_grid(
 
     def claim(where, data):
         config = ablation_config((data, split), where / "teacher", {"seeds": [0]})
-        _claim_folder(where / "ABL", ablation_from_dict(config))
+        claim_folder(where / "ABL", ablation_from_dict(config))
 
     claim(project, project / "data")
     stored = yaml.safe_load((project / "ABL" / "ablation.yaml").read_text(encoding="utf-8"))
