@@ -66,6 +66,22 @@ def tiny_config(dataset: tuple[Path, dict], kind: str = "train", **overrides) ->
     return config
 
 
+def ablation_config(dataset, teacher_run, section, epochs=1) -> dict:
+    """A tiny distillation grid (``mtkd ablate``): the thesis pairs from ``teacher_run`` to a
+    tiny student, ``section`` its ``ablation:`` section."""
+    config = tiny_config(
+        dataset,
+        "distill",
+        name="tiny-ablation",
+        model={"name": "thesis_unet", "params": {"channels": [4, 8], "bottleneck": 8}},
+        train_on="student_train",
+        distill={"teacher": str(teacher_run), "preset": "thesis"},
+    )
+    config["train"]["epochs"] = epochs
+    config["ablation"] = section
+    return config
+
+
 @pytest.fixture(scope="session")
 def teacher_run(slab_dataset, tmp_path_factory) -> Path:
     """A tiny multi-task teacher trained for two epochs (its run folder)."""

@@ -3,6 +3,7 @@ stopped at a chosen batch."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
+from mtkd.data.image_io import write_image
+from mtkd.data.synth import LABELS, make_subject
 from mtkd.errors import MTKDError
 
 
@@ -160,3 +163,36 @@ def network_case_id(case: tuple) -> str:
     """A test id for a :data:`NETWORK_CASES` entry: name, dims and input size."""
     name, params, shape = case
     return f"{name}-{len(shape) - 2}d-{'-'.join(map(str, shape[2:]))}"
+
+
+# --- protocols -------------------------------------------------------------------------------
+SPLEEN = "thesis-2d-spleen"
+# a 2-D teacher small enough for a CPU test, with T1's layout (four levels, taps enc2/dec4)
+TINY_T1 = [
+    "teacher:model.name=thesis_unet",
+    "teacher:model.params={channels: [8, 16, 32, 64], bottleneck: 64, convs_per_block: 2}",
+]
+
+
+def spleen_task09(folder: Path, subjects: int) -> Path:
+    """An MSD Task09-format folder: synthetic phantoms with only the spleen labelled."""
+    spleen = next(value for value, name in LABELS.items() if name == "spleen")
+    entries = []
+    for index in range(subjects):
+        image, label = make_subject(11, index, (48, 48, 16), (6.0, 6.0, 6.0)).images()
+        binary = sitk.Cast(sitk.Equal(label, spleen), sitk.sitkUInt8)
+        name = f"spleen_{index + 2}"
+        write_image(image, folder / "imagesTr" / f"{name}.nii.gz")
+        write_image(binary, folder / "labelsTr" / f"{name}.nii.gz")
+        entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    dataset = {
+        "name": "Spleen (SYNTHETIC phantoms in the Task09 layout)",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "spleen"},
+        "numTraining": subjects,
+        "numTest": 0,
+        "training": entries,
+        "test": [],
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    return folder

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "mtkd"
@@ -33,15 +32,6 @@ LAYERS = [
 ]
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 100
-# Known to be longer, each at most its present size: split them when they are next changed.
-LONG_FILES: dict[str, int] = {
-    "mtkd/config.py": 642,
-    "mtkd/ablation/run.py": 638,
-    "mtkd/engine/trainer.py": 606,
-}
-LONG_FUNCTIONS: dict[str, int] = {
-    "mtkd/data/synth_ct.py:_draw": 221,
-}
 
 
 def _module_name(path: Path) -> str:
@@ -152,30 +142,12 @@ def test_files_and_functions_are_short():
     too_long = []
     for path in SOURCES.values():
         lines = len(path.read_text(encoding="utf-8").splitlines())
-        if lines > LONG_FILES.get(_relative(path), MAX_FILE_LINES):
+        if lines > MAX_FILE_LINES:
             too_long.append(f"{_relative(path)}: {lines} lines")
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 length = node.end_lineno - node.lineno + 1
                 key = f"{_relative(path)}:{node.name}"
-                if length > LONG_FUNCTIONS.get(key, MAX_FUNCTION_LINES):
+                if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{key}: {length} lines")
     assert not too_long
-
-
-@pytest.mark.parametrize("table", [LONG_FILES, LONG_FUNCTIONS], ids=["files", "functions"])
-def test_the_known_long_ones_are_still_there(table):
-    """An entry whose file or function is gone or got short is taken out of the table."""
-    for key in table:
-        file, _, function = key.partition(":")
-        path = ROOT / file
-        assert path.is_file(), key
-        if not function:
-            assert len(path.read_text(encoding="utf-8").splitlines()) > MAX_FILE_LINES, key
-            continue
-        lengths = [
-            node.end_lineno - node.lineno + 1
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == function
-        ]
-        assert lengths and max(lengths) > MAX_FUNCTION_LINES, key

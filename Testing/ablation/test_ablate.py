@@ -14,13 +14,13 @@ import sys
 import matplotlib.image
 import pytest
 import yaml
-from conftest import tiny_config
+from conftest import ablation_config, tiny_config
 from helpers import expect_error
 
+from mtkd.ablation.folder import claim_folder
 from mtkd.ablation.grid import cell_name
 from mtkd.ablation.report import markdown_table, mean_std, summarise_cells, write_plots
 from mtkd.ablation.run import (
-    _claim_folder,
     ablation_from_dict,
     load_ablation,
     run_ablation,
@@ -33,7 +33,6 @@ from mtkd.engine.trainer import Trainer, TrainingInterrupted
 from mtkd.errors import MTKDError
 from mtkd.run_folder import read_events
 
-STUDENT = {"name": "thesis_unet", "params": {"channels": [4, 8], "bottleneck": 8}}
 GRID = {
     "seeds": [5],  # replaced by --seeds 0 1 below
     "cells": [
@@ -52,20 +51,6 @@ def quiet(_line: str) -> None:
     pass
 
 
-def ablation_config(dataset, teacher_run, section, epochs=1) -> dict:
-    config = tiny_config(
-        dataset,
-        "distill",
-        name="tiny-ablation",
-        model=STUDENT,
-        train_on="student_train",
-        distill={"teacher": str(teacher_run), "preset": "thesis"},
-    )
-    config["train"]["epochs"] = epochs
-    config["ablation"] = section
-    return config
-
-
 def test_a_grid_moved_with_its_data_continues_and_other_data_is_another_grid(
     slab_dataset, teacher_run, tmp_path
 ):
@@ -79,7 +64,7 @@ def test_a_grid_moved_with_its_data_continues_and_other_data_is_another_grid(
 
     def claim(where, data):
         config = ablation_config((data, split), where / "teacher", {"seeds": [0]})
-        _claim_folder(where / "ABL", ablation_from_dict(config))
+        claim_folder(where / "ABL", ablation_from_dict(config))
 
     claim(project, project / "data")
     stored = yaml.safe_load((project / "ABL" / "ablation.yaml").read_text(encoding="utf-8"))

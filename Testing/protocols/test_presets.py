@@ -12,12 +12,13 @@ import pytest
 import SimpleITK as sitk
 import yaml
 from conftest import ROOT
+from helpers import SPLEEN, TINY_T1, spleen_task09
 
 from mtkd.cli import main
 from mtkd.config import differing_keys, load_config
 from mtkd.data.cohort import write_cohort
 from mtkd.data.image_io import write_image
-from mtkd.data.synth import LABELS, make_subject
+from mtkd.data.synth import make_subject
 from mtkd.distill.presets import resolve_terms
 from mtkd.errors import MTKDError
 from mtkd.infer.pooled import (
@@ -31,15 +32,9 @@ from mtkd.models import build_network, build_teacher, count_parameters
 from mtkd.protocols import available_protocols, load_protocol, write_configs
 from mtkd.run_folder import read_events
 
-SPLEEN = "thesis-2d-spleen"
 MULTI = "3d-multiorgan"
 EXAMPLES = ROOT / "examples"
 THESIS_STAGES = ["teacher", "s1_kd", "s1_nokd", "s2_kd", "s2_nokd"]
-# a 2-D teacher small enough for a CPU test, with T1's layout (four levels, taps enc2/dec4)
-TINY_T1 = [
-    "teacher:model.name=thesis_unet",
-    "teacher:model.params={channels: [8, 16, 32, 64], bottleneck: 64, convs_per_block: 2}",
-]
 TINY_3D = [
     "data.spacing=null",
     "data.patches_per_volume=2",
@@ -265,33 +260,9 @@ def test_axial_axis_follows_the_direction_matrix():
 
 
 # ------------------------------------------------------------------------- end to end, 2-D
-def _spleen_task09(folder: Path, subjects: int) -> Path:
-    """An MSD Task09-format folder: synthetic phantoms with only the spleen labelled."""
-    spleen = next(value for value, name in LABELS.items() if name == "spleen")
-    entries = []
-    for index in range(subjects):
-        image, label = make_subject(11, index, (48, 48, 16), (6.0, 6.0, 6.0)).images()
-        binary = sitk.Cast(sitk.Equal(label, spleen), sitk.sitkUInt8)
-        name = f"spleen_{index + 2}"
-        write_image(image, folder / "imagesTr" / f"{name}.nii.gz")
-        write_image(binary, folder / "labelsTr" / f"{name}.nii.gz")
-        entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-    dataset = {
-        "name": "Spleen (SYNTHETIC phantoms in the Task09 layout)",
-        "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "spleen"},
-        "numTraining": subjects,
-        "numTest": 0,
-        "training": entries,
-        "test": [],
-    }
-    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    return folder
-
-
 @pytest.mark.slow
 def test_thesis_protocol_end_to_end_on_a_task09_folder(tmp_path, capsys):
-    data = _spleen_task09(tmp_path / "Task09_Spleen", 6)
+    data = spleen_task09(tmp_path / "Task09_Spleen", 6)
     runs = tmp_path / "runs"
     args = ["protocol", SPLEEN, "--data", str(data), "--runs", str(runs), "--epochs", "1"]
     args += ["--slice-size", "32", "32", "--device", "cpu"]

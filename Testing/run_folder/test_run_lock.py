@@ -385,7 +385,7 @@ def test_the_trainer_releases_the_lock_on_an_error_and_on_a_stop(
 def test_a_second_ablation_in_the_same_folder_is_refused(
     slab_dataset, teacher_run, holder, tmp_path
 ):
-    from test_ablate import ablation_config
+    from conftest import ablation_config
 
     from mtkd.ablation.run import ablation_from_dict, run_ablation
 
@@ -503,11 +503,11 @@ def test_a_writer_can_wait_for_the_holder_to_finish(tmp_path):
 
 
 def test_a_second_protocol_on_the_same_runs_folder_is_refused(holder, tmp_path, capsys):
-    from test_presets import SPLEEN, TINY_T1, _spleen_task09
+    from helpers import SPLEEN, TINY_T1, spleen_task09
 
     from mtkd.cli import main
 
-    data = _spleen_task09(tmp_path / "Task09_Spleen", 6)
+    data = spleen_task09(tmp_path / "Task09_Spleen", 6)
     runs = tmp_path / "runs"
     process = holder(runs)
     args = ["protocol", SPLEEN, "--data", str(data), "--runs", str(runs), "--epochs", "1"]

@@ -38,15 +38,11 @@ are scored in the grid's order: the files written are the same as with one job.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from mtkd.ablation.evidence import (
     RUNS_FIELDS,
@@ -54,14 +50,13 @@ from mtkd.ablation.evidence import (
     evidence_summary,
     runs_rows,
 )
+from mtkd.ablation.folder import claim_folder, refuse_unrelated
 from mtkd.ablation.grid import (
     NO_KD,
-    NO_OUTPUT,
     TEACHER,
     Ablation,
     Cell,
     ablation_from_dict,
-    grid_differences,
     load_ablation,
 )
 from mtkd.ablation.parallel import Job, JobPool, JobsInterrupted
@@ -73,15 +68,9 @@ from mtkd.ablation.report import (
     write_csv,
     write_plots,
 )
+from mtkd.ablation.results import run_history, run_result, teacher_result
 from mtkd.ablation.tensorboard import mirror_run, summary_writer_class
 from mtkd.config import RunConfig
-from mtkd.config_paths import (
-    ABSOLUTE_PATHS,
-    PATH_KEYS,
-    is_path_value,
-    relative_paths,
-    resolve_paths,
-)
 from mtkd.data.atomic import atomic_write_bytes
 from mtkd.data.datasets import DatasetIndex, load_dataset
 from mtkd.data.splits import split_cases
@@ -89,16 +78,8 @@ from mtkd.devices import resolve_device
 from mtkd.engine.signals import StopRequest
 from mtkd.engine.trainer import Trainer, TrainingInterrupted, resume_run
 from mtkd.errors import MTKDError
-from mtkd.folder_lock import LOCK_NAME, FolderLock
-from mtkd.infer.scoring import score_model
-from mtkd.metrics import MISSED
-from mtkd.modelfiles.model_io import LoadedModel, load_model
-from mtkd.run_folder import FINISHED, STOPPED, RunDir, read_events
-
-# 2: HD95 with the missed-structure penalty, missed/spurious counts; 3: per-case scores,
-# split seed, validation Dice
-RESULT_FORMAT = 3
-RESULT_FILE = "ablation_result.json"  # in each run's report/
+from mtkd.folder_lock import FolderLock
+from mtkd.run_folder import FINISHED, STOPPED, RunDir
 
 
 @dataclass
@@ -141,9 +122,9 @@ def run_ablation(
     dataset = load_dataset(base.data.source, labels_json=base.data.labels_json)
     tests = {split: _test_cases(base, dataset, split) for split in ablation.splits}
     _check_teachers(ablation)
-    _refuse_unrelated(root)  # before the lock file is written there
+    refuse_unrelated(root)  # before the lock file is written there
     with FolderLock(root, "mtkd ablate"):  # one grid process per folder (each run locks its own)
-        _claim_folder(root, ablation)
+        claim_folder(root, ablation)
         return _run_grid(ablation, selected, root, dataset, tests, log, progress, tensorboard, jobs)
 
 
@@ -211,7 +192,7 @@ def _run_grid(
                 if ablation.split_seeds is not None:
                     folder = folder / f"split{split}"
                 teacher = ablation.teacher(split)
-                row = _teacher_result(teacher, folder, dataset, tests[split], device, log)
+                row = teacher_result(teacher, folder, dataset, tests[split], device, log)
                 results.append({**row, "split_seed": split})
         for index, (cell, split, seed) in enumerate(plan, start=1):
             run_dir = root / "cells" / cell.name / _run_folder(ablation, split, seed)
@@ -228,14 +209,14 @@ def _run_grid(
                     states[relative] = _train(config, run_dir, progress, log)
             except (TrainingInterrupted, JobsInterrupted):
                 raise TrainingInterrupted(_stopped(what, index - 1, len(plan), root)) from None
-            result = _run_result(
+            result = run_result(
                 ablation, cell, (split, seed), run_dir, relative, dataset, tests[split], device
             )
             results.append(result)
             _write_runs_csv(root, results)
             if pool is not None:
                 pool.start()  # slots freed while this run was scored
-            histories.setdefault(cell.name, []).append(_history(RunDir(run_dir)))
+            histories.setdefault(cell.name, []).append(run_history(RunDir(run_dir)))
             log(
                 f"{label}: {states[relative]}; test Dice {result['dice']:.3f}, "
                 f"HD95 {result['hd95_mm']:.2f} mm ({result['missed']} missed)"
@@ -272,88 +253,6 @@ def _write_runs_csv(root: Path, results: list[dict[str, Any]]) -> Path:
     return root / "runs.csv"
 
 
-def _grid_paths(grid: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
-    """The places of a grid (``Ablation.to_dict()``) that hold a file or folder: (mapping,
-    key) for the teacher, each cell's teacher and the recipe's path keys."""
-    places = [(grid, "teacher", "distill.teacher")]
-    for cell in grid.get("cells") or []:
-        places += [(cell["distill"], name, f"distill.{name}") for name in ("teacher", "unlabelled")]
-    for key in PATH_KEYS:
-        if key == "distill.teacher":
-            continue
-        *parents, last = key.split(".")
-        mapping = grid.get("recipe") or {}
-        for part in parents:
-            mapping = mapping.get(part) or {}
-        places.append((mapping, last, key))
-    return [
-        (mapping, last) for mapping, last, key in places if is_path_value(mapping.get(last), key)
-    ]
-
-
-def _grid_with_relative_paths(grid: dict[str, Any], root: Path) -> dict[str, Any]:
-    """``grid`` as ``ablation.yaml`` stores it: paths relative to the ablation folder ``root``
-    and, under ``absolute_paths``, each relative path's absolute form (as a run's config)."""
-    grid = copy.deepcopy(grid)
-    section: dict[str, str] = {}
-    for mapping, key in _grid_paths(grid):
-        written, absolute = relative_paths({"path": mapping[key]}, root, keys=("path",))
-        mapping[key] = written["path"]
-        if "path" in absolute:
-            section[written["path"]] = absolute["path"]
-    return {**grid, ABSOLUTE_PATHS: section} if section else grid
-
-
-def _grid_with_absolute_paths(grid: dict[str, Any], root: Path) -> dict[str, Any]:
-    """A stored grid with its paths absolute: read from ``root`` where they exist there (the
-    folder moved with its data), else the absolute path stored beside them."""
-    grid = copy.deepcopy(grid)
-    section = grid.pop(ABSOLUTE_PATHS, None)
-    section = section if isinstance(section, dict) else {}
-    for mapping, key in _grid_paths(grid):
-        fallback = {"path": section[mapping[key]]} if mapping[key] in section else None
-        resolved, _ = resolve_paths({"path": mapping[key]}, root, fallback, keys=("path",))
-        mapping[key] = resolved["path"]
-    return grid
-
-
-def _claim_folder(root: Path, ablation: Ablation) -> None:
-    """Write ``ablation.yaml`` into a new or empty folder; refuse one holding another grid.
-    Paths are compared where they point, so a grid moved together with its data continues."""
-    grid = _grid_with_absolute_paths(ablation.to_dict(), Path.cwd())
-    path = root / "ablation.yaml"
-    if path.is_file():
-        try:
-            stored = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise MTKDError(f"not valid YAML ({error})", path=path) from None
-        stored = _grid_with_absolute_paths(stored, root) if isinstance(stored, dict) else {}
-        differences = grid_differences(stored, grid)
-        if differences:
-            raise MTKDError(
-                "this folder holds another ablation grid (it differs in "
-                f"{', '.join(differences)}); continue it with the same configuration and "
-                "options, or choose another output folder",
-                path=root,
-            )
-        return
-    _refuse_unrelated(root)
-    root.mkdir(parents=True, exist_ok=True)
-    stored = _grid_with_relative_paths(grid, root)
-    atomic_write_bytes(path, yaml.safe_dump(stored, sort_keys=False).encode())
-
-
-def _refuse_unrelated(root: Path) -> None:
-    """MTKDError unless ``root`` is missing, empty or holds an ablation (its lock aside)."""
-    if (root / "ablation.yaml").is_file() or not root.exists():
-        return
-    if not root.is_dir() or any(path.name != LOCK_NAME for path in root.iterdir()):
-        raise MTKDError(
-            "not an ablation folder (no ablation.yaml) and not empty; choose another output folder",
-            path=root,
-        )
-
-
 def _test_cases(base: RunConfig, dataset: DatasetIndex, seed: int) -> list[str]:
     """The test cases of the split with ``seed`` (computed as the trainer does)."""
     split = base.split
@@ -388,196 +287,6 @@ def _train(
         return "resumed"
     Trainer(config, run_dir, progress=progress, log=log).run()
     return "trained"
-
-
-def _score(
-    model: LoadedModel, dataset: DatasetIndex, test: list[str], device, csv_path: Path
-) -> dict[str, Any]:
-    """Per-volume Dice and HD95 on ``test``, averaged over volumes then structures, how many
-    structure-volumes were missed (or spurious) and scored the penalty HD95, and the scores of
-    every case and structure (``cases``)."""
-    scored = score_model(model, dataset, test, device, scores_csv=csv_path)
-    summary = dict(scored.summary)
-    mean = summary.pop("mean")
-    return {
-        "dice": mean["dice"],
-        "hd95_mm": mean["hd95_mm"],
-        "missed": mean["missed"],
-        "spurious": mean["spurious"],
-        "per_structure": summary,
-        "cases": [
-            {
-                "case": s.case_id,
-                "structure": s.structure,
-                "dice": s.dice,
-                "hd95": s.hd95_mm,
-                "missed": int(s.outcome == MISSED),
-            }
-            for s in scored.scores
-        ],
-    }
-
-
-def _cached(path: Path, sha256: str | None, test: list[str]) -> dict[str, Any] | None:
-    if sha256 is None or not path.is_file():
-        return None
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    valid = (
-        cached.get("format") == RESULT_FORMAT
-        and cached.get("weights_sha256") == sha256
-        and cached.get("test_cases") == test
-    )
-    return cached if valid else None
-
-
-def _run_result(
-    ablation: Ablation,
-    cell: Cell,
-    split_seed: tuple[int, int],
-    run_dir: Path,
-    relative: str,
-    dataset: DatasetIndex,
-    test: list[str],
-    device,
-) -> dict[str, Any]:
-    """The run's test scores and training record (from its cache while its weights are the
-    same). ``split_seed``: (split seed, seed)."""
-    split, seed = split_seed
-    folder = RunDir(run_dir)
-    run_test = json.loads(folder.split.read_text()).get("test")
-    if run_test != test:
-        raise MTKDError(
-            f"this run's test cases ({run_test}) are not the grid's ({test})", path=run_dir
-        )
-    metadata = json.loads(folder.model_metadata.read_text())
-    sha256 = metadata.get("weights_sha256")
-    cache = folder.report / RESULT_FILE
-    cached = _cached(cache, sha256, test)
-    if cached is not None:
-        return cached
-    model = load_model(folder.root, device)
-    scores = _score(model, dataset, test, device, folder.report / "test_scores.csv")
-    metrics = metadata.get("metrics") or {}
-    history = _history(folder)
-    result = {
-        "format": RESULT_FORMAT,
-        "cell": cell.name,
-        "method": cell.family,
-        "role": cell.role,
-        "split_seed": split,
-        "seed": seed,
-        "pairs": list(cell.pairs),
-        "feature_loss": cell.feature_loss or "",
-        "output_loss": cell.output_loss or ("" if cell.is_no_kd else NO_OUTPUT),
-        "parameters": metadata.get("parameters"),
-        **scores,
-        "best_val_dice": metrics.get("best_val_dice"),
-        "val_dice": _best_val_dice(history, metrics.get("best_val_dice")),
-        "best_epoch": metrics.get("best_epoch"),
-        "epochs": ablation.base.train.epochs,
-        "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 3),
-        "run": relative,
-        "weights_sha256": sha256,
-        "test_cases": test,
-    }
-    folder.write_json(cache, result)
-    return result
-
-
-def _teacher_result(
-    teacher: str,
-    folder: Path,
-    dataset: DatasetIndex,
-    test: list[str],
-    device,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """The teacher's row: its test scores (cached in ``folder``/result.json)."""
-    from mtkd.modelfiles.sources import is_stored_output, load_any_model
-
-    if is_stored_output(teacher):
-        raise MTKDError(
-            "the teacher row needs a teacher model, and these are stored outputs; remove "
-            "'teacher' from ablation.include",
-            path=teacher,
-        )
-    model = load_any_model(teacher, device)
-    sha256 = model.metadata.get("weights_sha256")
-    cache = folder / "result.json"
-    cached = _cached(cache, sha256, test)
-    if cached is not None:
-        return cached
-    _warn_teacher_overlap(Path(teacher), test, log)
-    log(f"teacher: scoring {teacher} on the {len(test)} test case(s)")
-    scores = _score(model, dataset, test, device, folder / "test_scores.csv")
-    metrics = model.metadata.get("metrics") or {}
-    parameters = model.metadata.get("parameters")
-    if parameters is None and hasattr(model.network, "parameters"):
-        parameters = sum(p.numel() for p in model.network.parameters())
-    result = {
-        "format": RESULT_FORMAT,
-        "cell": TEACHER,
-        "role": TEACHER,
-        "seed": None,
-        "pairs": [],
-        "feature_loss": "",
-        "output_loss": "",
-        "parameters": parameters,
-        **scores,
-        "best_val_dice": metrics.get("best_val_dice"),
-        "best_epoch": metrics.get("best_epoch"),
-        "epochs": None,
-        "train_seconds": None,
-        "run": str(teacher),
-        "weights_sha256": sha256,
-        "test_cases": test,
-    }
-    RunDir(folder).write_json(cache, result)
-    return result
-
-
-def _warn_teacher_overlap(teacher: Path, test: list[str], log: Callable[[str], None]) -> None:
-    """Warn when the teacher's own run trained or validated on the grid's test cases."""
-    for split_file in (RunDir(teacher).split, RunDir(teacher.parent).split):  # run, model/
-        if split_file.is_file():
-            try:
-                split = json.loads(split_file.read_text())
-            except (OSError, json.JSONDecodeError):
-                return
-            seen = set(split.get("train", [])) | set(split.get("val", []))
-            overlap = sorted(seen & set(test))
-            if overlap:
-                log(
-                    f"warning: the teacher trained or validated on test case(s) "
-                    f"{', '.join(overlap)} (its split.json); its row and the distilled students "
-                    "are scored on cases the teacher has seen"
-                )
-            return
-
-
-def _best_val_dice(history: list[dict[str, Any]], fallback: Any) -> float | None:
-    """The run's best validation Dice over its epochs' events (``fallback``, the model's
-    metadata, when no epoch was validated)."""
-    values = [r.get("val_dice") for r in history]
-    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if values:
-        return max(values)
-    return float(fallback) if isinstance(fallback, (int, float)) else None
-
-
-def _history(folder: RunDir) -> list[dict[str, Any]]:
-    """The run's per-epoch records (report/history.json, else the metrics events)."""
-    path = folder.report / "history.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-    by_epoch = {e["epoch"]: e for e in read_events(folder.events) if e.get("type") == "metrics"}
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def _write_reports(

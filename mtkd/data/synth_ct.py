@@ -22,7 +22,8 @@ reuses), each subject has:
 ``difficulty`` (0..1, default :data:`DIFFICULTY`) narrows the HU gap between organs and their
 unlabelled neighbours, raises the noise, and adds more, lower-contrast lesions. Everything is
 drawn from ``PCG64(SeedSequence([seed, subject]))``: the same arguments give identical arrays.
-Arrays are ``(z, y, x)``, axes LPS (+x patient's left, +y posterior, +z superior).
+Arrays are ``(z, y, x)``, axes LPS (+x patient's left, +y posterior, +z superior). The organ
+templates, tubes and smooth fields are in :mod:`mtkd.data.synth_ct_shapes`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from mtkd.data.synth import (
     finish_image,
     smooth_field,
 )
+from mtkd.data.synth_ct_shapes import CavityFrame, coarse_field
 from mtkd.errors import MTKDError
 
 __all__ = ["DIFFICULTY", "PHASES", "TISSUES", "CTSubject", "check_difficulty", "make_ct_subject"]
@@ -102,81 +104,78 @@ def make_ct_subject(
     )
 
 
-def _coarse_field(rng, shape, cells=(4, 5, 5), scale=1.0) -> np.ndarray:
-    """Smooth random float32 field of ``shape`` (about ``cells`` bumps per axis), std about
-    ``scale``: smoothed white noise on a coarse grid, linearly upsampled one axis at a time."""
-    coarse = ndimage.gaussian_filter(rng.standard_normal(tuple(c + 2 for c in cells)), 0.8)
-    coarse *= scale / (coarse.std() + 1e-12)
-    for axis, n in enumerate(shape):  # (..., c) @ (c, n): linear interpolation along the axis
-        c = coarse.shape[axis]
-        where = np.linspace(0.0, c - 1.0, n)
-        low = np.minimum(where.astype(int), c - 2)
-        weights = np.zeros((c, n))
-        weights[low, np.arange(n)] = 1.0 - (where - low)
-        weights[low + 1, np.arange(n)] = where - low
-        coarse = np.moveaxis(np.moveaxis(coarse, axis, -1) @ weights, -1, axis)
-    return coarse.astype(np.float32)
+@dataclass
+class _Body:
+    """A subject's scan and body outline, all mm-derived numbers the later steps need.
+
+    ``xn``, ``yn``, ``zn`` (float ``(z, y, x)``) are body-normalised coordinates (1 at the skin
+    in x and y, 1 near the superior end of the nominal scan range in z); ``r`` the radius in
+    those units, ``inner`` the radius of the cavity (inside the fat and the muscle wall)."""
+
+    grid: Grid
+    spacing: tuple[float, float, float]  # mm, x y z
+    thick: float  # slice thickness, times the nominal spacing
+    half_nominal: list[float]  # half the nominal scan extent (mm, x y z)
+    bx: float  # half the body's width (mm)
+    by: float  # half the body's depth (mm)
+    cy: float  # the body centre's y (mm)
+    hz: float  # half the nominal scan length (mm, z)
+    adult: float  # vessel and lesion sizes follow the patient's size
+    xn: np.ndarray
+    yn: np.ndarray
+    zn: np.ndarray
+    r: np.ndarray
+    fat_t: float  # skin fat thickness (body radius units)
+    inner: float
+    body: np.ndarray
+    cavity: np.ndarray
 
 
-class _Frame:
-    """Cavity-normalised coordinates of a subject, deformed by a smooth displacement field.
+@dataclass
+class _Contrast:
+    """The subject's contrast phase: base HU per structure (keys of :data:`PHASES`), the mean
+    kidney HU and the HU of the unlabelled tissues (stomach, psoas, ivc, portal vein)."""
 
-    ``x``, ``y`` are 0 at the body centre and 1 at the inner surface of the muscle wall; ``z``
-    is 0 near the middle of the nominal scan range and 1 at its superior end. ``mm`` converts a
-    length in mm to these units per axis.
-    """
+    phase: str
+    base: dict[str, float]
+    kidney_hu: float
+    tissue_hu: dict[str, float]
 
-    def __init__(self, x, y, z, mm):
-        self.x, self.y, self.z, self.mm = x, y, z, mm
 
-    def template(self, rng, centre, axes, angle=0.0, wobble=0.12):
-        """Signed shape function (< 0 inside) of a rotated ellipsoid with smooth surface bumps:
-        ``rho - 1 - bumps`` with ``rho`` the ellipsoidal radius, bumps four random sinusoids."""
-        cos, sin = np.cos(angle), np.sin(angle)
-        dx, dy, dz = self.x - centre[0], self.y - centre[1], self.z - centre[2]
-        u = (cos * dx + sin * dy) / axes[0]
-        v = (-sin * dx + cos * dy) / axes[1]
-        w = dz / axes[2]
-        result = np.sqrt(u * u + v * v + w * w) - 1.0
-        near = result < 4 * wobble  # the bumps (|bumps| <= 4 * wobble) only matter here
-        u, v, w = u[near], v[near], w[near]
-        bump = np.zeros_like(u)
-        for _ in range(4):
-            d = rng.standard_normal(3)
-            d /= np.linalg.norm(d)
-            bump += (
-                rng.uniform(0.3, 1.0)
-                * wobble
-                * np.sin(
-                    rng.uniform(1.5, 3.5) * (d[0] * u + d[1] * v + d[2] * w)
-                    + rng.uniform(0, 2 * np.pi)
-                )
-            )
-        result[near] -= bump
-        return result
+@dataclass
+class _Vessels:
+    """Vessel masks (bool ``(z, y, x)``): ``aorta`` (labelled), ``ivc``, ``portal`` (not)."""
 
-    def tube(self, points, radius_mm):
-        """Distance (mm) to the polyline through ``points`` (cavity units) minus ``radius_mm``:
-        < 0 inside a tube. ``radius_mm``: a number or an array of the grid's shape."""
-        best = None
-        scale = np.array(self.mm)
-        for a, b in zip(points[:-1], points[1:], strict=True):
-            a, b = np.array(a) * scale, np.array(b) * scale  # mm
-            ab = b - a
-            px, py, pz = (
-                self.x * scale[0] - a[0],
-                self.y * scale[1] - a[1],
-                self.z * scale[2] - a[2],
-            )
-            t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / float(ab @ ab), 0.0, 1.0)
-            d = np.sqrt((px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2 + (pz - t * ab[2]) ** 2)
-            best = d if best is None else np.minimum(best, d)
-        return best - radius_mm
+    aorta: np.ndarray
+    ivc: np.ndarray
+    portal: np.ndarray
 
 
 def _draw(rng, size, nominal, difficulty) -> CTSubject | None:
+    """One subject drawn with ``rng`` on a grid of ``size``; ``None`` when a structure came out
+    (almost) empty. The steps draw from ``rng`` in a fixed order (identical arrays per seed)."""
     hard = difficulty
-    # scanner: field of view (in-plane spacing) and slice thickness vary per subject
+    body = _draw_body(rng, size, nominal)
+    image, spine, axis = _draw_wall_table_and_bones(rng, body)
+    frame = _deformed_frame(rng, body)
+    contrast = _draw_contrast(rng, hard)
+    vessels = _draw_vessels(rng, frame, body, spine, axis)
+    shapes = _organ_shapes(rng, frame, body.zn, axis)
+    allowed = body.cavity & ~spine & ~vessels.aorta & ~vessels.ivc
+    labelled = _share_out(shapes, allowed, vessels)
+    if labelled is None:
+        return None
+    label, tissue, masks = labelled
+    free = _draw_bowel(rng, image, body, spine, label, tissue, frame, contrast.phase)
+    fine, hu = _texture_organs(rng, image, masks, tissue, frame, contrast)
+    _draw_kidneys(rng, image, body, masks, shapes, free, fine, contrast, hu)
+    _texture_vessels(rng, image, vessels, fine, contrast.base, hu)
+    return _finish(rng, image, label, tissue, body, contrast, hu, hard)
+
+
+def _draw_body(rng, size, nominal) -> _Body:
+    """The scanner (field of view and slice thickness vary per subject) and the patient's size
+    and position (mm), independent of the field of view: the body may be cut at its edge."""
     fov = rng.uniform(0.85, 1.2)
     thick = rng.uniform(0.75, 1.35)
     spacing = (
@@ -187,55 +186,91 @@ def _draw(rng, size, nominal, difficulty) -> CTSubject | None:
     grid = Grid(size, spacing)
     shape = grid.shape
     half_nominal = [n * s / 2 for n, s in zip(size, nominal, strict=True)]
-    # patient size and position (mm), independent of the field of view: may be cut at its edge
     bx = min(half_nominal[0] * rng.uniform(0.70, 0.92), 0.97 * grid.half[0])
     by = min(bx * rng.uniform(0.62, 0.80), 0.85 * grid.half[1])
     cx = rng.uniform(-0.06, 0.06) * grid.half[0]
     cy = rng.uniform(-0.06, 0.02) * grid.half[1]
     hz = half_nominal[2]
-    adult = bx / 120.0  # vessel and lesion sizes follow the patient's size
     zn = (grid.z_mm - rng.uniform(-0.12, 0.12) * hz) / hz
     xn, yn = (grid.x_mm - cx) / bx, (grid.y_mm - cy) / by
-    outline = 1.0 + 0.03 * _coarse_field(rng, shape, (2, 3, 3))
+    outline = 1.0 + 0.03 * coarse_field(rng, shape, (2, 3, 3))
     r = np.sqrt(xn**2 + yn**2) / (outline + rng.uniform(-0.05, 0.05) * zn)
     fat_t = rng.uniform(0.05, 0.18)
     muscle_t = rng.uniform(0.04, 0.08)
     inner = 1.0 - fat_t - muscle_t
-    body, cavity = r <= 1.0, r <= inner
+    return _Body(
+        grid=grid,
+        spacing=spacing,
+        thick=thick,
+        half_nominal=half_nominal,
+        bx=bx,
+        by=by,
+        cy=cy,
+        hz=hz,
+        adult=bx / 120.0,
+        xn=xn,
+        yn=yn,
+        zn=zn,
+        r=r,
+        fat_t=fat_t,
+        inner=inner,
+        body=r <= 1.0,
+        cavity=r <= inner,
+    )
 
-    image = np.full(shape, -1000.0, dtype=np.float32)
-    image[body] = _FAT + rng.uniform(-10, 10)
-    image[body & (r > inner) & (r <= 1.0 - fat_t)] = 50.0 + rng.uniform(-8, 8)
-    table_y = cy + by * 1.0 + rng.uniform(4, 12)
+
+def _draw_wall_table_and_bones(rng, body: _Body):
+    """The image (float32 ``(z, y, x)``, HU) with fat, muscle wall, table, spine and ribs, the
+    spine's mask and its axis ``(x, y, vertebral body radius)`` in cavity units."""
+    grid, r, inner, fat_t = body.grid, body.r, body.inner, body.fat_t
+    image = np.full(grid.shape, -1000.0, dtype=np.float32)
+    image[body.body] = _FAT + rng.uniform(-10, 10)
+    image[body.body & (r > inner) & (r <= 1.0 - fat_t)] = 50.0 + rng.uniform(-8, 8)
+    table_y = body.cy + body.by * 1.0 + rng.uniform(4, 12)
     table = (
         (grid.y_mm > table_y)
         & (grid.y_mm < table_y + 10)
         & (np.abs(grid.x_mm) < grid.half[0] * 0.9)
     )
-    image[table & ~body] = rng.uniform(-300, 50)
-    spine, spine_x, spine_y, vert_b = draw_spine(rng, grid, xn, yn, inner, body, image)
-    draw_ribs(rng, grid, xn, yn, r, inner, fat_t, image)
-
-    # cavity frame, deformed by a smooth displacement field (the same for every organ)
-    warp = rng.uniform(0.03, 0.06)
-    frame = _Frame(
-        (xn / inner).astype(np.float32) + _coarse_field(rng, shape, scale=warp),
-        (yn / inner).astype(np.float32) + _coarse_field(rng, shape, scale=warp),
-        zn.astype(np.float32) + _coarse_field(rng, shape, scale=warp),
-        (bx * inner, by * inner, hz),
+    image[table & ~body.body] = rng.uniform(-300, 50)
+    spine, spine_x, spine_y, vert_b = draw_spine(
+        rng, grid, body.xn, body.yn, inner, body.body, image
     )
-    sx, sy, sb = spine_x / inner, spine_y / inner, vert_b / inner
+    draw_ribs(rng, grid, body.xn, body.yn, r, inner, fat_t, image)
+    return image, spine, (spine_x / inner, spine_y / inner, vert_b / inner)
+
+
+def _deformed_frame(rng, body: _Body) -> CavityFrame:
+    """The cavity frame, deformed by a smooth displacement field (the same for every organ)."""
+    shape, inner = body.grid.shape, body.inner
+    warp = rng.uniform(0.03, 0.06)
+    return CavityFrame(
+        (body.xn / inner).astype(np.float32) + coarse_field(rng, shape, scale=warp),
+        (body.yn / inner).astype(np.float32) + coarse_field(rng, shape, scale=warp),
+        body.zn.astype(np.float32) + coarse_field(rng, shape, scale=warp),
+        (body.bx * inner, body.by * inner, body.hz),
+    )
+
+
+def _draw_contrast(rng, hard) -> _Contrast:
+    """A contrast phase and its HU; the unlabelled neighbours are close in HU to the organ they
+    touch, closer when harder."""
     phase = str(rng.choice(list(PHASES)))
     base = {k: v + rng.uniform(-8, 8) for k, v in PHASES[phase].items()}
     if phase == "arterial":
         base["aorta"] += rng.uniform(-50, 50)
-    # unlabelled neighbours close in HU to the organ they touch; closer when harder
     kidney_hu = (base["cortex"] + base["medulla"]) / 2
     tissue_hu = {"stomach": base["liver"] + _gap(rng, hard), "psoas": kidney_hu + _gap(rng, hard)}
     tissue_hu["ivc"] = base["ivc"]
     tissue_hu["portal_vein"] = base["portal"]
+    return _Contrast(phase, base, kidney_hu, tissue_hu)
 
-    # vessels first: they are exclusive; organs are shared out around them
+
+def _draw_vessels(rng, frame: CavityFrame, body: _Body, spine, axis) -> _Vessels:
+    """Aorta, IVC and portal vein (with three intrahepatic branches); drawn before the organs:
+    they are exclusive, the organs are shared out around them."""
+    sx, sy, sb = axis
+    adult, cavity = body.adult, body.cavity
     ax, ay = sx + rng.uniform(0.05, 0.12), sy - sb - rng.uniform(0.10, 0.14)
     aorta = frame.tube(_vessel_path(rng, ax, ay), adult * rng.uniform(9, 13)) < 0
     aorta &= cavity & ~spine
@@ -257,8 +292,14 @@ def _draw(rng, size, nominal, difficulty) -> CTSubject | None:
     for tip in branches[1:]:
         portal |= frame.tube([hilum, tip], adult * rng.uniform(2.5, 4.5)) < 0
     portal &= cavity & ~spine & ~aorta & ~ivc
+    return _Vessels(aorta, ivc, portal)
 
-    # organ templates (shape functions < 0 inside), shared out by the nearest surface
+
+def _organ_shapes(rng, frame: CavityFrame, zn, axis) -> dict[str, np.ndarray]:
+    """Shape functions (< 0 inside) of the organs of :data:`_ORGANS` and of the renal sinuses
+    (``kidney_left_sinus``, ``kidney_right_sinus``): a two-lobed liver, a crescent spleen,
+    psoas muscles widening downwards, kidneys with a hilum notch."""
+    sx, sy, sb = axis
     ky = sy + rng.uniform(-0.12, -0.02)
     psoas_r = np.clip(0.08 + 0.08 * (0.5 - zn), 0.05, 0.2)
     shapes = {
@@ -311,13 +352,20 @@ def _draw(rng, size, nominal, difficulty) -> CTSubject | None:
         )
         shapes[name] = np.maximum(kidney, -notch)
         shapes[name + "_sinus"] = notch  # renal sinus fat (unlabelled), inside the kidney's outline
-    allowed = cavity & ~spine & ~aorta & ~ivc
+    return shapes
+
+
+def _share_out(shapes, allowed, vessels: _Vessels):
+    """``(label, tissue, masks)``: each ``allowed`` voxel inside an organ template goes to the
+    organ of the nearest surface; labels 1-5 (liver, spleen, kidneys, aorta), tissue ids of
+    :data:`TISSUES`, ``masks`` per organ name. ``None`` when a structure is (almost) empty."""
+    aorta, ivc, portal = vessels.aorta, vessels.ivc, vessels.portal
     stack = np.stack([shapes[name] for name in _ORGANS])
     owner = np.argmin(stack, axis=0)
     inside = (np.take_along_axis(stack, owner[None], 0)[0] < 0) & allowed
 
-    label = np.zeros(shape, dtype=np.uint8)
-    tissue = np.zeros(shape, dtype=np.uint8)
+    label = np.zeros(allowed.shape, dtype=np.uint8)
+    tissue = np.zeros(allowed.shape, dtype=np.uint8)
     ids = {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
     masks = {}
     for k, name in enumerate(_ORGANS):
@@ -336,62 +384,91 @@ def _draw(rng, size, nominal, difficulty) -> CTSubject | None:
             return None
     if (tissue == 6).sum() < _MIN_VOXELS or (tissue == 7).sum() < _MIN_VOXELS:
         return None
+    return label, tissue, masks
 
-    # bowel loops with gas in the rest of the cavity, kept out of the retroperitoneal fat
-    # around the kidneys and the aorta (the fat that outlines them on a real CT)
-    free = cavity & ~spine & (label == 0) & (tissue == 0)
+
+def _draw_bowel(rng, image, body: _Body, spine, label, tissue, frame: CavityFrame, phase):
+    """Fat and bowel loops with gas in the rest of the cavity (``image`` in place), kept out of
+    the retroperitoneal fat around the kidneys and the aorta (the fat that outlines them on a
+    real CT). Returns that rest of the cavity (bool ``(z, y, x)``)."""
+    shape, spacing = body.grid.shape, body.spacing
+    free = body.cavity & ~spine & (label == 0) & (tissue == 0)
     retro = np.zeros(shape, dtype=bool)
     for value, margin in ((3, rng.uniform(6, 14)), (4, rng.uniform(6, 14)), (5, rng.uniform(4, 8))):
-        retro |= _within(label == value, adult * margin, spacing)
-    bowel = free & ~retro & (_coarse_field(rng, shape, (10, 12, 12)) > rng.uniform(-0.5, 0.0))
+        retro |= _within(label == value, body.adult * margin, spacing)
+    bowel = free & ~retro & (coarse_field(rng, shape, (10, 12, 12)) > rng.uniform(-0.5, 0.0))
     image[free] = _FAT + rng.uniform(-10, 10)
     image[bowel] = _BOWEL + (15.0 if phase != "non-contrast" else 0.0) + rng.uniform(-5, 5)
-    gas = bowel & (_coarse_field(rng, shape, (10, 12, 12)) > 1.8) & (frame.y < 0.2)
+    gas = bowel & (coarse_field(rng, shape, (10, 12, 12)) > 1.8) & (frame.y < 0.2)
     image[gas] = -1000.0 + rng.uniform(0, 40)
+    return free
 
-    # textured organs: two scales of correlated noise, mixed per organ
+
+def _texture_organs(rng, image, masks, tissue, frame: CavityFrame, contrast: _Contrast):
+    """Textured liver, spleen, stomach (with its gas bubble) and psoas (``image`` in place): two
+    scales of correlated noise, mixed per organ. Returns the fine noise field and the organs'
+    base HU so far (``liver``, ``spleen``)."""
+    base, phase = contrast.base, contrast.phase
+    shape = image.shape
     fine, coarse = smooth_field(rng, shape, 1.0), smooth_field(rng, shape, 2.5)
     spleen_texture = 25.0 if phase == "arterial" else 5.0  # arterial: heterogeneous spleen
     for mask, value, a, b in (
         (masks["liver"], base["liver"], 4.0, 5.0),
         (masks["spleen"], base["spleen"], 4.0, spleen_texture),
-        (tissue == 6, tissue_hu["stomach"], 6.0, 6.0),
-        (tissue == 7, tissue_hu["psoas"], 5.0, 3.0),
+        (tissue == 6, contrast.tissue_hu["stomach"], 6.0, 6.0),
+        (tissue == 7, contrast.tissue_hu["psoas"], 5.0, 3.0),
     ):
         image[mask] = value + a * fine[mask] + b * coarse[mask]
     hu = {"liver": float(base["liver"]), "spleen": float(base["spleen"])}
     stomach = tissue == 6
     bubble = stomach & (frame.y < -0.4) & (frame.x > 0.35) & (frame.z > 0.4)
     image[bubble] = -1000.0 + rng.uniform(0, 40)
+    return fine, hu
+
+
+def _draw_kidneys(rng, image, body: _Body, masks, shapes, free, fine, contrast: _Contrast, hu):
+    """Kidneys with a cortex of random depth and their renal sinus fat (``image`` in place);
+    adds their HU to ``hu``."""
+    spacing, base = body.spacing, contrast.base
     for name in ("kidney_left", "kidney_right"):
         mask = masks[name]
         box = ndimage.find_objects(mask.astype(np.uint8))[0]
-        depth = np.zeros(shape, dtype=np.float32)
+        depth = np.zeros(image.shape, dtype=np.float32)
         depth[box] = ndimage.distance_transform_edt(mask[box], sampling=spacing[::-1])
-        cortex = depth[mask] <= adult * rng.uniform(5, 8)
+        cortex = depth[mask] <= body.adult * rng.uniform(5, 8)
         image[mask] = np.where(cortex, base["cortex"], base["medulla"]) + 4 * fine[mask]
-        hu[name] = float(kidney_hu)
+        hu[name] = float(contrast.kidney_hu)
         sinus = (shapes[name + "_sinus"] < 0) & free
         image[sinus] = _FAT + 20 + rng.uniform(-10, 10)
+
+
+def _texture_vessels(rng, image, vessels: _Vessels, fine, base, hu):
+    """Vessel HU (``image`` in place) with calcifications in the aorta's wall; adds the aorta's
+    HU to ``hu``."""
+    aorta, ivc, portal = vessels.aorta, vessels.ivc, vessels.portal
     image[aorta] = base["aorta"] + 4 * fine[aorta]
     hu["aorta"] = float(base["aorta"])
     wall = aorta & ~ndimage.binary_erosion(aorta)
-    calcified = wall & (_coarse_field(rng, shape, (6, 8, 8)) > 2.0)
+    calcified = wall & (coarse_field(rng, image.shape, (6, 8, 8)) > 2.0)
     image[calcified] = rng.uniform(400, 900)
     image[ivc] = base["ivc"] + 4 * fine[ivc]
     image[portal] = base["portal"] + 4 * fine[portal]
 
-    lesions = _lesions(rng, image, label, spacing, base, phase, hard, adult)
+
+def _finish(rng, image, label, tissue, body: _Body, contrast: _Contrast, hu, hard) -> CTSubject:
+    """Lesions, partial-volume blur and noise; the subject with what was drawn in its info."""
+    spacing = body.spacing
+    lesions = _lesions(rng, image, label, spacing, contrast.base, contrast.phase, hard, body.adult)
     blur_xy = rng.uniform(0.5, 0.9)
-    blur = (rng.uniform(0.5, 0.9) * thick, blur_xy, blur_xy)
-    noise = rng.uniform(6, 12) * (0.6 + 0.8 * hard) * (bx / (0.81 * half_nominal[0]))
+    blur = (rng.uniform(0.5, 0.9) * body.thick, blur_xy, blur_xy)
+    noise = rng.uniform(6, 12) * (0.6 + 0.8 * hard) * (body.bx / (0.81 * body.half_nominal[0]))
     image = finish_image(rng, image, blur, noise, noise_blur=0.6)
     info = {
-        "phase": phase,
+        "phase": contrast.phase,
         "spacing": list(spacing),
         "noise_hu": round(float(noise), 3),
         "blur_voxels": [round(float(v), 3) for v in blur],
-        "tissue_hu": {k: round(float(v), 2) for k, v in tissue_hu.items()},
+        "tissue_hu": {k: round(float(v), 2) for k, v in contrast.tissue_hu.items()},
         "lesions": int(ndimage.label(lesions)[1]),
     }
     return CTSubject(image, label, spacing, hu, info, tissue, lesions)

@@ -5,37 +5,31 @@ The loop is the same for all three; only the per-batch loss differs:
 - teacher (``kind: train`` with ``multitask.reconstruction`` masked/unmasked): segmentation
   loss + weight x MSE of the reconstruction of the (masked) input;
 - plain network (``kind: train``, reconstruction none): segmentation loss;
-- distillation (``kind: distill``): segmentation loss + the Distiller's weighted terms. With
-  every distillation weight at zero this is exactly the plain recipe (the no-KD baseline).
-  The teacher is a network or another tool's stored outputs (see
-  :mod:`mtkd.engine.teacher_source`); stored outputs travel with the batches, aligned with
-  the images, and feed the output term without a teacher pass.
+- distillation (``kind: distill``): segmentation loss + the Distiller's weighted terms (all
+  weights at zero: exactly the plain recipe, the no-KD baseline). The teacher is a network or
+  stored outputs (:mod:`mtkd.engine.teacher_source`), which travel with the batches.
 
 What the loop trains is set up apart from it: the data (cases, split, unlabelled images,
 fingerprint; :mod:`mtkd.engine.setup_data`), the teacher (:mod:`mtkd.engine.setup_teacher`) and
 the networks (student, ``model.init_from``, distiller; :mod:`mtkd.engine.setup_models`).
 
-Every epoch is reseeded from (seed, epoch), so a run resumed from a checkpoint continues as if
-it had never stopped; a stop in the middle of an epoch replays the epoch's data order up to
-the step it had reached.
+Every epoch is reseeded from (seed, epoch), so a resumed run continues as if it had never
+stopped; a stop mid-epoch replays the epoch's data order up to the step it had reached.
 
 ``model.init_from`` weights are validated once before the first epoch (``initial_val_dice`` in
-the "initial_validation" status event, the final metrics and ``lineage.previous``); a resumed
-run takes its weights, that Dice and the lineage from its checkpoint, not from the previous
-model.
+the "initial_validation" event, the final metrics and ``lineage.previous``); a resumed run
+takes its weights, that Dice and the lineage from its checkpoint.
 
-Under ``torchrun`` (see :mod:`mtkd.engine.distributed`) every process runs this loop on its
-shard of each epoch's samples, with the per-batch loss wrapped in DistributedDataParallel
-(gradients of the student and the connectors all-reduced, the frozen teacher replicated);
-epoch terms and validation Dice are reduced over the processes, and only rank 0 writes the run
-folder. ``train.batch_size`` is per process.
+Under ``torchrun`` (:mod:`mtkd.engine.distributed`) every process runs this loop on its shard
+of each epoch's samples, the per-batch loss in DistributedDataParallel (student and connector
+gradients all-reduced, the frozen teacher replicated); epoch terms and validation Dice are
+reduced over the processes; only rank 0 writes the run folder. Batch sizes are per process.
 
-Early stopping (``train.patience``): after that many validation checks without a better
-validation Dice the run stops, exports its best model and records why (a "stopped_early" status
-event); the count is in the checkpoints, and resuming a run that stopped early trains no more.
+Early stopping (``train.patience``): after that many validation checks without a better Dice
+the run stops and exports its best model ("stopped_early" event); the count is checkpointed, and
+resuming a run that stopped early trains no more.
 
-One process writes a run folder at a time: the run holds ``RUN/.mtkd.lock``
-(:mod:`mtkd.folder_lock`) from before it touches the folder until it ends, however it ends.
+One process writes a run folder at a time: it holds ``RUN/.mtkd.lock`` (:mod:`mtkd.folder_lock`).
 """
 
 from __future__ import annotations
