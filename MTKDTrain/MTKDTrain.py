@@ -642,16 +642,19 @@ class MTKDTrainTest(ScriptedLoadableModuleTest):
         self.assertIn("Exported 1 cases", ui.datasetSummaryLabel.text)
 
         self.delayDisplay("A run folder followed: status line, table and plots")
+        from mtkd.run_folder import RunDir
+
         run = work / "runs" / "followed"
         run.mkdir(parents=True)
+        model = str(RunDir(run).model)
         events = [
             {"type": "status", "state": "preparing", "kind": "distill", "time": 1.0},
             {"type": "status", "state": "training", "epochs": 2, "start_epoch": 0, "time": 2.0},
             {"type": "metrics", "epoch": 1, "epochs": 2, "loss": 1.0, "val_dice": 0.5},
             {"type": "metrics", "epoch": 2, "epochs": 2, "loss": 0.5, "val_dice": 0.7},
-            {"type": "done", "model": str(run / "model"), "best_val_dice": 0.7, "best_epoch": 2},
+            {"type": "done", "model": model, "best_val_dice": 0.7, "best_epoch": 2},
         ]
-        (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        RunDir(run).events.write_text("".join(json.dumps(e) + "\n" for e in events))
         classes = ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode",
                    "vtkMRMLPlotViewNode")  # fmt: skip
         counts = []
