@@ -1,19 +1,25 @@
-"""Summarise the finished runs of an evidence grid from its runs.csv alone (a pass that was
-stopped writes no summary.json): per cell, the runs finished, the mean test Dice and the paired
-difference against ``no_kd`` with its 95 % bootstrap interval, computed as ``mtkd ablate``
-computes them (mtkd.ablation.stats). Sub-cells are reported as they are: no validation choice
-is made here.
+"""Summarise the finished runs of an evidence grid (a pass that was stopped writes no
+summary.json): per cell, the runs finished, the mean test Dice and the paired difference
+against ``no_kd`` with its 95 % bootstrap interval, computed as ``mtkd ablate`` computes them
+(mtkd.ablation.stats). Sub-cells are reported as they are: no validation choice is made here.
 
-    python bench/kd_evidence/partial_summary.py bench/results/kd_evidence/s1/runs.csv
+    python bench/kd_evidence/partial_summary.py RUNS.csv
+    python bench/kd_evidence/partial_summary.py ABL --write RUNS.csv
+
+ABL, a grid folder: the rows are read from every run's cached result
+(``cells/*/.../report/ablation_result.json``, written when the grid scored the run), across
+passes run with different ``--cells``; ``--write`` stores them as a runs.csv.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from pathlib import Path
 
+from mtkd.ablation.evidence import RUNS_FIELDS, runs_rows
 from mtkd.ablation.stats import case_means, paired_difference, stratified_mean
 
 NO_KD = "no_kd"
@@ -28,6 +34,28 @@ def read_rows(path: Path) -> list[dict]:
             row[key] = float(row[key]) if row[key] not in ("", "nan") else math.nan
         row["missed"] = int(row["missed"])
     return rows
+
+
+def grid_rows(grid: Path) -> list[dict]:
+    """runs.csv rows of every scored run of the grid folder ``grid``, cell by cell."""
+    results = [
+        json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted((grid / "cells").glob("**/report/ablation_result.json"))
+    ]
+    order = {}
+    for result in results:
+        order.setdefault(result["cell"], len(order))
+    if (grid / "cells" / NO_KD).is_dir():
+        order[NO_KD] = -1  # the reference first
+    results.sort(key=lambda r: (order[r["cell"]], r["split_seed"], r["seed"]))
+    return runs_rows(results)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RUNS_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: row[key] for key in RUNS_FIELDS} for row in rows)
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -53,7 +81,19 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
+def main(argv: list[str]) -> None:
+    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--write"):
         sys.exit(__doc__)
-    print("\n".join(summary_lines(read_rows(Path(sys.argv[1])))))
+    source = Path(argv[0])
+    if source.is_dir():
+        rows = grid_rows(source)
+        if len(argv) == 3:
+            write_rows(rows, Path(argv[2]))
+            rows = read_rows(Path(argv[2]))
+    else:
+        rows = read_rows(source)
+    print("\n".join(summary_lines(rows)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
