@@ -30,7 +30,7 @@ TAP_PRESETS = {
     "The paper's E-E, B-B, D-D": "thesis",
     "All scales (every encoder level, B-B, D-D)": "all_scales",
     "Custom pairs": None,
-    "No feature terms (output only)": "none",
+    "No feature terms (output only; recommended)": "none",
 }
 FEATURE_LOSSES = ("infonce", "mse", "cosine", "supcon")
 OUTPUT_LOSSES = ("pmd", "cwd", "dist", "none")
@@ -44,12 +44,17 @@ class TrainingOptions:
     teacher: str  # our run or model folder (its preprocessing is used)
     name: str = "student"
     student: str = "thesis_s1"
-    taps: str | None = "thesis"  # see TAP_PRESETS
+    # the defaults are the recommended recipe (mtkd.config.RECOMMENDED_PRESET, chosen on
+    # validation in BENCHMARKS.md): no feature terms, Hinton's KD per voxel (pmd) at T 1 and
+    # weight 1, teacher targets also on the training cases without labels
+    taps: str | None = "none"  # see TAP_PRESETS
     custom_pairs: list[tuple[str, str]] = field(default_factory=list)  # (student, teacher) taps
     feature_loss: str = "infonce"
     scale_weights: dict[str, float] | None = None  # per pair label, e.g. {"B-B": 0.3}
     output_loss: str = "pmd"
-    output_weight: float = 0.2
+    output_weight: float = 1.0
+    output_temperature: float = 1.0
+    use_unlabelled: bool = True  # distill.unlabelled auto (True) or none
     epochs: int = 20
     batch_size: int = 8
     learning_rate: float = 1e-3
@@ -121,9 +126,14 @@ def _distill_section(options: TrainingOptions) -> dict[str, Any]:
     if options.output_loss not in OUTPUT_LOSSES:
         raise ValueError(f"output loss must be one of {', '.join(OUTPUT_LOSSES)}")
     if options.output_loss != "none":
-        distill["output"] = {"loss": options.output_loss, "weight": options.output_weight}
+        distill["output"] = {
+            "loss": options.output_loss,
+            "weight": options.output_weight,
+            "temperature": options.output_temperature,
+        }
     elif options.taps == "none":
         raise ValueError("choose feature terms or an output loss (or both) to distill")
+    distill["unlabelled"] = "auto" if options.use_unlabelled else "none"
     return distill
 
 

@@ -78,13 +78,17 @@ class MTKDTrainParameterNode:
     caseVolume: vtkMRMLScalarVolumeNode
     caseSegmentation: vtkMRMLSegmentationNode
     student: Annotated[str, Choice(list(STUDENTS))] = "thesis_s1"
-    taps: Annotated[str, Choice(list(TAPS))] = "thesis"
+    # the recommended recipe (mtkd.config.RECOMMENDED_PRESET): the output term alone, Hinton's
+    # KD per voxel at T 1, weight 1, also on the unlabelled training cases
+    taps: Annotated[str, Choice(list(TAPS))] = "none"
     featureLoss: Annotated[str, Choice(list(FEATURE_LOSSES))] = "infonce"
     weightEE: float = 0.1
     weightBB: float = 0.2
     weightDD: float = 0.1
     outputLoss: Annotated[str, Choice(list(OUTPUT_LOSSES))] = "pmd"
-    outputWeight: float = 0.2
+    outputWeight: float = 1.0
+    outputTemperature: float = 1.0
+    useUnlabelled: bool = True
     epochs: int = 20
     studentFraction: float = 0.5
     device: str = "auto"  # any device the engine accepts: the list differs between machines
@@ -289,6 +293,8 @@ class MTKDTrainWidget(ModuleWidget):
             scale_weights=weights if node.taps == "thesis" else None,
             output_loss=node.outputLoss,
             output_weight=node.outputWeight,
+            output_temperature=node.outputTemperature,
+            use_unlabelled=node.useUnlabelled,
             epochs=node.epochs,
             student_fraction=node.studentFraction,
             device=node.device,

@@ -33,7 +33,7 @@ PATH_KEYS = (
     "distill.unlabelled",
 )
 # words that a path key may hold instead of a path (a folder of that name is written ./train)
-PATH_KEYWORDS = {"distill.unlabelled": ("none", "train")}
+PATH_KEYWORDS = {"distill.unlabelled": ("none", "train", "auto")}
 # the section a run writes beside the relative paths: {dotted key: absolute path}
 ABSOLUTE_PATHS = "absolute_paths"
 ABSOLUTE_PATHS_COMMENT = (

@@ -20,7 +20,13 @@ import re
 import typing
 from typing import Any, Literal
 
-from mtkd.config import DistillConfig, OutputTermConfig, RunConfig, TapPairConfig
+from mtkd.config import (
+    RECOMMENDED_PRESET,
+    DistillConfig,
+    OutputTermConfig,
+    RunConfig,
+    TapPairConfig,
+)
 
 COMMENT_COLUMN = 30  # comments start here, or two spaces after a longer line
 # Nested sections written on one line (flow style) rather than key by key.
@@ -65,7 +71,8 @@ COMMENTS = {
     "distill": "null (no distillation) unless kind: distill; its keys then default to:",
     "distill.teacher": "run/model folder, checkpoint, MONAI bundle, TorchScript/ONNX, outputs",
     "distill.preset": "{PAIR_PRESETS}: fill pairs and output; {OUTPUT_PRESETS}: a baseline's "
-    "output term alone, at its published settings (null: explicit pairs)",
+    "output term alone, at its published settings; recommended (null without pairs or output): "
+    "{RECOMMENDED_PRESET}, measured best",
     "distill.pairs": "explicit tap pairs, each {PAIR}",
     "distill.output": "output-level term {OUTPUT} (loss: {OUTPUT_LOSSES})",
     "distill.scale": "multiplies every distillation weight; 0 is the no-KD baseline",
@@ -73,7 +80,8 @@ COMMENTS = {
     "distill.scale_weights": "with a preset: {B-B: 0.4, E-E: 0} replaces weights by pair label",
     "distill.negatives": "{distill.negatives}: InfoNCE's negatives (other_subjects: none from "
     "the anchor's patient)",
-    "distill.unlabelled": "none | train | a folder of CTs: images for teacher targets only",
+    "distill.unlabelled": "auto | none | train | a folder of CTs: images for teacher targets "
+    "only (auto: train where train_on leaves patients unlabelled and a term weighs)",
 }
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 
@@ -96,6 +104,7 @@ def choices() -> dict[str, str]:
 
     found = {
         "PRESETS": " | ".join(PRESETS),
+        "RECOMMENDED_PRESET": RECOMMENDED_PRESET,
         "PAIR_PRESETS": " | ".join(PAIR_PRESETS),
         "OUTPUT_PRESETS": " | ".join(OUTPUT_PRESETS),
         "FEATURE_LOSSES": " | ".join(sorted(FEATURE_LOSSES)),

@@ -137,7 +137,9 @@ def run_demo(
     Trainer(teacher, teacher_run).run()
     runs = {"teacher": teacher_run}
     for name, weight_scale in (("student_kd", 1.0), ("student_nokd", 0.0)):
-        distill = {"teacher": str(teacher_run), "preset": "thesis", "scale": weight_scale}
+        # the recommended recipe (distill.preset unset: config.RECOMMENDED_PRESET), teacher
+        # targets also on the training slabs without labels (distill.unlabelled: auto)
+        distill = {"teacher": str(teacher_run), "scale": weight_scale}
         recipe = {**student_recipe, "name": name, "distill": distill}
         Trainer(RunConfig.from_dict(recipe), output / name).run()
         runs[name] = output / name

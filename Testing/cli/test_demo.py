@@ -13,8 +13,10 @@ import slicerio
 from conftest import DATA
 
 from mtkd.cli import main
+from mtkd.config import RECOMMENDED_PRESET, load_config
 from mtkd.data.labels import LabelTable
 from mtkd.demo import STRUCTURES, write_whole_ct_slabs
+from mtkd.run_folder import read_events
 
 CT, SEG, NAMES = (
     DATA / "abdomen_ct.nii.gz",
@@ -54,6 +56,17 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert kd_lineage["distilled"] is True
     nokd = json.loads((tmp_path / "student_nokd" / "model" / "mtkd_model.json").read_text())
     assert nokd["lineage"]["distilled"] is False
+    # the distilled student has the recommended recipe: its terms also on the training slabs
+    # it has no labels of; the no-KD twin has no use for them
+    kd_config = load_config(tmp_path / "student_kd" / "config.yaml")
+    assert kd_config.distill.preset == RECOMMENDED_PRESET
+    student_split = json.loads((tmp_path / "student_kd" / "split.json").read_text())
+    unlabelled = len(student_split["train"]) - len(student_split["student_train"])
+    for run, cases in (("student_kd", unlabelled), ("student_nokd", 0)):
+        events = read_events(tmp_path / run / "events.jsonl")
+        (training,) = [e for e in events if e["type"] == "status" and e["state"] == "training"]
+        assert training["unlabelled_cases"] == cases, run
+    assert unlabelled > 0
     segmentation = slicerio.read_segmentation(str(tmp_path / "abdomen_student.seg.nrrd"))
     assert [segment["name"] for segment in segmentation["segments"]] == STRUCTURES
     # the models trained on negatives too: slabs below the organs, in the teacher's and the

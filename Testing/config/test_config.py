@@ -7,7 +7,7 @@ import yaml
 from conftest import ROOT
 
 from mtkd.cli import main
-from mtkd.config import RunConfig, dump_config, load_config
+from mtkd.config import RECOMMENDED_PRESET, RunConfig, dump_config, load_config
 from mtkd.distill.presets import resolve_terms
 from mtkd.distill.spec import TapPair
 from mtkd.errors import MTKDError
@@ -182,3 +182,57 @@ def test_a_config_without_a_dataset_is_refused_naming_the_file(tmp_path, monkeyp
     assert error.count("\n") == 0 and error.startswith("mtkd: error:"), error
     assert str(path) in error and "config key 'data.source'" in error, error
     assert not (tmp_path / "runs").exists()  # a run refused at its start leaves no folder
+
+
+def _distill_config(distill: dict, train_on: str = "student_train") -> RunConfig:
+    return RunConfig.from_dict(
+        {"kind": "distill", "train_on": train_on, "data": {"source": "d"}, "distill": distill}
+    )
+
+
+@pytest.mark.parametrize(
+    ("distill", "preset"),
+    [
+        ({"teacher": "t"}, RECOMMENDED_PRESET),
+        ({"teacher": "t", "preset": "recommended"}, RECOMMENDED_PRESET),
+        ({"teacher": "t", "preset": "thesis"}, "thesis"),
+        ({"teacher": "t", "output": {"loss": "cwd"}}, None),
+    ],
+)
+def test_a_distillation_naming_no_terms_gets_the_recommended_preset(distill, preset, tmp_path):
+    config = _distill_config(distill)
+    assert config.distill.preset == preset
+    # the stored config names the resolved preset, so a run keeps its recipe
+    (tmp_path / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    assert load_config(tmp_path / "config.yaml").distill.preset == preset
+
+
+def test_the_recommended_preset_is_one_output_term_at_its_published_settings():
+    pairs, output = resolve_terms(_distill_config({"teacher": "t"}).distill, S1, T1)
+    assert pairs == []
+    assert (output.loss, output.weight, output.temperature) == ("pmd", 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("train_on", "unlabelled", "scale", "images"),
+    [
+        ("student_train", "auto", 1.0, "train"),  # the other training patients join
+        ("student_train", "auto", 0.0, "none"),  # the no-KD baseline has no use for them
+        ("train", "auto", 1.0, "none"),  # every training patient is labelled
+        ("none", "auto", 1.0, "train"),  # label-free distillation
+        ("student_train", "none", 1.0, "none"),
+        ("student_train", "train", 1.0, "train"),
+        ("student_train", "extra_cts", 1.0, "extra_cts"),
+    ],
+)
+def test_unlabelled_auto_uses_the_training_images_that_have_no_labels(
+    train_on, unlabelled, scale, images
+):
+    distill = {"teacher": "t", "unlabelled": unlabelled, "scale": scale}
+    assert _distill_config(distill, train_on).unlabelled_images() == images
+    assert _distill_config({"teacher": "t"}).distill.unlabelled == "auto"  # the default
+
+
+def test_train_runs_have_no_unlabelled_images():
+    config = RunConfig.from_dict({"kind": "train", "data": {"source": "d"}})
+    assert config.distill is None and config.unlabelled_images() == "none"

@@ -17,10 +17,11 @@ import SimpleITK as sitk
 import yaml
 from slicer_scene import load_volume, new_scene
 
-from mtkd.config import RunConfig, load_config
+from mtkd.config import RECOMMENDED_PRESET, RunConfig, load_config
 from mtkd.data.datasets import load_dataset
 from mtkd.data.labels import LabelTable, remap_label_array
 from mtkd.data.segnrrd import write_segmentation
+from mtkd.distill.presets import resolve_output_term
 from mtkd.library import ModelLibrary
 from mtkd.modelfiles.model_io import load_model
 from mtkd.run_folder import read_events
@@ -152,6 +153,7 @@ def test_panel_options_become_a_valid_config(teacher_run, tmp_path):
     options = TrainingOptions(dataset=str(tmp_path), teacher=str(teacher_run), name="s1",
                               taps="all_scales", feature_loss="mse",
                               scale_weights={"B-B": 0.3}, output_loss="cwd",
+                              output_weight=0.2, output_temperature=4.0, use_unlabelled=False,
                               epochs=7, student_fraction=0.5)  # fmt: skip
     config = build_config(options)
     prep = load_model(teacher_run).prep
@@ -160,7 +162,8 @@ def test_panel_options_become_a_valid_config(teacher_run, tmp_path):
     assert config["data"]["structures"] == load_model(teacher_run).labels.names
     assert config["distill"]["preset"] == "all_scales"
     assert config["distill"]["feature_loss"] == "mse"
-    assert config["distill"]["output"] == {"loss": "cwd", "weight": 0.2}
+    assert config["distill"]["output"] == {"loss": "cwd", "weight": 0.2, "temperature": 4.0}
+    assert config["distill"]["unlabelled"] == "none"
     assert config["split"]["student_fraction"] == 0.5 and config["train"]["epochs"] == 7
     assert RunConfig.from_dict(config).distill.scale_weights == {"B-B": 0.3}
 
@@ -193,6 +196,22 @@ def test_panel_options_become_a_valid_config(teacher_run, tmp_path):
     assert f"mtkd distill {run / 'config.yaml'} --run-dir {run}" in commands
     assert f"mtkd distill --resume {run}" in commands
     assert f"torchrun --standalone --nproc_per_node N -m mtkd distill --resume {run}" in commands
+
+
+def test_the_panel_opens_on_the_recommended_recipe(teacher_run, tmp_path):
+    """The panel's defaults and the engine's recommended preset are one recipe: the same terms,
+    and the unlabelled training cases used."""
+    panel = RunConfig.from_dict(build_config(TrainingOptions(str(tmp_path), str(teacher_run))))
+    engine = RunConfig.from_dict({**build_config(TrainingOptions(str(tmp_path), str(teacher_run))),
+                                  "distill": {"teacher": str(teacher_run)}})  # fmt: skip
+    assert engine.distill.preset == RECOMMENDED_PRESET
+    panel_output = resolve_output_term(panel.distill)
+    engine_output = resolve_output_term(engine.distill)
+    assert (panel_output.loss, panel_output.weight, panel_output.temperature) == (
+        engine_output.loss, engine_output.weight, engine_output.temperature)  # fmt: skip
+    assert (panel_output.loss, panel_output.weight, panel_output.temperature) == ("pmd", 1, 1)
+    assert panel.distill.pairs == [] and panel.distill.preset is None
+    assert panel.unlabelled_images() == engine.unlabelled_images() == "train"
 
 
 def wait_for(run, condition, timeout: float = 300.0):

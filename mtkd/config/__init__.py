@@ -17,7 +17,10 @@ their public names are all importable from here.
 from mtkd.config.mappings import differing_keys
 from mtkd.config.run_config import RANGES, SEED_LIMIT, RunConfig, is_run_name
 from mtkd.config.sections import (
+    RECOMMENDED,
+    RECOMMENDED_PRESET,
     TRAIN_ON_NONE,
+    UNLABELLED_AUTO,
     UNLABELLED_NONE,
     UNLABELLED_TRAIN,
     AugmentConfig,
@@ -48,6 +51,9 @@ __all__ = [
     "RANGES",
     "SEED_LIMIT",
     "TRAIN_ON_NONE",
+    "RECOMMENDED",
+    "RECOMMENDED_PRESET",
+    "UNLABELLED_AUTO",
     "UNLABELLED_NONE",
     "UNLABELLED_TRAIN",
     "AugmentConfig",

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from mtkd.config.mappings import build_dataclass, key_name
 from mtkd.config.sections import (
     TRAIN_ON_NONE,
+    UNLABELLED_AUTO,
     UNLABELLED_NONE,
     UNLABELLED_TRAIN,
     DataConfig,
@@ -122,8 +123,25 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> RunConfig:
         config = build_dataclass(cls, data, "", source)
+        if config.kind == "distill" and config.distill is not None:
+            config.distill.fill_recommended()
         config.validate(source)
         return config
+
+    def unlabelled_images(self) -> str:
+        """``distill.unlabelled`` with ``auto`` resolved: none, train or a folder. ``auto`` is
+        train when ``train_on`` leaves training patients without labels (student_train, or
+        none) and a distillation term weighs; none otherwise."""
+        if self.kind != "distill" or self.distill is None:
+            return UNLABELLED_NONE
+        setting = self.distill.unlabelled
+        if setting != UNLABELLED_AUTO:
+            return setting
+        if self.train_on == TRAIN_ON_NONE:
+            return UNLABELLED_TRAIN
+        if self.train_on == "train" or self.distill.scale == 0:
+            return UNLABELLED_NONE
+        return UNLABELLED_TRAIN
 
     def validate(self, source: str | Path | None = None) -> None:
         """Check values that a type alone cannot; raise MTKDError naming key and file."""
@@ -205,7 +223,7 @@ class RunConfig:
             return
         distill = self.distill
         if not distill.unlabelled.strip():
-            fail("distill.unlabelled", "must be none, train or a folder of CT images")
+            fail("distill.unlabelled", "must be none, train, auto or a folder of CT images")
         if distill.unlabelled == UNLABELLED_TRAIN and self.train_on == "train":
             fail(
                 "distill.unlabelled",
@@ -214,7 +232,7 @@ class RunConfig:
             )
         if not label_free:
             return
-        if distill.unlabelled == UNLABELLED_NONE:
+        if self.unlabelled_images() == UNLABELLED_NONE:
             fail(
                 "train_on",
                 "'none' trains on teacher targets only: set distill.unlabelled to train (the "

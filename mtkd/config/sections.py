@@ -10,7 +10,14 @@ from mtkd.config_paths import PATH_KEYWORDS
 from mtkd.errors import MTKDError
 
 # distill.unlabelled's words that are not folders (a folder called so is written ./train)
-UNLABELLED_NONE, UNLABELLED_TRAIN = PATH_KEYWORDS["distill.unlabelled"]
+UNLABELLED_NONE, UNLABELLED_TRAIN, UNLABELLED_AUTO = PATH_KEYWORDS["distill.unlabelled"]
+# The recipe a distillation gets when its ``distill`` section names no terms (no preset, pairs
+# or output), and what ``preset: recommended`` stands for: the cell that won on validation in
+# the KD evidence grid (BENCHMARKS.md, "KD evidence grid, S1"): Hinton's KD per voxel at T 1,
+# weight 1, no feature terms, with teacher targets also on the training images without labels
+# (``unlabelled: auto``, the default). The run's stored config names the preset it resolved to.
+RECOMMENDED = "recommended"
+RECOMMENDED_PRESET = "hinton_published"
 # train_on: which training patients' labels a run uses; "none": no labels (teacher targets only)
 TRAIN_ON_NONE = "none"
 
@@ -156,11 +163,14 @@ class DistillConfig:
     ``feature_loss`` and ``scale_weights`` change a preset's pairs (not explicit ``pairs``); with
     ``feature_loss: supcon`` (supervised voxel contrast) the pairs' temperature is 0.1.
     ``cwd_published``, ``dist_published`` and ``hinton_published`` are an output term alone at
-    its authors' published settings (sources in :mod:`mtkd.distill.presets`).
+    its authors' published settings (sources in :mod:`mtkd.distill.presets`). A section with no
+    preset, pairs or output, or ``preset: recommended``, gets :data:`RECOMMENDED_PRESET`.
     """
 
     teacher: str = ""  # run/model folder, checkpoint, bundle, TorchScript/ONNX, stored outputs
-    preset: str | None = None  # thesis | all_scales | <method>_published (null: explicit)
+    # thesis | all_scales | <method>_published | recommended (null: explicit pairs/output, or
+    # the recommended recipe when neither is given)
+    preset: str | None = None
     pairs: list[TapPairConfig] = field(default_factory=list)
     output: OutputTermConfig | None = None
     scale: float = 1.0  # multiplies every distillation weight; 0 is the no-KD baseline
@@ -173,6 +183,14 @@ class DistillConfig:
     # other subjects (patients), so that neighbouring slices of one patient are not pushed apart
     negatives: Literal["batch", "other_subjects"] = "batch"
     # images the distillation terms also see, without labels (no segmentation loss on them):
-    # none; train (the training patients that ``train_on`` leaves without labels); or a folder
-    # of CTs (any dataset layout, or a folder of image files; labels there are ignored)
-    unlabelled: str = UNLABELLED_NONE
+    # none; train (the training patients that ``train_on`` leaves without labels); auto (train
+    # when ``train_on`` leaves some out and a term weighs, else none); or a folder of CTs (any
+    # dataset layout, or a folder of image files; labels there are ignored)
+    unlabelled: str = UNLABELLED_AUTO
+
+    def fill_recommended(self) -> None:
+        """Name the recommended preset where the section names no terms or asks for it."""
+        if self.preset == RECOMMENDED or (
+            self.preset is None and not self.pairs and self.output is None
+        ):
+            self.preset = RECOMMENDED_PRESET

@@ -218,7 +218,7 @@ def _training_ids(
     """The labelled and the unlabelled training cases; the unlabelled ones are left out (or
     the run refused, when it has no labels either) when no distillation term weighs."""
     train_ids = labelled_training_cases(split, config.train_on)
-    if _unlabelled_setting(config) == UNLABELLED_TRAIN:
+    if config.unlabelled_images() == UNLABELLED_TRAIN:
         unlabelled_ids = unlabelled_training_cases(split, config.train_on)
     else:
         unlabelled_ids = [case.case_id for case in extra_cases]
@@ -248,18 +248,11 @@ def _distills(config: RunConfig) -> bool:
     return any(weight > 0 for weight in weights)
 
 
-def _unlabelled_setting(config: RunConfig) -> str:
-    distill = config.distill
-    if config.kind != "distill" or distill is None:
-        return UNLABELLED_NONE
-    return distill.unlabelled
-
-
 def _unlabelled_folder(config: RunConfig, dataset: DatasetIndex) -> list[Case]:
     """The cases of the ``distill.unlabelled`` folder (none for none and train), their
     patients set apart from the dataset's; MTKDError naming the key when a case id is also
     one of the dataset's."""
-    setting = _unlabelled_setting(config)
+    setting = config.unlabelled_images()
     if setting in (UNLABELLED_NONE, UNLABELLED_TRAIN):
         return []
     try:
@@ -318,7 +311,7 @@ def _check_fingerprint(
     distill = config.distill
     teacher = distill.teacher if config.kind == "distill" and distill else None
     started = time.perf_counter()
-    folder = _unlabelled_setting(config) not in (UNLABELLED_NONE, UNLABELLED_TRAIN)
+    folder = config.unlabelled_images() not in (UNLABELLED_NONE, UNLABELLED_TRAIN)
     current = run_fingerprint(dataset, teacher, extra_cases if folder else None)
     seconds = time.perf_counter() - started
     if seconds > 10:  # reading every file once: say where the time went
