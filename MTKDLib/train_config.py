@@ -62,6 +62,8 @@ class TrainingOptions:
     device: str = "auto"
     seed: int = 0
     init_from: str | None = None  # fine-tune from this model (the annotate-then-distill loop)
+    # explicit case lists (train, val, test, student_train): the loop's pinned split
+    split: dict[str, list[str]] | None = None
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -137,6 +139,13 @@ def _distill_section(options: TrainingOptions) -> dict[str, Any]:
     return distill
 
 
+def _split_section(options: TrainingOptions) -> dict[str, Any]:
+    split: dict[str, Any] = {"seed": options.seed, "student_fraction": options.student_fraction}
+    if options.split is not None:
+        split["fixed"] = {part: list(cases) for part, cases in options.split.items()}
+    return split
+
+
 def build_config(options: TrainingOptions) -> dict[str, Any]:
     """The run configuration (a dict ready for ``config.yaml``), checked by the engine."""
     check_device(options.device)
@@ -150,7 +159,7 @@ def build_config(options: TrainingOptions) -> dict[str, Any]:
         "kind": "distill",
         "name": options.name,
         "data": _data_section(options, metadata),
-        "split": {"seed": options.seed, "student_fraction": options.student_fraction},
+        "split": _split_section(options),
         "model": model,
         "train_on": "student_train",
         "train": {

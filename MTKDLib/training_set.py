@@ -6,22 +6,31 @@ Pairs of a CT volume node and a segmentation node become an MSD-layout folder::
     DATASET/dataset.json          labels {"0": "background", "1": ...}, training image/label pairs
     DATASET/imagesTr/<case>.nii.gz
     DATASET/labelsTr/<case>.nii.gz
-    DATASET/mtkd_cases.json       where each case came from, who added it and when
+    DATASET/mtkd_cases.json       where each case came from, who added it and when, its patient
 
 so the same run can be repeated from the command line (``mtkd distill`` with
 ``data.source: DATASET``). Segment names are matched across cases by
 :func:`mtkd.data.terminology.normalize_name` (case, spaces and hyphens do not matter); a case
 that misses a structure, or names one differently, is reported before anything is written.
+
+One writer at a time: adding a case holds the dataset folder's lock (:func:`dataset_lock`,
+:mod:`mtkd.folder_lock`, waiting a little for another writer and recovering the lock of one
+that died). A case id is new against every file on disk; the image and label map are written
+under temporary names and renamed; then the case's record is written, then ``dataset.json``.
+A crash between the two leaves a record that ``dataset.json`` lacks, which :meth:`TrainingSet.
+repair` (run by every write) lists again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import getpass
 import json
+import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +39,16 @@ import numpy as np
 import slicer
 import vtk
 
-from mtkd.data.atomic import atomic_write_bytes
+from mtkd.data.atomic import atomic_write_bytes, temporary_sibling
 from mtkd.data.terminology import normalize_name
+from mtkd.folder_lock import FolderLock
 from MTKDLib.mrml_io import labelmap_array, segment_names, write_volume
 
 DATASET_JSON = "dataset.json"
 CASES_JSON = "mtkd_cases.json"
+LOCK_TIMEOUT = 30.0  # seconds a writer waits for another one (adding a case takes seconds)
+_SUBFOLDERS = ("imagesTr", "labelsTr")
+_HELD: dict[Path, int] = {}  # dataset folders whose lock this process holds -> depth
 
 
 @dataclass
@@ -137,13 +150,45 @@ def _labelmap_node(case: SceneCase, structures: Sequence[str]) -> Any:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: unreadable ({error})") from None
 
 
 def _write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+@contextlib.contextmanager
+def dataset_lock(folder: str | Path, purpose: str = "MTKD Train") -> Iterator[None]:
+    """Hold the dataset folder's lock (``FOLDER/.mtkd.lock``) for the block: one writer at a
+    time across processes. Waits up to :data:`LOCK_TIMEOUT` s for another writer
+    (FolderLocked naming it after that); a lock whose holder died is recovered. Re-entrant
+    within this process, so a step that holds it can call others that take it."""
+    key = Path(folder).absolute()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    with FolderLock(key, purpose).acquire(timeout=LOCK_TIMEOUT):
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+
+
+def _case_of_entry(entry: dict[str, Any]) -> str:
+    """The case id of a ``dataset.json`` training entry (its image file's name)."""
+    return _file_case(Path(str(entry.get("image", ""))).name)
+
+
+def _file_case(name: str) -> str:
+    """The case id a file name in imagesTr/labelsTr takes (``case.nii.gz`` -> ``case``)."""
+    return name.split(".", 1)[0]
 
 
 class TrainingSet:
@@ -156,6 +201,10 @@ class TrainingSet:
     def exists(self) -> bool:
         return (self.folder / DATASET_JSON).is_file()
 
+    def lock(self, purpose: str = "MTKD Train") -> contextlib.AbstractContextManager[None]:
+        """This folder's writer lock (:func:`dataset_lock`)."""
+        return dataset_lock(self.folder, purpose)
+
     def structures(self) -> list[str]:
         """The label names, in label-value order."""
         labels = _read_json(self.folder / DATASET_JSON)["labels"]
@@ -163,71 +212,152 @@ class TrainingSet:
         return [name for _, name in pairs]
 
     def records(self) -> list[dict[str, Any]]:
-        """Where each case came from, who added it and when (``mtkd_cases.json``)."""
+        """Where each case came from, who added it and when, its patient (``mtkd_cases.json``)."""
         path = self.folder / CASES_JSON
         return _read_json(path)["cases"] if path.is_file() else []
 
     def case_ids(self) -> list[str]:
         return [record["case"] for record in self.records()]
 
+    def patients(self) -> dict[str, str]:
+        """case id -> patient id (the case itself where none was given)."""
+        return {r["case"]: str(r.get("patient") or r["case"]) for r in self.records()}
+
     def create(self, structures: Sequence[str], name: str = "MTKD training set") -> None:
         """Start an empty dataset with these label names (refuses to overwrite one)."""
-        if self.exists:
-            raise ValueError(f"{self.folder}: a training set is already there")
         if not structures:
             raise ValueError("a training set needs at least one structure")
-        for sub in ("imagesTr", "labelsTr"):
-            (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        labels = {"0": "background", **{str(i + 1): s for i, s in enumerate(structures)}}
-        dataset = {"name": name, "description": "written by MTKD from 3D Slicer",
-                   "modality": {"0": "CT"}, "labels": labels, "numTraining": 0,
-                   "training": []}  # fmt: skip
-        _write_json(self.folder / DATASET_JSON, dataset)
-        _write_json(self.folder / CASES_JSON, {"cases": []})
+        with self.lock("MTKD Train (creating the training set)"):
+            if self.exists:
+                raise ValueError(f"{self.folder}: a training set is already there")
+            for sub in ("imagesTr", "labelsTr"):
+                (self.folder / sub).mkdir(parents=True, exist_ok=True)
+            labels = {"0": "background", **{str(i + 1): s for i, s in enumerate(structures)}}
+            dataset = {"name": name, "description": "written by MTKD from 3D Slicer",
+                       "modality": {"0": "CT"}, "labels": labels, "numTraining": 0,
+                       "training": []}  # fmt: skip
+            _write_json(self.folder / CASES_JSON, {"cases": []})
+            _write_json(self.folder / DATASET_JSON, dataset)
 
-    def add(self, case: SceneCase, added_by: str | None = None, note: str = "") -> str:
+    def taken_ids(self) -> set[str]:
+        """Every case id in use: recorded, listed in ``dataset.json``, or a file on disk."""
+        taken = set(self.case_ids())
+        taken |= {_case_of_entry(e) for e in _read_json(self.folder / DATASET_JSON)["training"]}
+        for sub in ("imagesTr", "labelsTr"):
+            folder = self.folder / sub
+            if folder.is_dir():
+                taken |= {_file_case(p.name) for p in folder.iterdir() if p.name[:1] != "."}
+        return taken
+
+    def add(
+        self,
+        case: SceneCase,
+        added_by: str | None = None,
+        note: str = "",
+        patient: str | None = None,
+        part: str | None = None,
+    ) -> str:
         """Write ``case`` (CT and label map on its grid) into the dataset; returns its case id.
 
         The case must have a segment for every structure of the dataset (ValueError naming
-        the case and what is missing or misnamed otherwise). ``dataset.json`` and the record
-        are rewritten atomically after the image files, so a failure never lists a half case.
+        the case and what is missing or misnamed otherwise). ``patient``: its patient id
+        (default: the case itself); the engine splits by it. ``part``: where a loop keeps it
+        (``"test"``: out of training; :mod:`MTKDLib.distill_loop`). Holds the folder's lock;
+        the case id is new against everything on disk; the files are written under temporary
+        names first, then the record, then ``dataset.json`` (see :meth:`repair`).
         """
         structures = self.structures()
         plan = plan_labels([case], structures)
         if plan.problems:
             raise ValueError("; ".join(plan.problems))
-        taken = set(self.case_ids())
-        base = _slug(case.name)
-        case_id, number = base, 2
-        while case_id in taken:
-            case_id, number = f"{base}_{number}", number + 1
-        image = self.folder / "imagesTr" / f"{case_id}.nii.gz"
-        label = self.folder / "labelsTr" / f"{case_id}.nii.gz"
-        write_volume(case.volume, image, compress=True)
-        labelmap = _labelmap_node(case, structures)
-        try:
-            write_volume(labelmap, label, compress=True)
-        finally:
-            labelmap.GetScene().RemoveNode(labelmap)
-        dataset = _read_json(self.folder / DATASET_JSON)
-        dataset["training"].append(
-            {"image": f"./imagesTr/{image.name}", "label": f"./labelsTr/{label.name}"}
-        )
-        dataset["numTraining"] = len(dataset["training"])
-        records = self.records()
-        records.append(
-            {
+        with self.lock("MTKD Train (adding a case)"):
+            self.repair()
+            taken = self.taken_ids()
+            base = _slug(case.name)
+            case_id, number = base, 2
+            while case_id in taken:
+                case_id, number = f"{base}_{number}", number + 1
+            image = self.folder / "imagesTr" / f"{case_id}.nii.gz"
+            label = self.folder / "labelsTr" / f"{case_id}.nii.gz"
+            self._write_files(case, structures, image, label)
+            record = {
                 "case": case_id,
+                "patient": str(patient).strip() if patient and str(patient).strip() else case_id,
                 "volume": case.volume.GetName(),
                 "segmentation": case.segmentation.GetName(),
                 "added_by": added_by or getpass.getuser(),
                 "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "note": note,
             }
-        )
-        _write_json(self.folder / DATASET_JSON, dataset)
-        _write_json(self.folder / CASES_JSON, {"cases": records})
+            if part:
+                record["part"] = part
+            _write_json(self.folder / CASES_JSON, {"cases": [*self.records(), record]})
+            write_dataset_json(self.folder, self._listed_with(record))
         return case_id
+
+    def _write_files(self, case: SceneCase, structures: list[str], image: Path, label: Path):
+        """The CT and its label map, each under a temporary name renamed into place."""
+        temporary = [temporary_sibling(image), temporary_sibling(label)]
+        try:
+            write_volume(case.volume, temporary[0], compress=True)
+            labelmap = _labelmap_node(case, structures)
+            try:
+                write_volume(labelmap, temporary[1], compress=True)
+            finally:
+                labelmap.GetScene().RemoveNode(labelmap)
+            for source, target in zip(temporary, (image, label), strict=True):
+                if target.exists():  # never overwrite: the id was checked under the lock
+                    raise FileExistsError(f"{target}: appeared while the case was written")
+                os.replace(source, target)
+        finally:
+            for path in temporary:
+                path.unlink(missing_ok=True)
+
+    def _listed_with(self, record: dict[str, Any]) -> dict[str, Any]:
+        dataset = _read_json(self.folder / DATASET_JSON)
+        case_id = record["case"]
+        dataset["training"].append(
+            {
+                "image": f"./imagesTr/{case_id}.nii.gz",
+                "label": f"./labelsTr/{case_id}.nii.gz",
+                "patient": record.get("patient") or case_id,
+            }  # fmt: skip
+        )
+        dataset["numTraining"] = len(dataset["training"])
+        return dataset
+
+    def repair(self) -> list[str]:
+        """Make ``dataset.json`` and the records agree after a write was interrupted: a
+        recorded case whose files are there is listed again, a listed case without a record
+        gets one. Holds the lock; returns a sentence per case repaired (empty: nothing to do)."""
+        if not self.exists:
+            return []
+        done = []
+        with self.lock("MTKD Train (repairing the training set)"):
+            records = self.records()
+            recorded = {r["case"] for r in records}
+            listed = {_case_of_entry(e) for e in _read_json(self.folder / DATASET_JSON)["training"]}
+            for entry in _read_json(self.folder / DATASET_JSON)["training"]:
+                case_id = _case_of_entry(entry)
+                if case_id not in recorded:
+                    records.append({"case": case_id, "patient": entry.get("patient") or case_id,
+                                    "added_by": "", "added_at": "", "note": "record restored "
+                                    "after an interrupted write"})  # fmt: skip
+                    done.append(f"case '{case_id}': its record was restored")
+            if done:
+                _write_json(self.folder / CASES_JSON, {"cases": records})
+            for record in records:
+                case_id = record["case"]
+                files = [self.folder / sub / f"{case_id}.nii.gz" for sub in _SUBFOLDERS]
+                if case_id not in listed and all(path.is_file() for path in files):
+                    write_dataset_json(self.folder, self._listed_with(record))
+                    done.append(f"case '{case_id}': listed in {DATASET_JSON} again")
+        return done
+
+
+def write_dataset_json(folder: Path, dataset: dict[str, Any]) -> None:
+    """Write ``FOLDER/dataset.json`` (atomically)."""
+    _write_json(Path(folder) / DATASET_JSON, dataset)
 
 
 def dataset_summary(folder: str | Path) -> str:

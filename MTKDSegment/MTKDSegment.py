@@ -77,6 +77,7 @@ class MTKDSegmentParameterNode:
 class MTKDSegmentWidget(ModuleWidget):
     def setup(self) -> None:
         self.logic = MTKDSegmentLogic()
+        self.loopVersionShown = None  # the loop version last preselected
         self.setupModule(
             "MTKDSegment",
             {
@@ -115,6 +116,20 @@ class MTKDSegmentWidget(ModuleWidget):
     def enter(self) -> None:
         ModuleWidget.enter(self)
         self.deviceChoice.detect()  # at once when known; asks again when PyTorch was missing
+        self.preselectLoopVersion()
+
+    def preselectLoopVersion(self) -> None:
+        """Choose the current version of the annotate-then-distill loop in use (MTKD Train
+        names it in the settings) as the student, once each time it changes."""
+        from MTKDLib.distill_loop import current_version_key
+
+        key = current_version_key(loopFolder())
+        node = self._parameterNode
+        if node is None or not key or key == self.loopVersionShown:
+            return
+        if self.ui.studentModelComboBox.findData(key) >= 0:
+            node.studentModel = key
+            self.loopVersionShown = key
 
     def onDeviceChosen(self, device: str) -> None:
         if self._parameterNode is not None:
@@ -295,12 +310,16 @@ class MTKDSegmentWidget(ModuleWidget):
         if item is None:
             return
         key = item.data(qt.Qt.UserRole)
+        from MTKDLib.distill_loop import loop_version_warning
+
         name = self.logic.library().get(key).name
+        folder = loopFolder()
+        warning = loop_version_warning(self.logic.library(), key, [folder] if folder else [])
+        question = _("Delete the model '{name}' from the library? Its files are removed.").format(
+            name=name
+        )
         if not slicer.util.confirmYesNoDisplay(
-            _("Delete the model '{name}' from the library? Its files are removed.").format(
-                name=name
-            ),
-            windowTitle="MTKD",
+            f"{warning}\n\n{question}" if warning else question, windowTitle="MTKD"
         ):
             return
         self.logic.library().delete(key)
@@ -325,6 +344,13 @@ class MTKDSegmentWidget(ModuleWidget):
         if self.logic.ensureDependencies():
             self.ui.statusLabel.text = _("All of MTKD's Python packages are installed.")
             self.deviceChoice.detect(refresh=True)  # PyTorch may have come just now
+
+
+def loopFolder() -> str:
+    """The training set of the annotate-then-distill loop MTKD Train used last ("": none)."""
+    from MTKDLib.distill_loop import LOOP_SETTING
+
+    return str(qt.QSettings().value(LOOP_SETTING) or "")
 
 
 class MTKDSegmentLogic(ScriptedLoadableModuleLogic):

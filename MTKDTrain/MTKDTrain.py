@@ -97,12 +97,15 @@ class MTKDTrainParameterNode:
     runFolder: str = ""  # the run shown in the panel (re-attached when the scene is loaded)
     correctedVolume: vtkMRMLScalarVolumeNode
     correctedSegmentation: vtkMRMLSegmentationNode
+    casePatient: str = ""  # the corrected case's patient id (empty: the case itself)
+    caseToTest: bool = False  # the corrected case goes to the loop's test cases
 
 
 class MTKDTrainWidget(ModuleWidget):
     def __init__(self, parent=None) -> None:
         ModuleWidget.__init__(self, parent)
         self.run = None  # the followed TrainingRun
+        self.scoring = None  # the loop's ScoringJob of a finished run, while it runs
         self.cases = []  # (volume, segmentation) pairs to export
 
     def setup(self) -> None:
@@ -230,6 +233,8 @@ class MTKDTrainWidget(ModuleWidget):
             folder = chosen_folder(path)
         except ValueError:
             folder = None  # nothing chosen
+        if folder is not None and self.logic.loop(folder) is not None:
+            rememberLoop(folder)  # MTKD Segment preselects its current version
         if folder is not None and folder.is_dir() and any(folder.iterdir()):
             try:
                 self.ui.datasetSummaryLabel.text = dataset_summary(folder)
@@ -303,14 +308,15 @@ class MTKDTrainWidget(ModuleWidget):
     def runFolderFor(self, name: str) -> Path:
         return Path(self._parameterNode.runsFolder) / name
 
-    def onStart(self, options=None) -> None:
+    def onStart(self, options=None, runDir=None) -> None:
         if not self.logic.ensureDependencies():
             return
         try:
             options = options or self.options()
             if not ensure_model_extras(options.teacher):
                 return
-            self.follow(self.logic.trainer.start(options, self.runFolderFor(options.name)))
+            runDir = runDir or self.runFolderFor(options.name)
+            self.follow(self.logic.trainer.start(options, runDir))
         except Exception as error:  # noqa: BLE001 - a bad configuration, named
             slicer.util.errorDisplay(_("Cannot start: {error}").format(error=error))
 
@@ -436,40 +442,56 @@ class MTKDTrainWidget(ModuleWidget):
             return None
 
     def updateLoop(self) -> None:
+        from MTKDLib.loop_scores import score_table
+
         loop = self.logic.loop(self._datasetFolder())
         current = loop.current() if loop else None
         self.ui.currentVersionLabel.text = current.name if current else _("none")
-        self.ui.distillAgainButton.enabled = current is not None and not (
-            self.run is not None and self.run.running
+        busy = bool(self.run is not None and self.run.running) or self.scoring is not None
+        busy = busy or bool(loop and loop.running_run())  # e.g. started by another Slicer
+        self.ui.distillAgainButton.enabled = current is not None and not busy
+        # the running run was started from the current version: keep it until the run ends
+        self.ui.switchVersionButton.enabled = current is not None and not busy
+        self.ui.rollbackButton.enabled = (
+            current is not None and current.previous is not None and not busy
         )
-        self.ui.rollbackButton.enabled = current is not None and current.previous is not None
         versions = loop.versions() if loop else []
         table = self.ui.versionsTableWidget
         table.clear()
-        columns = [_("Version"), _("Model"), _("Cases added"), _("Dice before"), _("Dice after")]
+        columns = [_("Version"), _("Model"), _("Cases added"), _("Test Dice (previous)"),
+                   _("Gate")]  # fmt: skip
         table.setColumnCount(len(columns))
         table.setHorizontalHeaderLabels(columns)
         table.setRowCount(len(versions))
         for row, version in enumerate(versions):
+            test = version.scores.get("new", {}).get("test", {})
+            before = version.scores.get("previous", {}).get("test", {})
+            gate = version.gate
             texts = [
                 f"v{version.number}"
                 + (" (current)" if current and version.key == current.key else ""),  # fmt: skip
                 version.name,
                 str(len(version.cases_added)),
-                "" if version.val_dice_before is None else f"{version.val_dice_before:.3f}",
-                "" if version.val_dice_after is None else f"{version.val_dice_after:.3f}",
+                f"{test['mean']:.3f} ({before.get('mean', float('nan')):.3f})" if test else "",
+                (_("worse, accepted") if gate.get("accepted") else _("worse"))
+                if gate.get("reasons")
+                else (_("passed") if gate else ""),  # fmt: skip
             ]
             for column, text in enumerate(texts):
                 item = qt.QTableWidgetItem(text)
                 item.setData(qt.Qt.UserRole, version.key)
+                item.setToolTip("\n".join(gate.get("reasons", [])) or score_table(version.scores))
                 table.setItem(row, column, item)
 
     def onBeginLoop(self) -> None:
         key = self.ui.loopStudentComboBox.currentData
         try:
-            self.logic.startLoop(self._datasetFolder(), key, self.teacherPath())
+            folder = self._datasetFolder()
+            self.logic.startLoop(folder, key, self.teacherPath())
         except Exception as error:  # noqa: BLE001 - e.g. no training set there yet
             slicer.util.errorDisplay(str(error))
+        else:
+            rememberLoop(folder)
         self.updateGui()
 
     def _loop(self):
@@ -485,33 +507,75 @@ class MTKDTrainWidget(ModuleWidget):
         node = self._parameterNode
         try:
             caseId = self._loop().add_case(
-                SceneCase(node.correctedVolume, node.correctedSegmentation)
+                SceneCase(node.correctedVolume, node.correctedSegmentation),
+                patient=node.casePatient.strip() or None,
+                to_test=node.caseToTest,
             )
         except Exception as error:  # noqa: BLE001 - names the missing or misnamed segment
             slicer.util.errorDisplay(_("Cannot add the case: {error}").format(error=error))
             return
-        self.ui.statusLabel.text = _("Added case '{case}' to the training set.").format(case=caseId)
+        where = _("test cases") if node.caseToTest else _("training set")
+        self.ui.statusLabel.text = _("Added case '{case}' to the {where}.").format(
+            case=caseId, where=where
+        )
 
     def onDistillAgain(self) -> None:
         try:
-            options = self._loop().next_options(self.options())
+            options, runDir = self._loop().next_run(self.options(), self._parameterNode.runsFolder)
         except Exception as error:  # noqa: BLE001 - a bad configuration, named
             slicer.util.errorDisplay(_("Cannot start: {error}").format(error=error))
             return
-        self.onStart(options)
+        self.onStart(options, runDir)
 
     def recordLoopVersion(self) -> None:
+        """A finished run the loop started: score it and its parent on the loop's test cases
+        (``mtkd evaluate`` in background processes), then record it (:meth:`finishRecording`)."""
+        from MTKDLib.loop_scores import ScoringJob
+
         loop = self.logic.loop(self._datasetFolder())
-        current = loop.current()
-        if current is None or current.run == str(self.run.run_dir):
+        runDir = str(self.run.run_dir)
+        if runDir not in loop.started_runs() or self.scoring is not None:
+            return  # not the loop's run (Add to library imports it), or already recorded
+        self.scoring = (loop, runDir, ScoringJob(loop.scoring_plan(runDir)))
+        self.ui.statusLabel.text = _("Scoring the new and the previous version on the test cases")
+        self.scoringTimer = qt.QTimer()
+        self.scoringTimer.setInterval(POLL_MILLISECONDS)
+        self.scoringTimer.timeout.connect(self.pollScoring)
+        self.scoringTimer.start()
+        self.updateGui()
+
+    def pollScoring(self) -> None:
+        loop, runDir, job = self.scoring
+        if not job.poll():
             return
-        if str(self.run.run_dir) in {v.run for v in loop.versions()}:
-            return
-        version = loop.record(self.run.run_dir)
-        self.ui.statusLabel.text = _(
-            "New version {name}: validation Dice {before} before, {after} after."
-        ).format(name=version.name, before=version.val_dice_before, after=version.val_dice_after)
+        self.scoringTimer.stop()
+        self.scoring = None
+        try:
+            if job.error:
+                raise RuntimeError(_("scoring failed: {error}").format(error=job.error))
+            self.finishRecording(loop.record(runDir, scores=job.scores()), loop)
+        except Exception as error:  # noqa: BLE001 - named, the run stays shown
+            slicer.util.errorDisplay(str(error), windowTitle="MTKD")
         self.refreshLibraryChoices()
+        self.updateGui()
+
+    def finishRecording(self, recorded, loop) -> None:
+        """Say what the new version scored; a worse one becomes current only when the user
+        chooses it after reading why."""
+        version = recorded.version
+        text = _("New version {name}: test Dice {after} ({before} before).")
+        self.ui.statusLabel.text = text.format(
+            name=version.name,
+            after=version.scores.get("new", {}).get("test", {}).get("mean"),
+            before=version.scores.get("previous", {}).get("test", {}).get("mean"),
+        )
+        if recorded.reasons and slicer.util.confirmYesNoDisplay(
+            _("{name} is worse than the version it was fine-tuned from:\n{reasons}\n\n"
+              "Use it as the current version anyway?").format(
+                name=version.name, reasons="\n".join(recorded.reasons)),
+            windowTitle="MTKD",
+        ):  # fmt: skip
+            loop.switch(version.key, accept_worse=True)
 
     def _selectedVersion(self):
         item = self.ui.versionsTableWidget.currentItem()
@@ -526,11 +590,29 @@ class MTKDTrainWidget(ModuleWidget):
         self._changeVersion(lambda loop: loop.rollback())
 
     def _changeVersion(self, change) -> None:
+        from MTKDLib.distill_loop import WorseVersion
+
         try:
-            change(self._loop())
+            loop = self._loop()
+            try:
+                change(loop)
+            except WorseVersion as worse:
+                if slicer.util.confirmYesNoDisplay(
+                    _("{reason}\n\nUse it as the current version anyway?").format(reason=worse),
+                    windowTitle="MTKD",
+                ):
+                    loop.switch(worse.version.key, accept_worse=True)
         except Exception as error:  # noqa: BLE001 - e.g. no earlier version, named
             slicer.util.errorDisplay(str(error), windowTitle="MTKD")
         self.updateGui()
+
+
+def rememberLoop(folder) -> None:
+    """Name the loop in use in the application settings: MTKD Segment preselects its current
+    version."""
+    from MTKDLib.distill_loop import LOOP_SETTING
+
+    qt.QSettings().setValue(LOOP_SETTING, str(folder))
 
 
 class MTKDTrainLogic(ScriptedLoadableModuleLogic):
@@ -541,6 +623,7 @@ class MTKDTrainLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.trainer = TrainLogic(scene or slicer.mrmlScene)
         self.libraryRoot = None  # None: the folder in the user's settings
+        self.loopMargin = None  # None: the loop's default (MTKDLib.loop_scores.DEFAULT_MARGIN)
 
     def getParameterNode(self):
         return MTKDTrainParameterNode(super().getParameterNode())
@@ -557,7 +640,9 @@ class MTKDTrainLogic(ScriptedLoadableModuleLogic):
         folder = Path(datasetFolder)
         if not (folder / LOOP_FILE).is_file():
             return None
-        return DistillLoop(folder, self.library())
+        if self.loopMargin is None:
+            return DistillLoop(folder, self.library())
+        return DistillLoop(folder, self.library(), margin=self.loopMargin)
 
     def startLoop(self, datasetFolder, studentKey: str, teacher: str):
         from MTKDLib.distill_loop import DistillLoop
@@ -760,16 +845,20 @@ class MTKDTrainTest(ScriptedLoadableModuleTest):
             ui.addCaseButton.click()
             self.assertIn("Added case", ui.statusLabel.text)
             ui.epochsSpinBox.value = 3
+            panel.logic.loopMargin = 1.0  # any tiny version passes the gate: no question asked
             self.assertTrue(ui.distillAgainButton.enabled)
             ui.distillAgainButton.click()
+            self.assertFalse(ui.switchVersionButton.enabled)  # while the loop's run goes
             process_events_until(
                 lambda: run_state().state == "finished" and not panel.run.running,
                 1800,
                 "Distill again",
             )
+            process_events_until(lambda: panel.scoring is None, 600, "scoring the versions")
             self.assertTrue(ui.statusLabel.text.startswith("New version"), ui.statusLabel.text)
             self.assertEqual(ui.versionsTableWidget.rowCount, 2)
         finally:
             panel.logic.libraryRoot = None
+            panel.logic.loopMargin = None
             panel.refreshLibraryChoices()
         self.delayDisplay("MTKD Train test passed")

@@ -22,6 +22,8 @@ HEADLESS = [
     "devices",
     "distill_loop",
     "library_table",
+    "loop_scores",
+    "loop_split",
     "mrml_io",
     "process",
     "run_monitor",

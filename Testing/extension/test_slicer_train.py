@@ -25,7 +25,8 @@ from mtkd.distill.presets import resolve_output_term
 from mtkd.library import ModelLibrary
 from mtkd.modelfiles.model_io import load_model
 from mtkd.run_folder import read_events
-from MTKDLib.distill_loop import DistillLoop
+from MTKDLib.distill_loop import DistillLoop, WorseVersion
+from MTKDLib.loop_scores import ScoringJob, score_versions
 from MTKDLib.mrml_io import labelmap_array, load_segmentation
 from MTKDLib.train_config import (
     TrainingOptions,
@@ -327,8 +328,12 @@ def test_annotate_then_distill_loop(stopped_and_resumed, training_set, teacher_r
     first = library.import_model(stopped_and_resumed["dir"], name="abdomen student")
     loop_set = tmp_path / "loop-set"
     shutil.copytree(training_set, loop_set)  # the loop grows its own copy of the set
-    loop = DistillLoop(loop_set, library)
+    # a margin below zero: the new version must beat its parent by more than Dice 1 (it
+    # cannot), so the gate stops it whatever the tiny runs learn
+    loop = DistillLoop(loop_set, library, margin=-1.0)
     loop.begin(first.key, teacher_run)
+    pinned = loop.split()
+    assert len(pinned.val) == len(pinned.test) == 1 and len(pinned.train) == 3
 
     # 3. a corrected case is added, with who and when
     scene, _ = new_scene()
@@ -338,23 +343,54 @@ def test_annotate_then_distill_loop(stopped_and_resumed, training_set, teacher_r
     assert record["case"] == case_id and record["added_by"] == "dr-test"
     assert "abdomen student" in record["note"]
 
-    # 4. distill again: fine-tuned from the current version, on the enlarged set
-    options = loop.next_options(tiny_options(training_set, teacher_run))
+    # 4. distill again: fine-tuned from the current version, on every training case
+    options, run_dir = loop.next_run(tiny_options(training_set, teacher_run), tmp_path / "runs")
     assert options.init_from == str(library.path_of(first.key))
     assert options.dataset == str(loop_set) and options.name == "abdomen student v2"
-    run = TrainLogic(None, python=PYTHON).start(options, tmp_path / "v2")
+    run = TrainLogic(None, python=PYTHON).start(options, run_dir)
+    (late_case,) = scene_cases(scene, case_files[4:5])
+    late = loop.add_case(late_case)  # while the run goes: credited to the next version
     wait_for(run, lambda s: s.state == "finished", timeout=600)
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["student_train"] == sorted(pinned.train + [case_id])
+    assert (split["val"], split["test"]) == (pinned.val, pinned.test)
 
-    # 5. the new version in the library, with its lineage; switch and roll back
-    version = loop.record(tmp_path / "v2")
+    # 5. the new version in the library, scored with its parent on the same test cases; the
+    # gate keeps it from becoming current until the user chooses it
+    plan = loop.scoring_plan(run_dir)
+    job = ScoringJob(plan, python=PYTHON)  # as the panel scores: mtkd evaluate, out of process
+    deadline = time.monotonic() + 300
+    while not job.poll():
+        assert time.monotonic() < deadline, "scoring timed out"
+        time.sleep(0.2)
+    assert job.error is None, job.error
+    scores = job.scores()
+    here = score_versions(Path(plan["dataset"]), plan["models"], plan["groups"], "cpu")
+    for model in ("new", "previous"):
+        # the CSV keeps three decimals
+        assert scores[model]["test"] == pytest.approx(here[model]["test"], abs=6e-4)
+    recorded = loop.record(run_dir, scores=scores)
+    version = recorded.version
     assert version.number == 2 and version.previous == first.key
-    assert version.cases_added == [case_id]
+    assert version.cases_added == [case_id] and late not in version.cases
     assert version.val_dice_before is not None and version.val_dice_after is not None
+    assert not recorded.current and recorded.reasons and loop.current().key == first.key
+    assert any("mean Dice" in reason for reason in recorded.reasons)
+    for model in ("new", "previous"):
+        test_scores = version.scores[model]["test"]
+        assert set(test_scores) == {"liver", "spleen", "kidney_right", "mean"}
+    assert set(version.scores["new"]) == {"test", "test_old"}  # no test case added since v1
+    assert version.sha256 == library.get(version.key).sha256
     entry = library.get(version.key)
     assert entry.history["previous"] == first.key
     assert entry.history["cases_added"] == [case_id]
-    assert loop.current().key == version.key
+    with pytest.raises(WorseVersion, match="mean Dice"):
+        loop.switch(version.key)
+    assert loop.switch(version.key, accept_worse=True).key == version.key
+    assert loop.current().key == version.key and loop.version(version.key).gate["accepted"]
     assert loop.rollback().key == first.key and loop.current().key == first.key
-    assert loop.switch(version.key).key == version.key
+    assert loop.switch(version.key).key == version.key  # accepted once: no second question
+    assert loop.record(run_dir).version.key == version.key  # recorded once
+    assert len(library.entries()) == 2
     metadata = json.loads((Path(entry.path) / "mtkd_model.json").read_text())
     assert metadata["lineage"]["previous"]["path"] == str(library.path_of(first.key).resolve())
