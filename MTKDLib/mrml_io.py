@@ -9,7 +9,7 @@ module works on ``slicer.mrmlScene`` in the application and on a headless scene 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,26 @@ def labelmap_array(
     (default: all segments, in order) is; 0 elsewhere."""
     names = list(names) if names is not None else segment_names(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
-    ids = vtk.vtkStringArray()
-    for name in names:
+    values = {}
+    for value, name in enumerate(names, start=1):
         segment_id = segmentation.GetSegmentIdBySegmentName(name)
         if not segment_id:
             raise KeyError(f"no segment named '{name}' in '{segmentation_node.GetName()}'")
+        values[segment_id] = value
+    return segments_labelmap_array(segmentation_node, reference_volume, values)
+
+
+def segments_labelmap_array(
+    segmentation_node: Any, reference_volume: Any, values: Mapping[str, int]
+) -> np.ndarray:
+    """Label map (k, j, i) on ``reference_volume``'s grid: ``values[segment id]`` where that
+    segment is, 0 elsewhere (a segment drawn over another wins, as in Slicer's export). No
+    segments: all zeros."""
+    shape = tuple(reversed(reference_volume.GetImageData().GetDimensions()))
+    if not values:
+        return np.zeros(shape, dtype=np.uint16)
+    ids = vtk.vtkStringArray()
+    for segment_id in values:
         ids.InsertNextValue(segment_id)
     scene = segmentation_node.GetScene()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
@@ -96,7 +111,10 @@ def labelmap_array(
         )
         if not exported:
             raise RuntimeError(f"could not export '{segmentation_node.GetName()}' to a labelmap")
-        return slicer.util.arrayFromVolume(labelmap).copy()
+        exported_array = slicer.util.arrayFromVolume(labelmap)
+        lookup = np.zeros(len(values) + 1, dtype=np.uint16)
+        lookup[1:] = list(values.values())  # the export numbers the segments 1..n in order
+        return lookup[exported_array]
     finally:
         scene.RemoveNode(labelmap)
 

@@ -9,9 +9,11 @@ Pairs of a CT volume node and a segmentation node become an MSD-layout folder::
     DATASET/mtkd_cases.json       where each case came from, who added it and when, its patient
 
 so the same run can be repeated from the command line (``mtkd distill`` with
-``data.source: DATASET``). Segment names are matched across cases by
-:func:`mtkd.data.terminology.normalize_name` (case, spaces and hyphens do not matter); a case
-that misses a structure, or names one differently, is reported before anything is written.
+``data.source: DATASET``). Segments are matched to structures by terminology code, then by name
+through the dataset's alias table and MTKD's built-in aliases (:mod:`MTKDLib.segment_labels`;
+case, spaces and hyphens do not matter); a case that misses a structure, or names one
+differently, is reported before anything is written. A segment marked not annotated is
+recorded in ``dataset.json`` (``mtkd.not_annotated``) instead of being drawn as empty.
 
 One writer at a time: adding a case holds the dataset folder's lock (:func:`dataset_lock`,
 :mod:`mtkd.folder_lock`, waiting a little for another writer and recovering the lock of one
@@ -40,9 +42,13 @@ import slicer
 import vtk
 
 from mtkd.data.atomic import atomic_write_bytes, temporary_sibling
+from mtkd.data.labels import LabelTable
+from mtkd.data.partial_labels import read_aliases, with_not_annotated
+from mtkd.data.structure_match import segment_key
 from mtkd.data.terminology import normalize_name
 from mtkd.folder_lock import FolderLock
-from MTKDLib.mrml_io import labelmap_array, segment_names, write_volume
+from MTKDLib.mrml_io import segment_names, segments_labelmap_array, write_volume
+from MTKDLib.segment_labels import match_case, segment_label
 
 DATASET_JSON = "dataset.json"
 CASES_JSON = "mtkd_cases.json"
@@ -70,13 +76,15 @@ class LabelPlan:
 
     ``structures``: the label names, value = position + 1. ``missing``: case name -> the
     structures it lacks. ``renamed``: messages about names that look like another case's name
-    for the same structure. ``common``: the structures every case has.
+    for the same structure. ``ambiguous``: messages about segments that fit a structure twice
+    over. ``common``: the structures every case has.
     """
 
     structures: list[str]
     common: list[str]
     missing: dict[str, list[str]] = field(default_factory=dict)
     renamed: list[str] = field(default_factory=list)
+    ambiguous: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -85,7 +93,7 @@ class LabelPlan:
             f"case '{case}' has no segment for: {', '.join(names)}"
             for case, names in self.missing.items()
         ]
-        return lines + self.renamed
+        return lines + self.renamed + self.ambiguous
 
 
 def _case_names(case: SceneCase) -> dict[str, str]:
@@ -93,32 +101,47 @@ def _case_names(case: SceneCase) -> dict[str, str]:
     return {normalize_name(name): name for name in segment_names(case.segmentation)}
 
 
-def plan_labels(cases: Sequence[SceneCase], structures: Sequence[str] | None = None) -> LabelPlan:
-    """The label table for ``cases``: ``structures`` when given, else every name any case has
-    (in first-seen order); with the cases that miss one and the names that look misspelt."""
+def _first_seen_structures(cases: Sequence[SceneCase], aliases: dict) -> list[str]:
+    """Every structure any case has, by its first-seen segment name; segments that are one
+    structure (same code, an alias) count once (:func:`mtkd.data.structure_match.segment_key`)."""
+    seen: dict[str, str] = {}
+    for case in cases:
+        segmentation = case.segmentation.GetSegmentation()
+        for index in range(segmentation.GetNumberOfSegments()):
+            label = segment_label(segmentation.GetNthSegment(index))
+            seen.setdefault(segment_key(label, aliases), label.name)
+    return list(seen.values())
+
+
+def plan_labels(
+    cases: Sequence[SceneCase],
+    structures: Sequence[str] | None = None,
+    aliases: dict[str, Sequence[str]] | None = None,
+) -> LabelPlan:
+    """The label table for ``cases``: ``structures`` when given, else every structure any case
+    has (in first-seen order); with the cases that miss one and the names that look misspelt.
+    Segments are matched by code, then by name through ``aliases`` (:func:`match_case`); a
+    segment marked not annotated counts as present."""
     if not cases:
         raise ValueError("add at least one case (a CT volume and its segmentation)")
+    aliases = aliases or {}
     per_case = {case.name: _case_names(case) for case in cases}
-    if structures is None:
-        seen: dict[str, str] = {}
-        for names in per_case.values():
-            for key, name in names.items():
-                seen.setdefault(key, name)
-        wanted = list(seen.values())
-    else:
-        wanted = list(structures)
+    wanted = list(structures) if structures is not None else _first_seen_structures(cases, aliases)
     keys = [normalize_name(name) for name in wanted]
-    missing = {
-        case: [name for name, key in zip(wanted, keys, strict=True) if key not in names]
-        for case, names in per_case.items()
-    }
-    missing = {case: names for case, names in missing.items() if names}
-    common = [name for name, key in zip(wanted, keys, strict=True)
-              if all(key in names for names in per_case.values())]  # fmt: skip
+    missing, ambiguous = {}, []
+    for case in cases:
+        try:
+            match = match_case(case.segmentation, wanted, aliases)
+        except ValueError as error:  # two segments for one structure, or one for two
+            ambiguous.append(f"case '{case.name}': {error}")
+            continue
+        if match.missing:
+            missing[case.name] = match.missing
+    common = [name for name in wanted if not any(name in names for names in missing.values())]
     renamed = []
     for case, names in per_case.items():
         for name, key in zip(wanted, keys, strict=True):
-            if key in names:
+            if name not in missing.get(case, ()):
                 continue
             close = difflib.get_close_matches(key, [k for k in names if k not in keys], 1, 0.75)
             if close:
@@ -126,7 +149,7 @@ def plan_labels(cases: Sequence[SceneCase], structures: Sequence[str] | None = N
                     f"case '{case}' has a segment '{names[close[0]]}' but no '{name}': "
                     f"if they are the same structure, rename the segment to '{name}'"
                 )
-    return LabelPlan(wanted, common, missing, renamed)
+    return LabelPlan(wanted, common, missing, renamed, ambiguous)
 
 
 def _slug(text: str) -> str:
@@ -134,18 +157,24 @@ def _slug(text: str) -> str:
     return slug or "case"
 
 
-def _labelmap_node(case: SceneCase, structures: Sequence[str]) -> Any:
-    """A temporary labelmap node on the CT's grid: value k+1 = ``structures[k]``."""
-    by_key = _case_names(case)
-    names = [by_key[normalize_name(name)] for name in structures]
-    array = labelmap_array(case.segmentation, case.volume, names).astype(np.uint16)
+def _labelmap_node(
+    case: SceneCase, structures: Sequence[str], aliases: dict[str, Sequence[str]]
+) -> tuple[Any, list[str]]:
+    """A temporary labelmap node on the CT's grid, value k+1 = ``structures[k]`` (segments
+    matched by code, then name, :func:`match_case`), and the structures the case marks not
+    annotated (0 in the map, whatever their segments hold). ValueError for a missing one."""
+    match = match_case(case.segmentation, structures, aliases)
+    if match.missing:
+        raise ValueError(f"case '{case.name}' has no segment for: {', '.join(match.missing)}")
+    values = {match.segment_ids[name]: structures.index(name) + 1 for name in match.segment_ids}
+    array = segments_labelmap_array(case.segmentation, case.volume, values).astype(np.uint16)
     scene = case.volume.GetScene()
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     matrix = vtk.vtkMatrix4x4()
     case.volume.GetIJKToRASMatrix(matrix)
     node.SetIJKToRASMatrix(matrix)
     slicer.util.updateVolumeFromArray(node, array)
-    return node
+    return node, match.not_annotated
 
 
 def _read_json(path: Path) -> Any:
@@ -206,10 +235,15 @@ class TrainingSet:
         return dataset_lock(self.folder, purpose)
 
     def structures(self) -> list[str]:
-        """The label names, in label-value order."""
-        labels = _read_json(self.folder / DATASET_JSON)["labels"]
-        pairs = sorted((int(value), name) for value, name in labels.items() if int(value) != 0)
-        return [name for _, name in pairs]
+        """The label names, in label-value order (MSD or nnU-Net v2 ``labels``)."""
+        path = self.folder / DATASET_JSON
+        return LabelTable.from_msd(_read_json(path), path).names
+
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        """Other names of the structures (``mtkd.aliases`` in dataset.json)."""
+        path = self.folder / DATASET_JSON
+        data = _read_json(path)
+        return read_aliases(data, LabelTable.from_msd(data, path), path)
 
     def records(self) -> list[dict[str, Any]]:
         """Where each case came from, who added it and when, its patient (``mtkd_cases.json``)."""
@@ -266,8 +300,8 @@ class TrainingSet:
         the case id is new against everything on disk; the files are written under temporary
         names first, then the record, then ``dataset.json`` (see :meth:`repair`).
         """
-        structures = self.structures()
-        plan = plan_labels([case], structures)
+        structures, aliases = self.structures(), self.aliases()
+        plan = plan_labels([case], structures, aliases)
         if plan.problems:
             raise ValueError("; ".join(plan.problems))
         with self.lock("MTKD Train (adding a case)"):
@@ -279,7 +313,7 @@ class TrainingSet:
                 case_id, number = f"{base}_{number}", number + 1
             image = self.folder / "imagesTr" / f"{case_id}.nii.gz"
             label = self.folder / "labelsTr" / f"{case_id}.nii.gz"
-            self._write_files(case, structures, image, label)
+            not_annotated = self._write_files(case, structures, aliases, image, label)
             record = {
                 "case": case_id,
                 "patient": str(patient).strip() if patient and str(patient).strip() else case_id,
@@ -291,16 +325,26 @@ class TrainingSet:
             }
             if part:
                 record["part"] = part
+            if not_annotated:  # kept in the record too, so a repaired dataset.json has it
+                record["not_annotated"] = list(not_annotated)
             _write_json(self.folder / CASES_JSON, {"cases": [*self.records(), record]})
             write_dataset_json(self.folder, self._listed_with(record))
         return case_id
 
-    def _write_files(self, case: SceneCase, structures: list[str], image: Path, label: Path):
-        """The CT and its label map, each under a temporary name renamed into place."""
+    def _write_files(
+        self,
+        case: SceneCase,
+        structures: list[str],
+        aliases: dict[str, list[str]],
+        image: Path,
+        label: Path,
+    ) -> list[str]:
+        """The CT and its label map, each under a temporary name renamed into place; returns
+        the structures the case marks not annotated."""
         temporary = [temporary_sibling(image), temporary_sibling(label)]
         try:
             write_volume(case.volume, temporary[0], compress=True)
-            labelmap = _labelmap_node(case, structures)
+            labelmap, not_annotated = _labelmap_node(case, structures, aliases)
             try:
                 write_volume(labelmap, temporary[1], compress=True)
             finally:
@@ -312,6 +356,7 @@ class TrainingSet:
         finally:
             for path in temporary:
                 path.unlink(missing_ok=True)
+        return not_annotated
 
     def _listed_with(self, record: dict[str, Any]) -> dict[str, Any]:
         dataset = _read_json(self.folder / DATASET_JSON)
@@ -324,6 +369,8 @@ class TrainingSet:
             }  # fmt: skip
         )
         dataset["numTraining"] = len(dataset["training"])
+        if record.get("not_annotated"):
+            dataset = with_not_annotated(dataset, case_id, record["not_annotated"])
         return dataset
 
     def repair(self) -> list[str]:

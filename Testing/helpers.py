@@ -196,3 +196,45 @@ def spleen_task09(folder: Path, subjects: int) -> Path:
     }
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
     return folder
+
+
+NNUNET_STRUCTURES = ["liver", "spleen", "kidney_right"]
+SLABS = [80, 88, 96]  # first axial slice of each 6-slice slab; all three hold the structures
+
+
+def write_nnunet_v2(root: Path, *, not_annotated: dict | None = None, labels: dict | None = None):
+    """An nnU-Net v2 raw dataset folder (``imagesTr/<case>_0000.nii.gz``, ``labelsTr``,
+    dataset.json with channel_names, labels name -> value, numTraining, file_ending) of slabs of
+    the real abdomen CT; the spleen is erased from the label maps of ``not_annotated`` cases."""
+    from conftest import DATA
+
+    from mtkd.data.labels import LabelTable, remap_label_array
+
+    image = sitk.ReadImage(str(DATA / "abdomen_ct.nii.gz"))
+    seg = sitk.ReadImage(str(DATA / "abdomen_seg_total_fast.nii.gz"))
+    _, mapping = LabelTable.from_json(DATA / "labels_total_v2.json").select(NNUNET_STRUCTURES)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for number, first in enumerate(SLABS):
+        case = f"abd_{number:03d}"
+        size, start = [image.GetSize()[0], image.GetSize()[1], 6], [0, 0, first]
+        array = remap_label_array(
+            sitk.GetArrayFromImage(sitk.RegionOfInterest(seg, size, start)), mapping
+        )
+        if case in (not_annotated or {}):
+            array[array == 2] = 0  # nobody drew the spleen here
+        label = sitk.GetImageFromArray(array)
+        label.CopyInformation(sitk.RegionOfInterest(seg, size, start))
+        ct = sitk.RegionOfInterest(image, size, start)
+        sitk.WriteImage(ct, str(root / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(label, str(root / "labelsTr" / f"{case}.nii.gz"))
+    dataset = {
+        "channel_names": {"0": "CT"},
+        "labels": labels or {"background": 0, "liver": 1, "spleen": 2, "kidney_right": 3},
+        "numTraining": len(SLABS),
+        "file_ending": ".nii.gz",
+    }
+    if not_annotated is not None:
+        dataset["mtkd"] = {"not_annotated": not_annotated}
+    (root / "dataset.json").write_text(json.dumps(dataset), encoding="utf-8")
+    return root

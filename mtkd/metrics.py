@@ -9,7 +9,9 @@ always scores worse than any detection. Both directions get it, as Dice gives bo
 - ``missed``: the reference has the structure, the prediction has none of it;
 - ``spurious``: the prediction has it where the reference has none (a false detection).
 
-A structure absent from both maps has no score (NaN) and is left out of means.
+A structure absent from both maps has no score (NaN) and is left out of means. So is a
+structure the reference case does not annotate (``not annotated``: nobody drew it, so a
+prediction there is neither a miss nor a false detection); it is counted as neither.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 FOUND, MISSED, SPURIOUS, ABSENT = "found", "missed", "spurious", "absent"
+NOT_ANNOTATED = "not annotated"
 # printed under tables that show a mean HD95 with a "missed" column
 PENALTY_NOTE = (
     "missed: structures a model left empty (+spurious: labelled where the reference has none); "

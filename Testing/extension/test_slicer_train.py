@@ -119,7 +119,11 @@ def test_training_set_from_scene_nodes_has_one_label_table(case_files, tmp_path)
 def test_cases_that_disagree_are_reported_and_nothing_is_written(case_files, tmp_path):
     scene, _ = new_scene()
     cases = scene_cases(scene, case_files[:3])
-    rename(cases[1], "spleen", "splen")  # a typo
+    rename(cases[1], "spleen", "splen")  # a typo, and no terminology code to match it by
+    segmentation = cases[1].segmentation.GetSegmentation()
+    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("splen")).RemoveTag(
+        "TerminologyEntry"
+    )
     segmentation = cases[2].segmentation.GetSegmentation()
     segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName("kidney_right"))
     plan = plan_labels(cases, STRUCTURES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from mtkd.data.image_io import (
     strip_image_suffix,
 )
 from mtkd.data.labels import LabelTable, label_values_in
+from mtkd.data.partial_labels import read_aliases, read_not_annotated
 from mtkd.errors import MTKDError
 
 __all__ = ["LAYOUTS", "Case", "DatasetIndex", "load_dataset", "load_unlabelled"]
@@ -33,12 +34,16 @@ _CHANNEL = "_0000"
 
 @dataclass
 class Case:
-    """One CT with its optional label map; ``image`` is a file or a DICOM series folder."""
+    """One CT with its optional label map; ``image`` is a file or a DICOM series folder.
+
+    ``not_annotated``: structures (label-table names) nobody drew in this case; their voxels
+    are unknown, not background (:mod:`mtkd.data.partial_labels`)."""
 
     case_id: str
     image: Path
     label: Path | None = None
     patient_id: str = ""
+    not_annotated: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.image = Path(self.image)
@@ -51,13 +56,15 @@ class Case:
 class DatasetIndex:
     """The cases of a dataset (sorted by case id), its label table and the detected layout.
 
-    ``layout`` is one of ``msd``, ``nnunet``, ``folders``, ``single``, ``dicom``.
+    ``layout`` is one of ``msd``, ``nnunet``, ``folders``, ``single``, ``dicom``;
+    ``aliases``: other names of the structures (``mtkd.aliases`` in dataset.json).
     """
 
     root: Path
     cases: list[Case]
     labels: LabelTable
     layout: str
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def case(self, case_id: str) -> Case:
         """The case called ``case_id`` (MTKDError if unknown)."""
@@ -244,7 +251,9 @@ def load_dataset(
     - a single image file, with ``label`` as its optional label map;
     - a folder holding one DICOM series (one case; ``label`` optional).
 
-    ``labels_json`` names the structures when dataset.json has no ``labels``.
+    ``labels_json`` names the structures when dataset.json has no ``labels``. A dataset.json
+    may also list, per case, the structures it does not annotate, and other names of the
+    structures (its ``"mtkd"`` key, :mod:`mtkd.data.partial_labels`).
     """
     path = Path(path)
     if not path.exists():
@@ -274,7 +283,10 @@ def _load(path: Path, labels_json: str | Path | None, label: str | Path | None) 
         else:
             cases, layout = _nnunet_cases(path, data, json_path), "nnunet"
         cases = _check_unique(cases, path)
-        return DatasetIndex(path, cases, _table(cases, data, json_path, labels_json), layout)
+        table = _table(cases, data, json_path, labels_json)
+        unknown = read_not_annotated(data, table, [case.case_id for case in cases], json_path)
+        cases = [replace(case, not_annotated=unknown.get(case.case_id, ())) for case in cases]
+        return DatasetIndex(path, cases, table, layout, read_aliases(data, table, json_path))
 
     for images_name, labels_name in _PAIR_FOLDERS:
         images_dir, labels_dir = path / images_name, path / labels_name

@@ -113,6 +113,8 @@ class LabelTable(Mapping[int, str]):
         """From a parsed MSD or nnU-Net v2 ``dataset.json`` (its ``labels`` entry).
 
         MSD: ``{"0": "background", "1": "spleen"}``; nnU-Net v2: ``{"background": 0, "spleen": 1}``.
+        nnU-Net's region-based labels (``"liver": [1, 2]``) and its ``ignore`` label are
+        refused, naming the file and the label.
         """
         if not isinstance(dataset_json, Mapping) or "labels" not in dataset_json:
             raise MTKDError("dataset.json has no 'labels' entry", path)
@@ -146,6 +148,13 @@ class LabelTable(Mapping[int, str]):
             if key_int is not None and isinstance(item, str) and item_int is None:
                 pairs.append((key_int, item))
             elif item_int is not None and key_int is None:
+                if key == "ignore":
+                    raise MTKDError(
+                        "label 'ignore' is nnU-Net's ignore label (voxels nobody labelled), "
+                        "which MTKD does not read; list the structures a case does not "
+                        "annotate under mtkd.not_annotated instead",
+                        source,
+                    )
                 pairs.append((item_int, key))
             elif isinstance(item, (list, tuple)):
                 raise MTKDError(

@@ -11,7 +11,10 @@ then hold ``"teacher"`` (K + 1, *spatial) probabilities of the student's K struc
 
 Cases can be unlabelled (images for teacher targets only): their label file, if any, is never
 read; their ``label`` is a zero placeholder and items say ``"has_label": False``. Every item
-also carries ``"subject"``, the index of its patient (cases of one patient share it).
+also carries ``"subject"``, the index of its patient (cases of one patient share it), and
+``"annotated"``, which of the K + 1 channels the case's label map annotates: False for the
+structures the case does not annotate (:mod:`mtkd.data.partial_labels`), whose voxels the
+segmentation loss does not count as background (:mod:`mtkd.engine.seg_loss`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class PreparedCase:
     """One preprocessed case: image (1, X, Y, Z) float in 0..1, label (1, X, Y, Z) int64 (zeros
     when ``has_label`` is False), and with stored teacher outputs the teacher's map on the same
     grid: a label map (1, X, Y, Z) int64 in the student's numbering or probabilities
-    (K, X, Y, Z) of the K structures. ``subject``: the index of the case's patient."""
+    (K, X, Y, Z) of the K structures. ``subject``: the index of the case's patient;
+    ``annotated``: (K + 1,) bool, False for the structures the case does not annotate."""
 
     case_id: str
     image: torch.Tensor
@@ -57,6 +61,7 @@ class PreparedCase:
     teacher: torch.Tensor | None = None
     has_label: bool = True
     subject: int = 0
+    annotated: torch.Tensor | None = None
 
 
 def _read(case: Case, source_table: LabelTable, mapping: dict[int, int], labelled: bool = True):
@@ -70,7 +75,14 @@ def _read(case: Case, source_table: LabelTable, mapping: dict[int, int], labelle
     if case.label is None:
         raise MTKDError(f"case {case.case_id} has no label map", path=case.image)
     label = read_label(case.label, reference=image)
-    check_label_map(label, source_table, case.label)
+    present = check_label_map(label, source_table, case.label)
+    drawn = [name for name in case.not_annotated if source_table.value_of(name) in present]
+    if drawn:
+        raise MTKDError(
+            f"the label map has voxels of {', '.join(drawn)}, which dataset.json lists as not "
+            f"annotated in case '{case.case_id}' (mtkd.not_annotated)",
+            case.label,
+        )
     label_meta = to_metatensor(label, dtype=torch.int64)
     remapped = remap_label_array(label_meta.as_tensor().numpy(), mapping)
     label_meta = MetaTensor(torch.as_tensor(remapped), affine=label_meta.affine)
@@ -158,8 +170,20 @@ class VolumeCache:
                 None if stored is None else _teacher_tensor(data["teacher"], stored.is_label_map),
                 has_label=labelled,
                 subject=self.subjects[case_id],
+                annotated=self.annotated(case_id),
             )
         return self._prepared[case_id]
+
+    def annotated(self, case_id: str) -> torch.Tensor:
+        """(K + 1,) bool: False for the channels of the structures ``case_id`` does not
+        annotate (structures the run does not train are not channels)."""
+        channels = max(self._mapping.values(), default=0) + 1
+        mask = torch.ones(channels, dtype=torch.bool)
+        for name in self._cases[case_id].not_annotated:
+            channel = self._mapping.get(self._table.value_of(name))
+            if channel is not None:
+                mask[channel] = False
+        return mask
 
     def _has_teacher(self, case_id: str) -> bool:
         if self.teacher is None:
@@ -212,12 +236,14 @@ class _SeededDataset(Dataset):
 
     def _item(self, sample: dict, case: PreparedCase) -> dict:
         """Plain tensors; the teacher map as (K + 1, *spatial) probabilities; ``has_label``
-        (bool) and ``subject`` (int64) scalars, batched to (B,)."""
+        (bool) and ``subject`` (int64) scalars, batched to (B,); ``annotated`` (K + 1,) bool,
+        batched to (B, K + 1)."""
         item = {
             "image": _plain(sample["image"]).float(),
             "label": _plain(sample["label"]).long(),
             "has_label": torch.tensor(case.has_label),
             "subject": torch.tensor(case.subject, dtype=torch.int64),
+            "annotated": case.annotated,
         }
         structures = self.cache.teacher_structures
         if structures is not None and "teacher" in sample:

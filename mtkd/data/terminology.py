@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["ANATOMIC_CONTEXT", "CONTEXT", "Code", "SegmentStyle", "lookup", "normalize_name"]
+__all__ = [
+    "ANATOMIC_CONTEXT",
+    "CONTEXT",
+    "Code",
+    "SegmentStyle",
+    "lookup",
+    "normalize_name",
+    "table_names",
+]
 
 CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -132,6 +140,11 @@ def generated_color(name: str) -> tuple[float, float, float]:
     value = 0.75 + 0.2 * digest[5] / 255
     r, g, b = colorsys.hsv_to_rgb(hue, saturation, value)
     return (round(r, 6), round(g, 6), round(b, 6))
+
+
+def table_names() -> list[str]:
+    """The structure names of the table, as written there."""
+    return [style.name for style in _table().values()]
 
 
 def lookup(name: str) -> SegmentStyle:

@@ -75,18 +75,18 @@ def content_digest(path: str | Path) -> dict[str, Any]:
 
 
 def data_fingerprint(dataset: DatasetIndex) -> dict[str, Any]:
-    """The dataset's label table and each case's patient, image and label content."""
-    return {
-        "labels": dataset.labels.to_dict(),
-        "cases": {
-            case.case_id: {
-                "patient": case.patient_id,
-                "image": content_digest(case.image),
-                "label": None if case.label is None else content_digest(case.label),
-            }
-            for case in dataset.cases
-        },
-    }
+    """The dataset's label table and each case's patient, image and label content, and the
+    structures it does not annotate (only where there are some: older records stay equal)."""
+    cases = {}
+    for case in dataset.cases:
+        cases[case.case_id] = {
+            "patient": case.patient_id,
+            "image": content_digest(case.image),
+            "label": None if case.label is None else content_digest(case.label),
+        }
+        if case.not_annotated:
+            cases[case.case_id]["not_annotated"] = list(case.not_annotated)
+    return {"labels": dataset.labels.to_dict(), "cases": cases}
 
 
 def unlabelled_fingerprint(cases: list[Case]) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def _case_differences(
     for case_id in sorted(set(old_cases) & set(new_cases)):
         parts = [
             part
-            for part in ("image", "label", "patient")
+            for part in ("image", "label", "patient", "not_annotated")
             if old_cases[case_id].get(part) != new_cases[case_id].get(part)
         ]
         if parts:

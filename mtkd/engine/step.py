@@ -8,6 +8,10 @@ A batch may mix labelled and unlabelled samples (``has_label``): the segmentatio
 loss over the labelled ones only (0, with a gradient path, when there are none); the
 distillation terms cover every sample, and the supervised ones (``supcon``) see the labels of
 unlabelled samples as :data:`IGNORE_LABEL`.
+
+A sample may also leave structures unannotated (``annotated``, (B, K + 1) bool): the
+segmentation loss masks them (:mod:`mtkd.engine.seg_loss`), and the supervised distillation
+terms see its background voxels, which may be such a structure, as :data:`IGNORE_LABEL`.
 """
 
 from __future__ import annotations
@@ -30,29 +34,40 @@ def labelled_seg_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     has_label: torch.Tensor | None = None,
+    annotated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``seg_loss`` of logits (B, C, *S) against labels (B, 1, *S) over the samples whose
     ``has_label`` (B,) bool is True (all when None): the same value as the loss of the batch
-    of those samples alone. No labelled sample: 0 (float32), still connected to ``logits``."""
+    of those samples alone. No labelled sample: 0 (float32), still connected to ``logits``.
+    ``annotated`` (B, C) bool: the structures each sample annotates (None: all)."""
+    extra = {} if annotated is None else {"annotated": annotated}
     if has_label is None:
-        return seg_loss(logits, labels)
+        return seg_loss(logits, labels, **extra)
     has_label = has_label.to(logits.device, torch.bool)
     if bool(has_label.all()):
-        return seg_loss(logits, labels)
+        return seg_loss(logits, labels, **extra)
     if not bool(has_label.any()):
         return logits.float().sum() * 0.0
-    return seg_loss(logits[has_label], labels[has_label])
+    if annotated is not None:
+        extra = {"annotated": annotated.to(logits.device)[has_label]}
+    return seg_loss(logits[has_label], labels[has_label], **extra)
 
 
-def _ignore_unlabelled(labels: torch.Tensor, has_label: torch.Tensor | None) -> torch.Tensor:
-    """labels (B, 1, *S) with every voxel of the unlabelled samples set to IGNORE_LABEL."""
-    if has_label is None:
-        return labels
-    unlabelled = ~has_label.to(labels.device, torch.bool)
-    if not bool(unlabelled.any()):
-        return labels
+def _ignore_unknown(
+    labels: torch.Tensor, has_label: torch.Tensor | None, annotated: torch.Tensor | None
+) -> torch.Tensor:
+    """labels (B, 1, *S) with every voxel of the unlabelled samples, and the background voxels
+    of the samples that leave a structure unannotated, set to IGNORE_LABEL."""
     shape = (-1,) + (1,) * (labels.ndim - 1)
-    return labels.masked_fill(unlabelled.view(shape), IGNORE_LABEL)
+    if has_label is not None:
+        unlabelled = ~has_label.to(labels.device, torch.bool)
+        if bool(unlabelled.any()):
+            labels = labels.masked_fill(unlabelled.view(shape), IGNORE_LABEL)
+    if annotated is not None:
+        partial = ~annotated.to(labels.device, torch.bool)[:, 1:].all(1)
+        if bool(partial.any()):
+            labels = labels.masked_fill(partial.view(shape) & (labels == 0), IGNORE_LABEL)
+    return labels
 
 
 class TrainingStep(nn.Module):
@@ -92,6 +107,7 @@ class TrainingStep(nn.Module):
         teacher: torch.Tensor | None = None,
         has_label: torch.Tensor | None = None,
         subject: torch.Tensor | None = None,
+        annotated: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images (B, C, *S), labels (B, 1, *S) class indices 0..K and, from stored teacher
         outputs, the teacher's probabilities (B, K + 1, *S) -> (loss, detached terms).
@@ -100,23 +116,27 @@ class TrainingStep(nn.Module):
         placeholders, left out of the segmentation loss. The labels also go to the distiller,
         for its supervised (``supcon``) terms; ``generator`` draws the masks of masked
         reconstruction. ``subject`` (B,) int64, the patient of each sample, goes to the
-        distiller (InfoNCE without same-subject negatives).
+        distiller (InfoNCE without same-subject negatives). ``annotated`` (B, K + 1) bool:
+        the structures each sample annotates (None: all; see the module docstring).
         """
         if isinstance(self.model, Distiller):
-            supervised = _ignore_unlabelled(labels, has_label)
+            supervised = _ignore_unknown(labels, has_label, annotated)
             stored = None  # a teacher network computes its own logits
             if self.model.teacher is None:
                 stored = pseudo_logits(teacher, self.activation)
             out = self.model(images, stored, labels=supervised, subject=subject)
-            seg = labelled_seg_loss(self.seg_loss, out.student_logits, labels, has_label)
+            seg = labelled_seg_loss(self.seg_loss, out.student_logits, labels, has_label, annotated)
             terms = {"seg": seg.detach(), **{k: v.detach() for k, v in out.terms.items()}}
             return self.seg_weight * seg + out.loss, terms
         if self.reconstruction != "none":
             logits, rec = self.model.multitask_losses(
                 images, generator=generator, loss_on=self.reconstruction_loss_on
             )
-            seg = labelled_seg_loss(self.seg_loss, first_output(logits), labels, has_label)
+            seg = labelled_seg_loss(
+                self.seg_loss, first_output(logits), labels, has_label, annotated
+            )
             loss = self.seg_weight * seg + self.reconstruction_weight * rec
             return loss, {"seg": seg.detach(), "reconstruction": rec.detach()}
-        seg = labelled_seg_loss(self.seg_loss, first_output(self.model(images)), labels, has_label)
+        logits = first_output(self.model(images))
+        seg = labelled_seg_loss(self.seg_loss, logits, labels, has_label, annotated)
         return self.seg_weight * seg, {"seg": seg.detach()}

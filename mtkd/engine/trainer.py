@@ -223,12 +223,11 @@ class Trainer:
         labels: torch.Tensor,
         generator: torch.Generator,
         teacher: torch.Tensor | None = None,
-        has_label: torch.Tensor | None = None,
-        subject: torch.Tensor | None = None,
+        *per_sample: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss and unweighted terms of one batch (see :class:`TrainingStep`), through DDP
-        under torchrun."""
-        return self.step(images, labels, generator, teacher, has_label, subject)
+        """Loss and unweighted terms of one batch (see :class:`TrainingStep`; ``per_sample``:
+        its has_label, subject and annotated), through DDP under torchrun."""
+        return self.step(images, labels, generator, teacher, *per_sample)
 
     def _epoch_seed(self, epoch: int) -> int:
         """The seed of an epoch's sample order: the same on every rank."""
@@ -286,13 +285,12 @@ class Trainer:
             images = repeat_channels(batch["image"], self.data.prep.in_channels).to(self.device)
             labels = batch["label"].to(self.device)
             teacher = batch["teacher"].to(self.device) if "teacher" in batch else None
-            has_label = batch["has_label"].to(self.device)
-            subject = batch["subject"].to(self.device)
+            per_sample = [batch[k].to(self.device) for k in ("has_label", "subject", "annotated")]
             boundary = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
             with self._gradient_sync(boundary):
                 with autocast_for(self.device, cfg.amp):
                     loss, terms = self._batch_loss(
-                        images, labels, mask_generator, teacher, has_label, subject
+                        images, labels, mask_generator, teacher, *per_sample
                     )
                 if not torch.isfinite(loss):
                     raise MTKDError(

@@ -1,7 +1,9 @@
-"""Validation of a run's student during training: per-volume Dice on the validation cases."""
+"""Validation of a run's student during training: per-volume Dice on the validation cases
+(a structure a case does not annotate has no score there)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,7 +35,11 @@ def validation_scores(
             network, case.image, data.prep, data.activation, device, amp=amp
         )
         prediction = probabilities_to_labels(probabilities, data.activation).numpy()
-        mine.append(dice_per_structure(prediction, case.label[0].numpy(), len(names)))
+        scores = dice_per_structure(prediction, case.label[0].numpy(), len(names))
+        known = case.annotated  # (K + 1,) bool; an unannotated structure is not scored
+        mine.append(
+            [s if known is None or bool(known[i]) else math.nan for i, s in enumerate(scores, 1)]
+        )
     per_volume = [scores for shares in dist.gather(mine) for scores in shares]
     per_structure = {
         name: nanmean([scores[i] for scores in per_volume]) for i, name in enumerate(names)

@@ -2,7 +2,9 @@
 
 A structure missed entirely (or predicted where the reference has none) scores the penalty HD95
 of :mod:`mtkd.metrics` (the image's diagonal in mm) and is counted: ``summarise`` gives the
-``missed`` and ``spurious`` counts next to every mean HD95.
+``missed`` and ``spurious`` counts next to every mean HD95. A structure the case does not
+annotate (:mod:`mtkd.data.partial_labels`) is not scored: outcome ``not annotated``, NaN scores,
+left out of the means and of the counts.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import csv
 import io
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from mtkd.errors import MTKDError
 from mtkd.infer.predictor import Predictor
 from mtkd.metrics import (
     FOUND,
+    NOT_ANNOTATED,
     PENALTY_NOTE,
     count_outcomes,
     dice_per_structure,
@@ -42,7 +45,7 @@ class CaseScore:
     dice: float
     hd95_mm: float
     seconds: float
-    outcome: str = FOUND  # found, missed, spurious or absent (mtkd.metrics)
+    outcome: str = FOUND  # found, missed, spurious, absent or not annotated (mtkd.metrics)
 
 
 def label_mapping_for(model_names: list[str], dataset: DatasetIndex) -> dict[int, int]:
@@ -70,7 +73,8 @@ def score_case(
     on_arrays: CaseArrays | None = None,
 ) -> list[CaseScore]:
     """Segment one case and compare it with its reference on the original grid; ``on_arrays``
-    also sees the two label arrays (e.g. for slice-level metrics)."""
+    also sees the two label arrays (e.g. for slice-level metrics), without the structures the
+    case does not annotate."""
     if case.label is None:
         raise MTKDError(f"case {case.case_id} has no reference label map", path=case.image)
     image = read_image(case.image)
@@ -81,9 +85,12 @@ def score_case(
     pred = sitk.GetArrayViewFromImage(prediction.labelmap)
     names = list(predictor.model.labels.names)
     spacing = tuple(reversed(image.GetSpacing()))  # array axes are (z, y, x)
-    scores = score_arrays(case.case_id, pred, ref, names, spacing, prediction.seconds)
+    skip = [name for name in case.not_annotated if name in names]
+    scores = score_arrays(case.case_id, pred, ref, names, spacing, prediction.seconds, skip)
     if on_arrays is not None:
-        on_arrays(case.case_id, np.asarray(pred), np.asarray(ref), image)
+        unknown = [names.index(name) + 1 for name in skip]
+        pred = np.where(np.isin(pred, unknown), 0, pred) if unknown else np.asarray(pred)
+        on_arrays(case.case_id, pred, np.asarray(ref), image)
     return scores
 
 
@@ -94,15 +101,19 @@ def score_arrays(
     names: list[str],
     spacing: tuple[float, ...],
     seconds: float = 0.0,
+    not_annotated: Collection[str] = (),
 ) -> list[CaseScore]:
     """Scores of structures 1..K (``names``) of two label maps of one shape; ``spacing`` in
-    the arrays' axis order."""
+    the arrays' axis order. The structures of ``not_annotated`` are not scored (NaN, outcome
+    ``not annotated``)."""
     count = len(names)
     dice = dice_per_structure(prediction, reference, count)
     hd95 = hd95_per_structure(prediction, reference, count, spacing)
     outcomes = outcomes_per_structure(prediction, reference, count)
     return [
-        CaseScore(case_id, name, d, h, seconds, outcome)
+        CaseScore(case_id, name, math.nan, math.nan, seconds, NOT_ANNOTATED)
+        if name in not_annotated
+        else CaseScore(case_id, name, d, h, seconds, outcome)
         for name, d, h, outcome in zip(names, dice, hd95, outcomes, strict=True)
     ]
 
@@ -127,8 +138,9 @@ def evaluate(
 
 def summarise(scores: list[CaseScore]) -> dict[str, dict[str, float]]:
     """Mean over volumes per structure (NaN-free means; missed structures count with the
-    penalty HD95), plus "mean" over structures. ``missed`` and ``spurious``: how many volumes
-    (in "mean": structure-volumes) scored the penalty."""
+    penalty HD95; structures a case does not annotate are left out), plus "mean" over
+    structures. ``missed`` and ``spurious``: how many volumes (in "mean": structure-volumes)
+    scored the penalty."""
     structures = list(dict.fromkeys(score.structure for score in scores))
     summary: dict[str, dict[str, float]] = {}
     for name in structures:
