@@ -28,6 +28,7 @@ HEADLESS = [
     "process",
     "run_monitor",
     "run_plots",
+    "segment_labels",
     "segment_logic",
     "train_config",
     "train_logic",
