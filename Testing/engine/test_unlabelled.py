@@ -346,7 +346,11 @@ def _bad_configs() -> dict:
             "distill.unlabelled",
             "leaves none out",
         ),
-        "no images": ({"train_on": "none"}, "train_on", "distill.unlabelled"),
+        "no images": (
+            {"train_on": "none", "distill": {"unlabelled": "none"}},
+            "train_on",
+            "distill.unlabelled",
+        ),
         "no terms": (
             {"train_on": "none", "distill": {"unlabelled": "train", "scale": 0.0}},
             "distill.scale",
@@ -386,7 +390,7 @@ def test_config_errors_name_the_file_and_the_key(case, make_config, teacher, tmp
 
 def test_unlabelled_words_are_not_paths_but_a_folder_of_that_name_is(tmp_path):
     (tmp_path / "run" / "train").mkdir(parents=True)
-    for word in ("none", "train"):
+    for word in ("none", "train", "auto"):
         data = {"distill": {"unlabelled": word}}
         assert resolve_paths(data, tmp_path)[0] == data
         assert relative_paths(data, tmp_path) == (data, {})

@@ -309,6 +309,11 @@ def ablation_from_dict(
             path=source,
         )
     section = data.pop("ablation")
+    distill = data.get("distill")
+    if isinstance(distill, dict) and not {"preset", "pairs", "output"} & set(distill):
+        # the cells set the terms: the base names the thesis pairs they vary, not the
+        # recommended recipe a run naming no terms would get
+        data["distill"] = {**distill, "preset": "thesis"}
     base = RunConfig.from_dict(data, source=source)
     if device:
         base.train.device = device
