@@ -7,8 +7,10 @@ on a training set that grows with the clinician's corrections (no Qt).
 3. :meth:`DistillLoop.add_case` stores it in the training set (who, when, its patient); it goes
    to training, or to the test set when asked.
 4. :meth:`DistillLoop.next_run` prepares "distill again": a new run folder of its own, the same
-   teacher, the current version's weights to start from, and the split given explicitly
-   (every training case trained on); the loop records the run it started.
+   teacher, the current version's weights to start from with the loop's fine-tuning recipe
+   (:mod:`MTKDLib.loop_recipe`: lower learning rate, shorter schedule, the anchor to the
+   parent when on), and the split given explicitly (every training case trained on); the
+   loop records the run it started.
 5. :meth:`DistillLoop.record` accepts only a run it started, unchanged: the run's dataset,
    split and parent weights are checked against that record. The new and the previous version
    are scored on the same test cases (:mod:`MTKDLib.loop_scores`); a version worse by the
@@ -35,6 +37,7 @@ from mtkd.data.atomic import atomic_write_bytes
 from mtkd.folder_lock import holder_of
 from mtkd.library import ModelLibrary
 from mtkd.run_folder import RunDir
+from MTKDLib.loop_recipe import FINE_TUNE, FineTuneRecipe
 from MTKDLib.loop_scores import DEFAULT_MARGIN, Scorer, Scores, gate_reasons, score_versions
 from MTKDLib.loop_split import LoopSplit, check_run, pin_split
 from MTKDLib.train_config import TrainingOptions
@@ -88,7 +91,8 @@ class DistillLoop:
     """The loop over one training set (a dataset folder) with one model library.
 
     ``scorer`` scores models on test cases (default :func:`MTKDLib.loop_scores.
-    score_versions`); ``margin``: the Dice a new version may lose (see :meth:`record`)."""
+    score_versions`); ``margin``: the Dice a new version may lose (see :meth:`record`);
+    ``recipe``: how its runs fine-tune (:data:`MTKDLib.loop_recipe.FINE_TUNE`)."""
 
     def __init__(
         self,
@@ -96,12 +100,14 @@ class DistillLoop:
         library: ModelLibrary,
         scorer: Scorer | None = None,
         margin: float = DEFAULT_MARGIN,
+        recipe: FineTuneRecipe = FINE_TUNE,
     ):
         self.training_set = TrainingSet(dataset)
         self.library = library
         self.path = Path(dataset) / LOOP_FILE
         self.scorer = scorer or score_versions
         self.margin = margin
+        self.recipe = recipe
 
     # --- state ------------------------------------------------------------------------------
 
@@ -193,9 +199,10 @@ class DistillLoop:
     def next_run(self, options: TrainingOptions, runs_folder: str | Path) -> tuple:
         """Step 4: ``(options, run folder)`` for the next version: a new folder of its own
         under ``runs_folder`` (never one another press or process took), this training set,
-        the loop's teacher, the current version's weights (SHA-256 checked) to start from,
-        named "<base> v<n+1>", and the loop's split given explicitly (the student trains on
-        every training case). The loop records the run as the one it started."""
+        the loop's teacher, the current version's weights (SHA-256 checked) to start from
+        with :attr:`recipe` (learning rate, epochs, early stopping, anchor), named
+        "<base> v<n+1>", and the loop's split given explicitly (the student trains on every
+        training case). The loop records the run as the one it started."""
         with dataset_lock(self.training_set.folder, "MTKD Train (starting a loop run)"):
             self.training_set.repair()
             current = self.current()
@@ -207,10 +214,9 @@ class DistillLoop:
             name = f"{base} v{len(self.versions()) + 1}"
             run_dir = _new_folder(Path(runs_folder), name)
             options = dataclasses.replace(
-                options,
+                self.recipe.apply(options, parent, validation=bool(split.val)),
                 dataset=str(self.training_set.folder),
                 teacher=self.teacher or options.teacher,
-                init_from=str(parent),
                 name=name,
                 student_fraction=1.0,
                 split=split.fixed(),
@@ -218,7 +224,8 @@ class DistillLoop:
             state = self._load()
             state["runs"].append({"run": str(run_dir), "parent": current.key,
                                   "parent_sha256": current.sha256, "split": split.fixed(),
-                                  "device": options.device, "started": _now()})  # fmt: skip
+                                  "device": options.device, "started": _now(),
+                                  "recipe": dataclasses.asdict(self.recipe)})  # fmt: skip
             self._save(state)
         return options, run_dir
 

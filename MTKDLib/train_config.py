@@ -62,6 +62,11 @@ class TrainingOptions:
     device: str = "auto"
     seed: int = 0
     init_from: str | None = None  # fine-tune from this model (the annotate-then-distill loop)
+    patience: int | None = None  # early stopping: validation checks without a better Dice
+    # the parent version as a second teacher (distill.anchor; the loop's fine-tuning recipe)
+    anchor: str | None = None
+    anchor_weight: float = 1.0
+    anchor_temperature: float = 1.0
     # explicit case lists (train, val, test, student_train): the loop's pinned split
     split: dict[str, list[str]] | None = None
 
@@ -136,6 +141,12 @@ def _distill_section(options: TrainingOptions) -> dict[str, Any]:
     elif options.taps == "none":
         raise ValueError("choose feature terms or an output loss (or both) to distill")
     distill["unlabelled"] = "auto" if options.use_unlabelled else "none"
+    if options.anchor:
+        distill["anchor"] = {
+            "model": str(options.anchor),
+            "weight": options.anchor_weight,
+            "temperature": options.anchor_temperature,
+        }
     return distill
 
 
@@ -168,6 +179,7 @@ def build_config(options: TrainingOptions) -> dict[str, Any]:
             "optimizer": {"name": "adamw", "lr": options.learning_rate},
             "device": options.device,
             "seed": options.seed,
+            "patience": options.patience,
         },
         "distill": _distill_section(options),
     }

@@ -31,6 +31,7 @@ PATH_KEYS = (
     "model.init_from",
     "distill.teacher",
     "distill.unlabelled",
+    "distill.anchor.model",
 )
 # words that a path key may hold instead of a path (a folder of that name is written ./train)
 PATH_KEYWORDS = {"distill.unlabelled": ("none", "train", "auto")}

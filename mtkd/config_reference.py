@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from mtkd.config import (
     RECOMMENDED_PRESET,
+    AnchorConfig,
     DistillConfig,
     OutputTermConfig,
     RunConfig,
@@ -79,9 +80,11 @@ COMMENTS = {
     "distill.feature_loss": "with a preset: {FEATURE_LOSSES} instead of InfoNCE",
     "distill.scale_weights": "with a preset: {B-B: 0.4, E-E: 0} replaces weights by pair label",
     "distill.negatives": "{distill.negatives}: InfoNCE's negatives (other_subjects: none from "
-    "the anchor's patient)",
+    "the same patient)",
     "distill.unlabelled": "auto | none | train | a folder of CTs: images for teacher targets "
     "only (auto: train where train_on leaves patients unlabelled and a term weighs)",
+    "distill.anchor": "the parent version as a second teacher {ANCHOR}: KL per voxel on every "
+    "sample (model: a model/run folder with the student's labels)",
 }
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 
@@ -111,6 +114,7 @@ def choices() -> dict[str, str]:
         "OUTPUT_LOSSES": " | ".join(sorted(OUTPUT_LOSSES)),
         "PAIR": flow(TapPairConfig()),
         "OUTPUT": flow(OutputTermConfig()),
+        "ANCHOR": flow(AnchorConfig()),
     }
 
     def walk(cls: type, prefix: str) -> None:

@@ -58,6 +58,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "multitask.weight": (0, None, ">= 0"),
     "multitask.mask_patch": (1, None, ">= 1"),
     "distill.output.weight": (0, None, ">= 0"),
+    "distill.anchor.weight": (0, None, ">= 0"),
 }
 
 
@@ -212,6 +213,11 @@ class RunConfig:
         output = self.distill.output if self.distill else None
         if output is not None and output.temperature <= 0:
             fail("distill.output.temperature", f"must be > 0, got {output.temperature!r}")
+        anchor = self.distill.anchor if self.distill else None
+        if anchor is not None and anchor.temperature <= 0:
+            fail("distill.anchor.temperature", f"must be > 0, got {anchor.temperature!r}")
+        if anchor is not None and not anchor.model.strip():
+            fail("distill.anchor.model", "must be a model or run folder (the parent version)")
 
     def _validate_unlabelled(self, fail: typing.Callable) -> None:
         """``train_on`` and ``distill.unlabelled`` together: a run without labels is a

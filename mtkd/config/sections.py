@@ -152,6 +152,17 @@ class OutputTermConfig:
 
 
 @dataclass
+class AnchorConfig:
+    """The parent version as a second, output-level teacher (the annotate-then-distill loop's
+    anchor): per-voxel KL (``pmd``) between its outputs and the student's on every training
+    sample, so that fine-tuning on new cases keeps what the parent knew."""
+
+    model: str = ""  # our model or run folder, with the student's labels and output
+    weight: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
 class DistillConfig:
     """Teacher and terms. A preset fills the tap pairs and the output term:
 
@@ -187,6 +198,9 @@ class DistillConfig:
     # when ``train_on`` leaves some out and a term weighs, else none); or a folder of CTs (any
     # dataset layout, or a folder of image files; labels there are ignored)
     unlabelled: str = UNLABELLED_AUTO
+    # the parent version as a second teacher, on the outputs (None: no anchor); apart from the
+    # teacher's terms (``scale`` leaves it as it is)
+    anchor: AnchorConfig | None = None
 
     def fill_recommended(self) -> None:
         """Name the recommended preset where the section names no terms or asks for it."""

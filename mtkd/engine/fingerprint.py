@@ -9,7 +9,10 @@
   unlabelled training patients are cases of ``data``);
 - ``teacher`` (distillation only): the kind of teacher and the size and SHA-256 of its files
   (the model folder's files, a MONAI bundle's, the checkpoint/TorchScript/ONNX file, or the
-  stored outputs).
+  stored outputs);
+- ``anchor`` (a distillation with ``distill.anchor``): the size and SHA-256 of the parent
+  model's files (null without an anchor; older fingerprints have no such key, which reads as
+  null).
 
 Content, not paths, is recorded: a run folder moved with its data to another machine still
 resumes. The whole file is hashed (a size and a modification time can stay the same through an
@@ -106,17 +109,28 @@ def teacher_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"kind": kind, "content": content_digest(path)}
 
 
+def anchor_fingerprint(path: str | Path) -> dict[str, Any]:
+    """The content of the anchor's model files (a run folder: its model)."""
+    return {"kind": "run", "content": content_digest(model_folder(Path(path)))}
+
+
 def run_fingerprint(
-    dataset: DatasetIndex, teacher: str | Path | None, unlabelled: list[Case] | None = None
+    dataset: DatasetIndex,
+    teacher: str | Path | None,
+    unlabelled: list[Case] | None = None,
+    anchor: str | Path | None = None,
 ) -> dict[str, Any]:
-    """What ``fingerprint.json`` holds for a run on ``dataset`` (and ``teacher``, and the
-    ``unlabelled`` cases of a folder of extra images)."""
-    return {
+    """What ``fingerprint.json`` holds for a run on ``dataset`` (and ``teacher``, the
+    ``unlabelled`` cases of a folder of extra images, and the ``anchor``'s model)."""
+    found = {
         "format": FINGERPRINT_FORMAT,
         "data": data_fingerprint(dataset),
         "unlabelled": None if unlabelled is None else unlabelled_fingerprint(unlabelled),
         "teacher": None if teacher is None else teacher_fingerprint(teacher),
     }
+    if anchor is not None:  # no key without one: earlier fingerprints stay equal
+        found["anchor"] = anchor_fingerprint(anchor)
+    return found
 
 
 def read_fingerprint(path: Path) -> dict[str, Any] | None:
@@ -146,6 +160,7 @@ def fingerprint_differences(recorded: dict[str, Any], current: dict[str, Any]) -
             recorded.get("unlabelled") or {}, current.get("unlabelled") or {}, "unlabelled image"
         )
         + _teacher_differences(recorded.get("teacher"), current.get("teacher"))
+        + _teacher_differences(recorded.get("anchor"), current.get("anchor"), "anchor")
     )
 
 
@@ -183,29 +198,32 @@ def _case_differences(
     return differences
 
 
-def _teacher_differences(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
+def _teacher_differences(
+    old: dict[str, Any] | None, new: dict[str, Any] | None, what: str = "teacher"
+) -> list[str]:
+    """How the teacher (or the anchor, ``what``) changed, in words."""
     if old == new:
         return []
     if old is None or new is None:
-        return [f"the teacher changed ({_kind(old)} -> {_kind(new)})"]
+        return [f"the {what} changed ({_kind(old)} -> {_kind(new)})"]
     if old.get("kind") != new.get("kind"):
-        return [f"the teacher changed (a {_kind(old)} teacher is now a {_kind(new)} one)"]
+        return [f"the {what} changed (a {_kind(old)} {what} is now a {_kind(new)} one)"]
     a, b = old.get("content") or {}, new.get("content") or {}
     if "files" not in a or "files" not in b:
         return [
-            f"the teacher changed (its file's SHA-256 {str(a.get('sha256'))[:12]}... is now "
+            f"the {what} changed (its file's SHA-256 {str(a.get('sha256'))[:12]}... is now "
             f"{str(b.get('sha256'))[:12]}...)"
         ]
     files_a, files_b = a["files"], b["files"]
     parts = []
-    for what, names in (
+    for change, names in (
         ("added", sorted(set(files_b) - set(files_a))),
         ("removed", sorted(set(files_a) - set(files_b))),
         ("changed", sorted(n for n in set(files_a) & set(files_b) if files_a[n] != files_b[n])),
     ):
         if names:
-            parts.append(f"{what} {_names(names)}")
-    return [f"the teacher changed (its files: {'; '.join(parts)})"]
+            parts.append(f"{change} {_names(names)}")
+    return [f"the {what} changed (its files: {'; '.join(parts)})"]
 
 
 def _kind(fingerprint: dict[str, Any] | None) -> str:

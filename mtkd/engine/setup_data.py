@@ -306,13 +306,15 @@ def _check_fingerprint(
     events: EventLog,
 ) -> dict[str, Any]:
     """A new run records what it trains on (``fingerprint.json``); a resumed run is refused
-    when its cases' files or its teacher changed since (one made by an older mtkd, without
-    a fingerprint, resumes with a warning and records one now). Returns the fingerprint."""
+    when its cases' files, its teacher or its anchor changed since (one made by an older mtkd,
+    without a fingerprint, resumes with a warning and records one now). Returns the
+    fingerprint."""
     distill = config.distill
     teacher = distill.teacher if config.kind == "distill" and distill else None
     started = time.perf_counter()
     folder = config.unlabelled_images() not in (UNLABELLED_NONE, UNLABELLED_TRAIN)
-    current = run_fingerprint(dataset, teacher, extra_cases if folder else None)
+    anchor = distill.anchor.model if teacher and distill.anchor else None
+    current = run_fingerprint(dataset, teacher, extra_cases if folder else None, anchor)
     seconds = time.perf_counter() - started
     if seconds > 10:  # reading every file once: say where the time went
         log(f"[{config.name}] hashed the data and teacher files in {seconds:.0f} s")

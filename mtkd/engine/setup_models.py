@@ -1,10 +1,11 @@
-"""The networks of a run: the student, its ``model.init_from`` weights, the teacher and the
-distiller that joins them.
+"""The networks of a run: the student, its ``model.init_from`` weights, the teacher, the
+distiller that joins them and the anchor to the parent version (``distill.anchor``).
 
 The student is built first, so that its random initialisation does not depend on the
 teacher. ``model.init_from`` starts a new run from a previous model's weights (same network and
 labels); a resumed run takes them from its checkpoint instead. With every distillation weight
-at zero there is no distiller (the no-KD baseline: the same recipe, no teacher pass).
+at zero there is no distiller (the no-KD baseline: the same recipe, no teacher pass). The anchor
+opens last, so that the student, the teacher and the connectors start alike with and without.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 import torch
 
 from mtkd.config import DistillConfig, RunConfig
+from mtkd.distill.anchor import ParentAnchor
 from mtkd.distill.distiller import Distiller
 from mtkd.distill.presets import resolve_output_term, resolve_terms
+from mtkd.engine.setup_anchor import open_anchor
 from mtkd.engine.setup_data import RunData
 from mtkd.engine.setup_teacher import open_teacher, rounded_spacing
 from mtkd.engine.step import IGNORE_LABEL
@@ -40,6 +43,7 @@ class RunModels:
     source: TeacherSource | None  # the teacher (a network or stored outputs); None to train
     distiller: Distiller | None  # student, teacher and connectors; None without distillation
     previous: dict[str, Any] | None  # the lineage record of model.init_from (new runs only)
+    anchor: ParentAnchor | None = None  # the parent version as a second teacher (distill.anchor)
 
 
 def build_run_models(
@@ -63,16 +67,22 @@ def build_run_models(
     distiller = None
     if source is not None and config.distill is not None:
         distiller = _distiller(config.distill, source, spec, network, data, device)
+    anchor = open_anchor(config, network, data.labels, data.activation, data.prep, device, log)
     return RunModels(
-        spec=spec, network=network, source=source, distiller=distiller, previous=previous
+        spec=spec,
+        network=network,
+        source=source,
+        distiller=distiller,
+        previous=previous,
+        anchor=anchor,
     )
 
 
 def run_lineage(
     config: RunConfig, run_root: Path, models: RunModels, previous: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Where the model comes from: the run, its teacher and its ``model.init_from`` model
-    (``previous``, with the validation Dice of its weights on this run)."""
+    """Where the model comes from: the run, its teacher, its ``model.init_from`` model
+    (``previous``, with the validation Dice of its weights on this run) and its anchor."""
     lineage: dict[str, Any] = {
         "kind": config.kind,
         "run": str(run_root.resolve()),
@@ -82,6 +92,8 @@ def run_lineage(
         lineage["teacher"] = models.source.lineage()
     if previous is not None:
         lineage["previous"] = dict(previous)
+    if models.anchor is not None:
+        lineage["anchor"] = dict(models.anchor.record)
     return lineage
 
 

@@ -43,6 +43,7 @@ def build_optimisation(
         reconstruction=models.spec["reconstruction"],
         reconstruction_weight=config.multitask.weight,
         reconstruction_loss_on=config.multitask.reconstruction_loss_on,
+        anchor=models.anchor,
     )
     if ddp:
         # every trainable parameter is used by every step (Testing/engine/test_distributed.py), so

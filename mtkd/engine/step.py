@@ -12,6 +12,9 @@ unlabelled samples as :data:`IGNORE_LABEL`.
 A sample may also leave structures unannotated (``annotated``, (B, K + 1) bool): the
 segmentation loss masks them (:mod:`mtkd.engine.seg_loss`), and the supervised distillation
 terms see its background voxels, which may be such a structure, as :data:`IGNORE_LABEL`.
+
+With ``distill.anchor`` the parent version adds its term (:mod:`mtkd.distill.anchor`) on the
+student's logits of every sample, whatever the rest of the loss.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtkd.distill.anchor import ANCHOR_TERM, ParentAnchor
 from mtkd.distill.distiller import Distiller
 from mtkd.engine.seg_loss import SegmentationLoss
 from mtkd.engine.teacher_source import pseudo_logits
@@ -77,6 +81,8 @@ class TrainingStep(nn.Module):
     or multi-task training when ``reconstruction`` is "masked" or "unmasked": the network's
     ``multitask_losses`` give the segmentation and the reconstruction loss, over the whole
     image or, with ``reconstruction_loss_on`` "masked", over the masked patches only).
+    ``anchor`` (:class:`ParentAnchor`): the parent version's term on the student's logits of
+    every sample, added with its weight and logged as the term "anchor".
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class TrainingStep(nn.Module):
         reconstruction: str = "none",
         reconstruction_weight: float = 0.0,
         reconstruction_loss_on: str = "all",
+        anchor: ParentAnchor | None = None,
     ):
         super().__init__()
         self.model = model
@@ -98,6 +105,7 @@ class TrainingStep(nn.Module):
         self.reconstruction = reconstruction
         self.reconstruction_weight = reconstruction_weight
         self.reconstruction_loss_on = reconstruction_loss_on  # "all" or "masked" (MAE)
+        self.anchor = anchor  # the parent version as a second teacher (None: none)
 
     def forward(
         self,
@@ -119,24 +127,34 @@ class TrainingStep(nn.Module):
         distiller (InfoNCE without same-subject negatives). ``annotated`` (B, K + 1) bool:
         the structures each sample annotates (None: all; see the module docstring).
         """
+        loss, terms, logits = self._losses(images, labels, generator, teacher, has_label,
+                                           subject, annotated)  # fmt: skip
+        if self.anchor is not None:
+            term = self.anchor(images, logits)
+            loss = loss + self.anchor.weight * term
+            terms[ANCHOR_TERM] = term.detach()
+        return loss, terms
+
+    def _losses(self, images, labels, generator, teacher, has_label, subject, annotated):
+        """The loss, its unweighted terms and the student's logits, without the anchor."""
         if isinstance(self.model, Distiller):
             supervised = _ignore_unknown(labels, has_label, annotated)
             stored = None  # a teacher network computes its own logits
             if self.model.teacher is None:
                 stored = pseudo_logits(teacher, self.activation)
             out = self.model(images, stored, labels=supervised, subject=subject)
-            seg = labelled_seg_loss(self.seg_loss, out.student_logits, labels, has_label, annotated)
+            logits = out.student_logits
+            seg = labelled_seg_loss(self.seg_loss, logits, labels, has_label, annotated)
             terms = {"seg": seg.detach(), **{k: v.detach() for k, v in out.terms.items()}}
-            return self.seg_weight * seg + out.loss, terms
+            return self.seg_weight * seg + out.loss, terms, logits
         if self.reconstruction != "none":
-            logits, rec = self.model.multitask_losses(
+            outputs, rec = self.model.multitask_losses(
                 images, generator=generator, loss_on=self.reconstruction_loss_on
             )
-            seg = labelled_seg_loss(
-                self.seg_loss, first_output(logits), labels, has_label, annotated
-            )
+            logits = first_output(outputs)
+            seg = labelled_seg_loss(self.seg_loss, logits, labels, has_label, annotated)
             loss = self.seg_weight * seg + self.reconstruction_weight * rec
-            return loss, {"seg": seg.detach(), "reconstruction": rec.detach()}
+            return loss, {"seg": seg.detach(), "reconstruction": rec.detach()}, logits
         logits = first_output(self.model(images))
         seg = labelled_seg_loss(self.seg_loss, logits, labels, has_label, annotated)
-        return self.seg_weight * seg, {"seg": seg.detach()}
+        return self.seg_weight * seg, {"seg": seg.detach()}, logits

@@ -414,7 +414,7 @@ class Trainer:
         # a resumed run has the init_from weights in its checkpoint; only distillation uses
         # a teacher
         skip = {"model.init_from"} if self.resume else set()
-        skip |= {"distill.teacher", "distill.unlabelled"} if cfg.kind != "distill" else set()
+        skip |= {key for key in PATH_KEYS if key.startswith("distill.") and cfg.kind != "distill"}
         needed = [key for key in PATH_KEYS if key not in skip]
         cfg.check_paths(needed, run_dir=self.run_dir.root)  # before a new run writes anything
         if not self.resume and self.dist.is_main:
