@@ -7,7 +7,8 @@ quarter of the epochs (at least :attr:`FineTuneRecipe.min_epochs`), and stops ea
 :attr:`FineTuneRecipe.patience` validation checks without a better Dice. The anchor
 (``distill.anchor``: the parent as a second, output-level teacher, see
 :mod:`mtkd.distill.anchor`) keeps the new version near its parent on every training case; it is
-on by default only where the measurement (``bench/loop_turns``, BENCHMARKS.md) shows it helps.
+off: over 10 turns of ``bench/loop_turns`` it was level with or behind the plain recipe, which
+forgot nothing since every version trains on the old cases too (BENCHMARKS.md).
 
 The connectors of feature-level terms start anew in every run: a model folder (what a loop
 version is) keeps the student's weights only, and the recommended recipe
@@ -31,7 +32,9 @@ class FineTuneRecipe:
     epochs_factor: float = 0.25  # times the panel's epochs, at least min_epochs
     min_epochs: int = 3
     patience: int | None = 3  # validation checks without a better Dice (None: no early stop)
-    anchor: bool = False  # the parent as a second teacher (off until measured to help)
+    # the parent as a second teacher: off, measured not to help (BENCHMARKS.md, "The
+    # annotate-then-distill loop, turn by turn")
+    anchor: bool = False
     anchor_weight: float = 1.0
     anchor_temperature: float = 1.0
 
