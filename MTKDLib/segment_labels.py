@@ -130,3 +130,32 @@ def match_case(
         else:
             result.segment_ids[structure] = ids[matched[structure]]
     return result
+
+
+def mark_not_annotated(
+    segmentation_node: Any,
+    structure: str,
+    structures: Sequence[str],
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """Mark ``structure`` (one of the training set's ``structures``) as not annotated in this
+    case: the segment that matches it (by code, alias or name) gets the mark, or an empty
+    marked segment is added when none does. Returns the segment's id; ValueError for a
+    structure the training set does not have."""
+    if structure not in structures:
+        raise ValueError(
+            f"'{structure}' is not a structure of the training set ({', '.join(structures)})"
+        )
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    matched = match_segments(
+        [segment_label(segmentation.GetSegment(segment_id)) for segment_id in ids],
+        structures,
+        aliases,
+        where=f"segmentation '{segmentation_node.GetName()}'",
+    )
+    if structure in matched:
+        segment_id = ids[matched[structure]]
+        set_not_annotated(segmentation_node, segment_id)
+        return segment_id
+    return add_not_annotated_segment(segmentation_node, structure)

@@ -123,6 +123,7 @@ class MTKDTrainWidget(ModuleWidget):
                 "addToLibraryButton": self.onAddToLibrary,
                 "beginLoopButton": self.onBeginLoop,
                 "addCaseButton": self.onAddCase,
+                "markNotAnnotatedButton": self.onMarkNotAnnotated,
                 "distillAgainButton": self.onDistillAgain,
                 "switchVersionButton": self.onSwitchVersion,
                 "rollbackButton": self.onRollback,
@@ -185,6 +186,7 @@ class MTKDTrainWidget(ModuleWidget):
         )
         self.ui.addPairButton.enabled = bool(node.caseVolume and node.caseSegmentation)
         self.ui.addCaseButton.enabled = bool(node.correctedVolume and node.correctedSegmentation)
+        self.ui.markNotAnnotatedButton.enabled = bool(node.correctedSegmentation)
         self.updateLoop()
 
     # --- training set -----------------------------------------------------------------------
@@ -518,6 +520,32 @@ class MTKDTrainWidget(ModuleWidget):
         self.ui.statusLabel.text = _("Added case '{case}' to the {where}.").format(
             case=caseId, where=where
         )
+
+    def onMarkNotAnnotated(self) -> None:
+        """Ask which structure nobody drew in the corrected case, and mark it."""
+        from MTKDLib.segment_labels import mark_not_annotated
+
+        segmentation = self._parameterNode.correctedSegmentation
+        try:
+            trainingSet = self._loop().training_set
+            structures = trainingSet.structures()
+            dialog = qt.QInputDialog(slicer.util.mainWindow())
+            dialog.setWindowTitle(_("Not annotated"))
+            dialog.setLabelText(_("Structure nobody drew in '{case}':").format(
+                case=segmentation.GetName()))  # fmt: skip
+            dialog.setComboBoxItems(structures)
+            dialog.setComboBoxEditable(False)
+            if dialog.exec_() != qt.QDialog.Accepted:
+                return
+            structure = dialog.textValue()
+            mark_not_annotated(segmentation, structure, structures, trainingSet.aliases())
+        except Exception as error:  # noqa: BLE001 - names the structure or the ambiguity
+            slicer.util.errorDisplay(_("Cannot mark it: {error}").format(error=error))
+            return
+        self.ui.statusLabel.text = _(
+            "'{structure}' is marked not annotated in '{case}': it is left out of the loss and "
+            "the scores for this case."
+        ).format(structure=structure, case=segmentation.GetName())
 
     def onDistillAgain(self) -> None:
         try:

@@ -19,6 +19,7 @@ from MTKDLib.mrml_io import load_segmentation
 from MTKDLib.segment_labels import (
     add_not_annotated_segment,
     is_not_annotated,
+    mark_not_annotated,
     match_case,
     set_not_annotated,
 )
@@ -118,6 +119,26 @@ def test_a_structure_marked_not_annotated(case_files, tmp_path):
     assert sorted(np.unique(written).tolist()) == [0, 1]  # the spleen's voxels are not drawn
     set_not_annotated(reloaded.segmentation, spleen_id, False)
     assert match_case(reloaded.segmentation, STRUCTURES).not_annotated == ["kidney_right"]
+
+
+def test_the_panel_marks_a_structure_not_annotated(case_files):
+    """MTKD Train's "Not annotated..." marks the segment that matches the structure, or adds
+    an empty marked one; a structure the training set lacks is refused."""
+    scene, _ = new_scene()
+    (case,) = scene_cases(scene, case_files[1:2])
+    segmentation = case.segmentation.GetSegmentation()
+    liver = segmentation.GetSegmentIdBySegmentName("liver")
+    segmentation.GetSegment(liver).SetName("Liver tissue")  # matched by its code, not its name
+    assert mark_not_annotated(case.segmentation, "liver", STRUCTURES) == liver
+    assert is_not_annotated(segmentation.GetSegment(liver))
+    segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName("kidney_right"))
+    count = segmentation.GetNumberOfSegments()
+    added = mark_not_annotated(case.segmentation, "kidney_right", STRUCTURES)
+    assert segmentation.GetNumberOfSegments() == count + 1
+    assert is_not_annotated(segmentation.GetSegment(added))
+    assert match_case(case.segmentation, STRUCTURES).not_annotated == ["liver", "kidney_right"]
+    with pytest.raises(ValueError, match="not a structure of the training set"):
+        mark_not_annotated(case.segmentation, "pancreas", STRUCTURES)
 
 
 def test_an_ambiguous_case_is_refused(case_files, tmp_path):

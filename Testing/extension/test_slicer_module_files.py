@@ -22,6 +22,7 @@ HEADLESS = [
     "devices",
     "distill_loop",
     "library_table",
+    "loop_recipe",
     "loop_scores",
     "loop_split",
     "mrml_io",
