@@ -26,7 +26,7 @@ from mtkd.folder_lock import LOCK_NAME
 from mtkd.library import ModelLibrary
 from MTKDLib import training_set as training_set_module
 from MTKDLib.distill_loop import LOOP_FILE, DistillLoop, loop_version_warning
-from MTKDLib.loop_recipe import FINE_TUNE, FineTuneRecipe
+from MTKDLib.loop_recipe import FineTuneRecipe
 from MTKDLib.loop_scores import gate_reasons
 from MTKDLib.loop_split import LoopSplit, pin_split
 from MTKDLib.mrml_io import load_segmentation
@@ -248,9 +248,10 @@ def test_runs_the_loop_did_not_start_are_refused(dataset, library, teacher_run, 
 
 
 def test_a_loop_run_fine_tunes_from_its_parent(dataset, library, teacher_run, tmp_path):
-    """After the first version: a tenth of the learning rate, a quarter of the epochs with
-    early stopping, the parent's weights and, with the anchor on, the parent as a second
-    teacher; the run's configuration says so, and the loop keeps the recipe with the run."""
+    """After the first version: the parent's weights, the recipe's learning rate and epochs
+    (a tenth and a quarter with early stopping for the shorter recipe) and, with the anchor
+    on, the parent as a second teacher; the run's configuration says so, and the loop keeps
+    the recipe with the run."""
     library, key = library
     parent = str(library.path_of(key))
     panel = dataclasses.replace(options_for(dataset, teacher_run), epochs=20, learning_rate=0.01)
@@ -259,10 +260,10 @@ def test_a_loop_run_fine_tunes_from_its_parent(dataset, library, teacher_run, tm
     loop.begin(key, teacher_run, val=["c1"], test=["c2"])
     options, run_dir = loop.next_run(panel, tmp_path / "runs")
     assert options.learning_rate == pytest.approx(0.001) and options.epochs == 5
-    assert options.patience == FINE_TUNE.patience and options.init_from == parent
+    assert options.patience == anchored.patience == 3 and options.init_from == parent
     assert options.anchor == parent and options.anchor_weight == 0.5
     config = build_config(options)
-    assert config["train"]["patience"] == FINE_TUNE.patience
+    assert config["train"]["patience"] == anchored.patience
     assert config["train"]["optimizer"]["lr"] == pytest.approx(0.001)
     assert config["distill"]["anchor"] == {"model": parent, "weight": 0.5, "temperature": 1.0}
     assert config["model"]["init_from"] == parent
@@ -270,14 +271,16 @@ def test_a_loop_run_fine_tunes_from_its_parent(dataset, library, teacher_run, tm
     state = json.loads((dataset / LOOP_FILE).read_text(encoding="utf-8"))
     assert state["runs"][0]["recipe"] == dataclasses.asdict(anchored)
 
-    # the loop's own recipe (anchor off until measured), and a loop without validation cases
-    # (no early stopping: it would have nothing to watch)
+    # the loop's own recipe (measured best: the panel's learning rate and schedule, no
+    # anchor), and a loop without validation cases (no early stopping: nothing to watch)
     other = tmp_path / "other"
     shutil.copytree(dataset, other, ignore=shutil.ignore_patterns(LOOP_FILE))
     loop = DistillLoop(other, library)
     loop.begin(key, teacher_run, val=[], test=["c2"])
     options, _ = loop.next_run(dataclasses.replace(panel, epochs=4), tmp_path / "runs")
-    assert options.anchor is None and options.patience is None and options.epochs == 3
+    assert options.anchor is None and options.patience is None and options.epochs == 4
+    assert options.learning_rate == pytest.approx(0.01) and options.init_from == parent
+    assert FineTuneRecipe().apply(panel, parent, validation=False).patience is None
     assert "anchor" not in build_config(options)["distill"]
     with pytest.raises(ValueError, match="factors"):
         FineTuneRecipe(lr_factor=0)
