@@ -7,7 +7,8 @@ early after :attr:`FineTuneRecipe.patience` validation checks without a better D
 own recipe, :data:`FINE_TUNE`, keeps the panel's learning rate and schedule. Over 10 turns of
 ``bench/loop_turns`` that beat a tenth of the learning rate and a quarter of the epochs with
 patience 3 at every turn: pinned test Dice 0.756 against 0.735 after the tenth turn, and 0.633
-against 0.260 after the first. Each turn took about 6 times as long (BENCHMARKS.md). The anchor
+against 0.260 after the first, in one run (one seed, one case order). Each turn took about 6
+times as long (BENCHMARKS.md). The anchor
 (``distill.anchor``: the parent as a second, output-level teacher, see
 :mod:`mtkd.distill.anchor`) keeps the new version near its parent on every training case; it is
 off: over 10 turns of ``bench/loop_turns`` it was level with or behind the plain recipe, which
