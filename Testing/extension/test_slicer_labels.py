@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers import NNUNET_STRUCTURES, write_nnunet_v2
-from slicer_scene import load_volume, new_scene
+from slicer_scene import new_scene, write_slab_cases
+from slicer_scene import scene_cases as slicer_scene_cases
 
 from mtkd.data.datasets import load_dataset
-from mtkd.data.labels import LabelTable, remap_label_array
-from mtkd.data.segnrrd import write_segmentation
 from MTKDLib.mrml_io import load_segmentation
 from MTKDLib.segment_labels import (
     add_not_annotated_segment,
@@ -31,29 +30,11 @@ STRUCTURES = ["liver", "spleen", "kidney_right"]
 @pytest.fixture(scope="module")
 def case_files(data_dir, tmp_path_factory):
     """Two 6-slice slabs of the real abdomen CT (NRRD) and their coded ``.seg.nrrd``."""
-    folder = tmp_path_factory.mktemp("label_slabs")
-    image = sitk.ReadImage(str(data_dir / "abdomen_ct.nii.gz"))
-    labels = sitk.ReadImage(str(data_dir / "abdomen_seg_total_fast.nii.gz"))
-    table, mapping = LabelTable.from_json(data_dir / "labels_total_v2.json").select(STRUCTURES)
-    files = []
-    for index in range(2):
-        size, start = [image.GetSize()[0], image.GetSize()[1], 6], [0, 0, 80 + 8 * index]
-        seg = sitk.RegionOfInterest(labels, size, start)
-        seg_image = sitk.GetImageFromArray(remap_label_array(sitk.GetArrayFromImage(seg), mapping))
-        seg_image.CopyInformation(seg)
-        ct_path, seg_path = folder / f"slab{index}.nrrd", folder / f"slab{index}.seg.nrrd"
-        sitk.WriteImage(sitk.RegionOfInterest(image, size, start), str(ct_path))
-        write_segmentation(seg_image, table, seg_path)
-        files.append((ct_path, seg_path))
-    return files
+    return write_slab_cases(data_dir, tmp_path_factory.mktemp("label_slabs"), [80, 88], STRUCTURES)
 
 
 def scene_cases(scene, files) -> list[SceneCase]:
-    cases = []
-    for ct_path, seg_path in files:
-        volume = load_volume(scene, ct_path, ct_path.stem)
-        cases.append(SceneCase(volume, load_segmentation(scene, seg_path, ct_path.stem, volume)))
-    return cases
+    return slicer_scene_cases(scene, files, name="{stem}")
 
 
 def segment(case: SceneCase, name: str):

@@ -15,19 +15,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
-from slicer_scene import load_volume, new_scene
+from slicer_scene import new_scene, scene_cases, write_slab_cases
 
 from mtkd.config import RECOMMENDED_PRESET, RunConfig, load_config
 from mtkd.data.datasets import load_dataset
-from mtkd.data.labels import LabelTable, remap_label_array
-from mtkd.data.segnrrd import write_segmentation
 from mtkd.distill.presets import resolve_output_term
 from mtkd.library import ModelLibrary
 from mtkd.modelfiles.model_io import load_model
 from mtkd.run_folder import read_events
 from MTKDLib.distill_loop import DistillLoop, WorseVersion
 from MTKDLib.loop_scores import ScoringJob, score_versions
-from MTKDLib.mrml_io import labelmap_array, load_segmentation
+from MTKDLib.mrml_io import labelmap_array
 from MTKDLib.train_config import (
     TrainingOptions,
     build_config,
@@ -51,34 +49,10 @@ SLABS = 6  # cases cut from the real CT along z
 @pytest.fixture(scope="module")
 def case_files(data_dir, tmp_path_factory):
     """Six 6-slice slabs of the real abdomen CT (NRRD) with their labels as ``.seg.nrrd``
-    (the structures the tiny teacher knows, named as TotalSegmentator names them)."""
-    folder = tmp_path_factory.mktemp("slabs")
-    image = sitk.ReadImage(str(data_dir / "abdomen_ct.nii.gz"))
-    labels = sitk.ReadImage(str(data_dir / "abdomen_seg_total_fast.nii.gz"))
-    table, mapping = LabelTable.from_json(data_dir / "labels_total_v2.json").select(STRUCTURES)
-    files = []
-    for index in range(SLABS):
-        start = [0, 0, 70 + 6 * index]  # slices 70..105 hold the three structures
-        size = [image.GetSize()[0], image.GetSize()[1], 6]
-        ct = sitk.RegionOfInterest(image, size, start)
-        seg = sitk.RegionOfInterest(labels, size, start)
-        array = remap_label_array(sitk.GetArrayFromImage(seg), mapping)
-        seg_image = sitk.GetImageFromArray(array)
-        seg_image.CopyInformation(seg)
-        ct_path, seg_path = folder / f"slab{index}.nrrd", folder / f"slab{index}.seg.nrrd"
-        sitk.WriteImage(ct, str(ct_path))
-        write_segmentation(seg_image, table, seg_path)
-        files.append((ct_path, seg_path))
-    return files
-
-
-def scene_cases(scene, files) -> list[SceneCase]:
-    cases = []
-    for ct_path, seg_path in files:
-        volume = load_volume(scene, ct_path, ct_path.stem)
-        segmentation = load_segmentation(scene, seg_path, f"{ct_path.stem} labels", volume)
-        cases.append(SceneCase(volume, segmentation))
-    return cases
+    (the structures the tiny teacher knows, named as TotalSegmentator names them); slices
+    70..105 hold the three structures."""
+    starts = [70 + 6 * index for index in range(SLABS)]
+    return write_slab_cases(data_dir, tmp_path_factory.mktemp("slabs"), starts, STRUCTURES)
 
 
 def rename(case: SceneCase, old: str, new: str) -> None:
