@@ -3,7 +3,9 @@ stopped at a chosen batch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -238,3 +240,14 @@ def write_nnunet_v2(root: Path, *, not_annotated: dict | None = None, labels: di
         dataset["mtkd"] = {"not_annotated": not_annotated}
     (root / "dataset.json").write_text(json.dumps(dataset), encoding="utf-8")
     return root
+
+
+def load_bench_script(relative: str, name: str):
+    """The module of the script ``bench/<relative>`` (bench scripts are not a package),
+    registered as ``name`` so that its dataclasses and child processes can find it."""
+    path = Path(__file__).resolve().parents[1] / "bench" / relative
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,23 +5,18 @@ anchor; its CSV, its resume, and another plan in the same folder refused."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 
 import pytest
-from conftest import ROOT
+from helpers import load_bench_script
 
 from mtkd.cli import main as mtkd_main
 from mtkd.run_folder import RunDir, read_events
 
 
 def load_bench():
-    path = ROOT / "bench" / "loop_turns" / "run.py"
-    spec = importlib.util.spec_from_file_location("loop_turns_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("loop_turns/run.py", "loop_turns_bench")
 
 
 BENCH = load_bench()

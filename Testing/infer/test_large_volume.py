@@ -5,15 +5,13 @@ of the one-piece path: network input, probabilities and labels are made slab by 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import ROOT
+from helpers import load_bench_script
 from monai.data.utils import dense_patch_slices
 from test_infer_fast import flipped, make_prep, rotated, tiny_model
 
@@ -29,12 +27,7 @@ ONE_PIECE = 1 << 40  # bytes: every chunk and slab the whole volume
 
 def load_benchmark():
     """``bench/large_volume.py`` (the phantom, the models and the child-process measure)."""
-    path = ROOT / "bench" / "large_volume.py"
-    spec = importlib.util.spec_from_file_location("large_volume_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("large_volume.py", "large_volume_bench")
 
 
 BENCH = load_benchmark()

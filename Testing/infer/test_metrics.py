@@ -3,14 +3,13 @@ mean, the missed count is reported, and MONAI's deprecated arguments are not use
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import ROOT
+from helpers import load_bench_script
 from scipy import ndimage
 
 from mtkd.data.image_io import read_image, read_label
@@ -170,12 +169,8 @@ def test_hd95_matches_an_independent_computation(case) -> None:
         assert distance == pytest.approx(expected, abs=1e-3)
 
 
-def load_bench_script():
-    path = ROOT / "bench" / "ablation" / "penalised_hd95.py"
-    spec = importlib.util.spec_from_file_location("penalised_hd95", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_penalised_hd95():
+    return load_bench_script("ablation/penalised_hd95.py", "penalised_hd95")
 
 
 def test_bounds_recomputed_from_old_results_hold_the_penalised_mean(case) -> None:
@@ -198,7 +193,7 @@ def test_bounds_recomputed_from_old_results_hold_the_penalised_mean(case) -> Non
         found = [s.hd95_mm for s in own if s.outcome == "found"]
         row[f"dice_{name}"] = str(np.mean([s.dice for s in own]))
         row[f"hd95_mm_{name}"] = str(np.mean(found)) if found else "nan"
-    bounds = load_bench_script().run_bounds(row, 6, diagonal(image))
+    bounds = load_penalised_hd95().run_bounds(row, 6, diagonal(image))
     assert (truth["missed"], bounds["known_missed"]) == (8, 6)
     assert bounds["low"] <= truth["hd95_mm"] + 1e-6 <= bounds["high"] + 2e-6
     assert bounds["low"] < truth["hd95_mm"]  # the spleen's two misses are not known
