@@ -649,13 +649,15 @@ def test_a_stopped_jobs_grid_stops_its_children_and_continues(
     import time
 
     config = evidence_config(slab_dataset, plain_teacher)
-    config["ablation"].update(seeds=[0], split_seeds=[0])  # no_kd and cwd: one run each
+    # two seeds of one cell: two runs that start alike, so that neither can finish before the
+    # other has begun training (no_kd, without a teacher to load, could)
+    config["ablation"].update(seeds=[0, 1], split_seeds=[0], include=[])
     config["train"]["epochs"] = 25  # long enough to be stopped inside both runs
     grid = write_grid(config, tmp_path)
     output = tmp_path / "ABL"
     command = [sys.executable, "-m", "mtkd", "ablate", grid, "-o", str(output), "--jobs", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    runs = [output / "cells" / cell / "split0" / "seed0" for cell in ("no_kd", "cwd")]
+    runs = [output / "cells" / "cwd" / "split0" / f"seed{seed}" for seed in (0, 1)]
     deadline = time.monotonic() + 300
 
     def training(run) -> bool:
@@ -678,8 +680,8 @@ def test_a_stopped_jobs_grid_stops_its_children_and_continues(
     assert printed.getvalue().count("(resuming from its checkpoint; log") == 2
     rows = read_csv(output / "runs.csv")
     assert list(dict.fromkeys((r["cell"], r["split_seed"], r["seed"]) for r in rows)) == [
-        ("no_kd", "0", "0"),
         ("cwd", "0", "0"),
+        ("cwd", "0", "1"),
     ]
 
 
