@@ -6,9 +6,10 @@
 #    (bench/kd_evidence/teacher2d.yaml or teacher3d.yaml at that split seed; a *_label_free grid
 #    uses its base student's teachers), trained or resumed; 3. `mtkd ablate
 #    bench/kd_evidence/<grid>.yaml` in $OUT/<grid> (resumes); 4. runs.csv, results.csv,
-#    summary.json and evidence.md copied to bench/results/kd_evidence/<grid>/ (with a file
-#    PARTIAL while the grid is unfinished); 5. real_ct.csv there: every finished run and the
-#    teachers scored on the bundled real CT (bench/kd_evidence/real_ct.py, an external check).
+#    summary.json, evidence.md and plots/ (validation curves, test scores) copied to
+#    bench/results/kd_evidence/<grid>/ (with a file PARTIAL while the grid is unfinished);
+#    5. real_ct.csv there: every finished run and the teachers scored on the bundled real CT
+#    (bench/kd_evidence/real_ct.py, an external check).
 # Re-running continues where it stopped. Environment: COHORT, SYNTH_ARGS, OUT, DEVICE, MTKD,
 # PYTHON, TEACHER (another teacher config of this folder, e.g. teacher2d_mae: its own teachers,
 # and the grid's folders get the suffix -<teacher>), JOBS (runs, and teachers, trained at once;
@@ -74,8 +75,8 @@ mkdir -p "$RESULTS"
 status=0
 $MTKD ablate "$CONFIG" -o "$OUT/$GRID" --data "$COHORT" \
   --teacher "$TEACHERS/$TEACHER-split{split_seed}" "${DEVICE_ARG[@]}" "${GRID_ARGS[@]}" || status=$?
-for name in runs.csv results.csv summary.json evidence.md; do
-  [ -f "$OUT/$GRID/$name" ] && cp "$OUT/$GRID/$name" "$RESULTS/$name"
+for name in runs.csv results.csv summary.json evidence.md plots/curves.png plots/dice.png; do
+  [ -f "$OUT/$GRID/$name" ] && mkdir -p "$(dirname "$RESULTS/$name")" && cp "$OUT/$GRID/$name" "$RESULTS/$name"
 done
 # the external check: every finished run and the teachers on the bundled real CT
 TEACHER_ARGS=()
