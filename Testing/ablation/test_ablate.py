@@ -245,6 +245,34 @@ def test_running_again_redoes_nothing_and_a_changed_grid_is_refused(grid, capsys
 
 
 @pytest.mark.slow
+def test_a_grid_that_gains_a_cell_continues_and_a_changed_cell_is_refused(grid, tmp_path, capsys):
+    """A cell added to a grid trains its runs only, the others stay as they are and
+    ablation.yaml records the new cell list; a cell kept under its name must not change."""
+    output, _, config, _ = grid
+    moved = tmp_path / "ABL"
+    shutil.copytree(output, moved)
+    runs = sorted((moved / "cells").glob("*/seed*"))
+    before = {run: (run / "events.jsonl").read_bytes() for run in runs}
+    data = yaml.safe_load(config.read_text())
+    added = {"name": "hinton_w", "pairs": [], "output_loss": "pmd", "set": {"output.weight": 1}}
+    data["ablation"]["cells"].append(added)
+    result = run_ablation(ablation_from_dict(data, seeds=[0, 1]), moved, log=quiet)
+    trained = sorted(key for key, state in result.states.items() if state != "finished")
+    assert trained == ["cells/hinton_w/seed0", "cells/hinton_w/seed1"]
+    assert {run: (run / "events.jsonl").read_bytes() for run in runs} == before
+    stored = yaml.safe_load((moved / "ablation.yaml").read_text(encoding="utf-8"))
+    assert [cell["name"] for cell in stored["cells"]] == [*CELLS, "hinton_w"]
+    assert [r["cell"] for r in result.summary] == ["teacher", *CELLS, "hinton_w"]
+
+    added["set"]["output.weight"] = 2  # the same name, another cell
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert main(["ablate", str(changed), "-o", str(moved), "--seeds", "0", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "another ablation grid" in error and "cells.hinton_w." in error
+
+
+@pytest.mark.slow
 def test_tensorboard_mirror_of_a_finished_run(grid, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

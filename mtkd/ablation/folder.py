@@ -72,7 +72,9 @@ def _grid_with_absolute_paths(grid: dict[str, Any], root: Path) -> dict[str, Any
 
 def claim_folder(root: Path, ablation: Ablation) -> None:
     """Write ``ablation.yaml`` into a new or empty folder; refuse one holding another grid.
-    Paths are compared where they point, so a grid moved together with its data continues."""
+    Paths are compared where they point, so a grid moved together with its data continues. A
+    grid that gained or dropped cells continues too (:func:`grid_differences`), and
+    ``ablation.yaml`` then records its cells as they are now."""
     grid = _grid_with_absolute_paths(ablation.to_dict(), Path.cwd())
     path = root / "ablation.yaml"
     if path.is_file():
@@ -89,9 +91,11 @@ def claim_folder(root: Path, ablation: Ablation) -> None:
                 "options, or choose another output folder",
                 path=root,
             )
-        return
-    refuse_unrelated(root)
-    root.mkdir(parents=True, exist_ok=True)
+        if stored.get("cells") == grid.get("cells"):
+            return
+    else:
+        refuse_unrelated(root)
+        root.mkdir(parents=True, exist_ok=True)
     stored = _grid_with_relative_paths(grid, root)
     atomic_write_bytes(path, yaml.safe_dump(stored, sort_keys=False).encode())
 

@@ -254,17 +254,30 @@ class Ablation:
 
 
 def grid_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys in which two resolved grids differ (``recipe.train.device`` is not compared: a grid
-    may continue on another device)."""
+    """Keys in which two resolved grids differ, the cells compared by name: a grid may gain
+    or drop cells (the runs of the others are kept), but a cell in both must be the same
+    (``cells.<name>.<key>``). ``recipe.train.device`` is not compared: a grid may continue on
+    another device."""
 
-    def without_device(grid: dict[str, Any]) -> dict[str, Any]:
-        grid = dict(grid)
+    def shared(grid: dict[str, Any]) -> dict[str, Any]:
+        grid = {key: value for key, value in grid.items() if key != "cells"}
         recipe = dict(grid.get("recipe") or {})
         recipe["train"] = {k: v for k, v in (recipe.get("train") or {}).items() if k != "device"}
         grid["recipe"] = recipe
         return grid
 
-    return differing_keys(without_device(stored), without_device(current))
+    differences = differing_keys(shared(stored), shared(current))
+    stored_cells = {cell.get("name"): cell for cell in _cell_list(stored)}
+    for cell in _cell_list(current):
+        before = stored_cells.get(cell.get("name"))
+        if before is not None:
+            differences += differing_keys(before, cell, f"cells.{cell.get('name')}.")
+    return differences
+
+
+def _cell_list(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    cells = grid.get("cells")
+    return [cell for cell in cells if isinstance(cell, dict)] if isinstance(cells, list) else []
 
 
 def load_ablation(

@@ -8,8 +8,9 @@ has the same data, recipe and epochs; the seed sets ``train.seed``, the split se
 ``split.seed``. Each run is scored on its split's test cases (per-volume Dice and HD95 on the
 original grid, as ``mtkd evaluate``)::
 
-    ABL/ablation.yaml              the resolved grid (a different grid is refused here); its
-                                   paths relative to ABL, absolute beside them, as in a run
+    ABL/ablation.yaml              the resolved grid (a different grid is refused here, one
+                                   that gained or dropped cells continues); its paths
+                                   relative to ABL, absolute beside them, as in a run
     ABL/cells/<cell>/seed<k>/      a normal run folder per cell and seed (with split_seeds:
                                    cells/<cell>/split<j>/seed<k>/); its report/ holds
                                    test_scores.csv (per volume) and ablation_result.json
