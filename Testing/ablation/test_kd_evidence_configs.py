@@ -32,6 +32,7 @@ METHODS = {
     "dd",
     "supcon",
     "hinton",
+    "hinton_tuned",
     "cwd",
     "cwd_tuned",
     "dist",
@@ -39,6 +40,7 @@ METHODS = {
     "paper_subject_negatives",
     "pmd_unlabelled",
     "hinton_unlabelled",
+    "hinton_unlabelled_tuned",
     "cwd_unlabelled",
     "dist_unlabelled",
     "paper_unlabelled",
@@ -76,6 +78,11 @@ def test_student_grid_has_the_issue_cells(student):
     negatives = ablation.run_config(by_name["paper_subject_negatives"], 0, 0).distill
     assert negatives.negatives == "other_subjects"
     assert ablation.run_config(by_name["paper"], 0, 0).distill.negatives == "batch"
+    families = [cell.family for cell in ablation.cells]
+    tuned = sorted(family for family in set(families) if family.endswith("_tuned"))
+    assert tuned == [f"{m}_tuned" for m in sorted(("cwd", "dist", "hinton", "hinton_unlabelled",
+                                                   "paper", "pmd"))]  # fmt: skip
+    assert all(families.count(family) == 3 for family in tuned)  # the same size of sweep
     for method in ("pmd", "cwd", "dist", "paper"):
         plain = ablation.run_config(by_name[method], 0, 0)
         extra = ablation.run_config(by_name[f"{method}_unlabelled"], 0, 0)
