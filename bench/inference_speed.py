@@ -26,6 +26,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,16 +97,35 @@ def threshold_labels(ct: sitk.Image) -> sitk.Image:
     return image
 
 
-def train_student(work: Path) -> Path:
-    """Train (once; reused afterwards) the benchmark student and return its model folder."""
+def present(paths: list[Path], what: str) -> list[Path]:
+    """The files of ``paths`` that exist; says which are missing (``what`` they are for)."""
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        shared = (
+            " (the shared test volumes, which a plain clone lacks)"
+            if any(SHARED in path.parents for path in missing)
+            else ""
+        )
+        names = ", ".join(str(path) for path in missing)
+        print(f"{what}: not found, left out{shared}: {names}", file=sys.stderr)
+    return [path for path in paths if path.is_file()]
+
+
+def train_student(work: Path, training_cts: list[Path]) -> Path:
+    """Train (once; reused afterwards) the benchmark student on ``training_cts`` (at least
+    two: one validates) and return its model folder."""
     run_dir = work / "student"
     if (run_dir / "model" / "mtkd_model.json").is_file():
         return run_dir / "model"
+    found = present(training_cts, "the student's training CTs")
+    if len(found) < 2:
+        raise SystemExit(
+            f"the benchmark student trains on at least 2 CTs and {len(found)} of "
+            f"{len(training_cts)} exist; pass --training-cts CT CT ... or --student MODEL"
+        )
     data = work / "student_data"
     cases = []
-    for path in TRAINING_CTS:
-        if not path.is_file():
-            continue
+    for path in found:
         case = path.name.split(".")[0]
         ct = read_image(path)
         (data / "images").mkdir(parents=True, exist_ok=True)
@@ -200,7 +220,7 @@ def default_volumes(work: Path, carry: Path | None) -> list[Path]:
             SHARED / "fullsize" / "pyradiomics_lung2_image.nrrd",
             SHARED / "fullsize" / "totalseg_thorax_1p5mm_ct.nii.gz",
         ]
-    return [synthetic_volume(work / "synthetic_512.nii")] + [p for p in found if p.is_file()]
+    return [synthetic_volume(work / "synthetic_512.nii")] + present(found, "benchmark volumes")
 
 
 def as_nifti(path: Path, work: Path) -> Path:
@@ -354,11 +374,16 @@ def machine(device: torch.device) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
+    named = [Path(v) for v in args.volumes or [] if v != "synthetic"]
+    if any(not path.is_file() for path in named):
+        missing = ", ".join(str(path) for path in named if not path.is_file())
+        raise SystemExit(f"--volumes: no such file: {missing}")
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    student_folder = Path(args.student) if args.student else train_student(work)
+    training_cts = [Path(p) for p in args.training_cts] if args.training_cts else TRAINING_CTS
+    student_folder = Path(args.student) if args.student else train_student(work, training_cts)
     student = load_model(student_folder, device)
     labels = len(LabelTable.from_dict(student.metadata["labels"]))
     predictor = Predictor(student, device)
@@ -507,6 +532,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--volumes", nargs="*", help="CT files (default: fullsize + synthetic)")
     parser.add_argument("--student", help="student model folder (default: train one)")
+    parser.add_argument(
+        "--training-cts",
+        nargs="+",
+        help="CT files the student trains on when --student is not given (default: the bundled "
+        "CT and three of the shared test volumes)",
+    )
     parser.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=list(TEACHERS))
     parser.add_argument(
         "--teacher-volumes", type=int, default=-1, help="run the teachers on the first N only"
