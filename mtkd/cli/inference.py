@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from mtkd.cli.options import DEVICE_HELP, MODEL_HELP, PROGRESS_HELP
+from mtkd.cli.options import (
+    DEVICE_HELP,
+    MODEL_HELP,
+    PROGRESS_HELP,
+    add_postprocessing_options,
+    postprocessing_from_args,
+)
 from mtkd.errors import MTKDError
 from mtkd.infer.output_paths import SEGMENT_FORMATS
 from mtkd.progress import ProgressReporter
@@ -31,6 +37,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--labels-json", help="label names when the dataset has none")
     sub.add_argument("--csv", help="where to write per-volume scores (CSV)")
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_postprocessing_options(sub)
     sub.set_defaults(func=cmd_evaluate)
 
 
@@ -50,6 +57,7 @@ def _add_segment_parser(commands: argparse._SubParsersAction) -> None:
     )
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
     sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
+    add_postprocessing_options(sub)
     sub.set_defaults(func=cmd_segment)
 
 
@@ -116,7 +124,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     inputs += [case.image for case in dataset.cases] + [c.label for c in dataset.cases if c.label]
     output = Path(args.csv or Path(model.folder).parent / "report" / "evaluation.csv")
     check_scores_csv(output, inputs)
-    scores = evaluate(Predictor(model, device), dataset, case_ids)
+    postprocessing = postprocessing_from_args(args, model.labels)
+    scores = evaluate(Predictor(model, device, postprocessing=postprocessing), dataset, case_ids)
     write_scores_csv(scores, output)
     print(f"{model.name}: {len(case_ids)} case(s), per-volume scores in {output}")
     print(summary_table(summarise(scores)))
@@ -138,7 +147,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     planned = segment_outputs(images, args.output, args.format, model=args.model)
     outputs = [check_writable(output) for output in planned]  # before anything is loaded
     progress(0.0, "loading the model")
-    predictor = Predictor(load_any_model(args.model, device), device)  # loaded once
+    model = load_any_model(args.model, device)  # loaded once
+    postprocessing = postprocessing_from_args(args, model.labels)
+    predictor = Predictor(model, device, postprocessing=postprocessing)
     share = 0.9 / len(images)
     for index, (image_path, output) in enumerate(zip(images, outputs, strict=True)):
         start = 0.1 + index * share

@@ -46,6 +46,7 @@ from mtkd.infer.memory import (
 )
 from mtkd.infer.model_grid import NotSeparableError
 from mtkd.infer.model_input import ModelInput
+from mtkd.infer.postprocess import PostProcessing
 from mtkd.modelfiles.model_io import LoadedModel
 
 Result = TypeVar("Result")
@@ -107,7 +108,9 @@ class Predictor:
     Images are preprocessed, predicted and mapped back in slabs of ``slab_bytes`` of float32
     (default from the budget: :func:`mtkd.infer.memory.slab_bytes_for`); the labels do not
     depend on it. The memory one prediction holds is bounded as :mod:`mtkd.infer.memory`
-    states (:func:`mtkd.infer.memory.segmentation_memory_bound`).
+    states (:func:`mtkd.infer.memory.segmentation_memory_bound`). ``postprocessing``
+    (:class:`mtkd.infer.postprocess.PostProcessing`) cleans each label map, within the
+    prediction's time.
     """
 
     def __init__(
@@ -119,8 +122,10 @@ class Predictor:
         memory_fraction: float = 0.5,
         memory_budget_bytes: int | None = None,
         slab_bytes: int | None = None,
+        postprocessing: PostProcessing | None = None,
     ):
         self.model = model
+        self.postprocessing = postprocessing
         self.device = torch.device(device)
         self.amp = amp
         self.memory_fraction = memory_fraction
@@ -177,6 +182,8 @@ class Predictor:
         started = time.perf_counter()
         with PeakMemory(self.device) as peak, torch.inference_mode():
             labels, plan = self._segment(image)
+        if self.postprocessing:  # on the input's grid: volumes in the image's millimetres
+            labels = self.postprocessing.apply(labels, image.GetSpacing())
         labelmap = to_sitk(labels, image)
         return Prediction(labelmap, time.perf_counter() - started, peak.peak_bytes, plan)
 
