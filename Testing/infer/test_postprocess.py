@@ -113,3 +113,29 @@ def test_segment_and_evaluate_with_post_processing(
     argv = ["evaluate", str(teacher_run), data, "--labels-json", names, "--csv", str(scores)]
     assert main([*argv, "--keep-largest"]) == 0
     assert scores.is_file() and "mean" in capsys.readouterr().out
+
+
+def test_the_effect_benchmark_scores_every_variant_of_every_case(
+    teacher_run, slab_dataset, data_dir, tmp_path, capsys
+):
+    import csv
+
+    from helpers import load_bench_script
+
+    bench = load_bench_script("postprocess_effect.py", "postprocess_effect_bench")
+    out = tmp_path / "effect.csv"
+    names = str(data_dir / "labels_total_v2.json")
+    argv = [str(slab_dataset[0]), str(out), "--labels-json", names, "--runs", str(teacher_run)]
+    assert bench.main(argv) == 0
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert list(rows[0]) == bench.FIELDS
+    keys = {(r["subset"], r["case"], r["structure"]) for r in rows}
+    split = slab_dataset[1]
+    assert {case for subset, case, _ in keys if subset == "val"} == set(split["val"])
+    assert {case for subset, case, _ in keys if subset == "test"} == set(split["test"])
+    for key in keys:  # one row per variant, the post-processing timed apart from the network
+        own = {r["variant"]: r for r in rows if (r["subset"], r["case"], r["structure"]) == key}
+        assert sorted(own) == sorted(["none", *bench.VARIANTS])
+        assert float(own["none"]["seconds"]) == 0 and float(own["largest"]["seconds"]) > 0
+    assert "adopted (validation ΔDice ≥ 0)" in capsys.readouterr().out
+    assert bench.main([str(slab_dataset[0]), str(out), "--runs", str(tmp_path)]) == 2
