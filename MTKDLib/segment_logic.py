@@ -39,9 +39,11 @@ class SegmentLogic(EngineLogic):
         model: str | Path,
         device: str = "auto",
         model_name: str | None = None,
+        keep_largest: bool = False,
     ) -> EngineTask[Any]:
         """Start segmenting; poll the returned task, whose result is the new segmentation
-        node (named ``"<volume> <model>"``, under the volume in the subject hierarchy)."""
+        node (named ``"<volume> <model>"``, under the volume in the subject hierarchy).
+        ``keep_largest``: each structure keeps only its largest connected part."""
         check_volume(volume_node)
         check_device(device)
         name = f"{volume_node.GetName()} {model_name or Path(model).name}"
@@ -49,8 +51,9 @@ class SegmentLogic(EngineLogic):
         def prepare(workdir: Path) -> list[str]:
             image = write_volume(volume_node, workdir / "input.nrrd")
             output = workdir / "segmentation.seg.nrrd"
-            return ["segment", str(model), str(image), "-o", str(output), "--device", device,
-                    "--progress"]  # fmt: skip
+            command = ["segment", str(model), str(image), "-o", str(output), "--device",
+                       device, "--progress"]  # fmt: skip
+            return [*command, "--keep-largest"] if keep_largest else command
 
         def collect(workdir: Path) -> Any:
             return load_segmentation(

@@ -65,6 +65,7 @@ class MTKDSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     studentModel: str = ""
     device: str = "auto"  # any device the engine accepts: the list differs between machines
+    keepLargest: bool = False  # post-processing: each structure's largest part only
     teacherIsSegmentation: bool = False
     teacherModel: str = ""
     teacherPath: str = ""
@@ -203,6 +204,7 @@ class MTKDSegmentWidget(ModuleWidget):
                 student,
                 node.device,
                 model_name=self.logic.modelName(node.studentModel),
+                keep_largest=node.keepLargest,
             ),
             self.showSegmentation,
         )

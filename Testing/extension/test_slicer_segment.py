@@ -97,6 +97,27 @@ def test_segmentation_node_matches_the_command_line(teacher_run, scene_with_ct, 
     assert parent == hierarchy.GetItemByDataNode(volume)  # shown under its CT
 
 
+def test_keep_largest_gives_what_the_command_line_gives(
+    teacher_run, scene_with_ct, oblique_ct, tmp_path
+):
+    """The panel's "Keep only the largest part of each structure": `mtkd segment --keep-largest`,
+    voxel for voxel, one connected part per structure."""
+    from scipy import ndimage
+
+    scene, volume = scene_with_ct
+    names = load_model(teacher_run).labels.names
+    node = SegmentLogic(scene, python=PYTHON).segment(volume, teacher_run, "cpu", keep_largest=True)
+    out = tmp_path / "largest.nii.gz"
+    argv = ["segment", str(teacher_run), str(oblique_ct / "ct.nrrd"), "-o", str(out)]
+    assert main([*argv, "--keep-largest"]) == 0
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    array = labelmap_array(node, volume, names)
+    assert np.array_equal(array, expected)
+    full = np.ones((3, 3, 3))
+    assert all(ndimage.label(array == v, structure=full)[1] == 1 for v in np.unique(array) if v)
+    scene.RemoveNode(node)
+
+
 def test_progress_is_reported_while_running(teacher_run, scene_with_ct):
     scene, volume = scene_with_ct
     task = SegmentLogic(scene, python=PYTHON).start(volume, teacher_run, "cpu")
