@@ -13,7 +13,8 @@ each post-processing variant of :mod:`mtkd.infer.postprocess`:
 
 OUT.csv has one row per run, subset, case, structure and variant: ``run,subset,case,
 structure,variant,dice,hd95,outcome,seconds`` (``seconds``: the post-processing's own time on
-that case; 0 for ``none``). The script prints, per variant and subset, the mean Dice and HD95
+that case; 0 for ``none``). The script prints for each model (a grid cell's runs together,
+see :func:`group_of`), per variant and subset, the mean Dice and HD95
 (with missed structures scored by the penalty, as ``mtkd evaluate``), and per structure the
 change that ``largest`` makes on validation: the rule a model would adopt, structure by
 structure, where it does not lower the validation Dice (nnU-Net's choice), with its effect on
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import statistics
 import sys
 import time
@@ -85,6 +87,13 @@ def score_run(run: Path, dataset, subsets: list[str], device) -> list[dict]:
 
         evaluate(Predictor(model, device), dataset, getattr(split, subset), on_arrays)
     return rows
+
+
+def group_of(run: str) -> str:
+    """The model a run stands for: its grid cell (``cells/<cell>/split<j>/seed<k>``) or its
+    folder's name without ``-split<j>``."""
+    parts = [part for part in Path(run).parts if not re.fullmatch(r"(split|seed)\d+", part)]
+    return re.sub(r"-split\d+$", "", parts[-1])
 
 
 def mean_over_cases(rows: list[dict], key: str) -> float:
@@ -157,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(args.output, text.getvalue().encode())
-    print(summary(rows, args.subsets))
+    for group in dict.fromkeys(group_of(row["run"]) for row in rows):
+        own = [row for row in rows if group_of(row["run"]) == group]
+        print(f"\n### {group} ({len({row['run'] for row in own})} runs)\n")
+        print(summary(own, args.subsets))
     return 0
 
 

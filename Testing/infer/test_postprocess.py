@@ -139,3 +139,5 @@ def test_the_effect_benchmark_scores_every_variant_of_every_case(
         assert float(own["none"]["seconds"]) == 0 and float(own["largest"]["seconds"]) > 0
     assert "adopted (validation ΔDice ≥ 0)" in capsys.readouterr().out
     assert bench.main([str(slab_dataset[0]), str(out), "--runs", str(tmp_path)]) == 2
+    assert bench.group_of("runs/s1/cells/no_kd/split1/seed7") == "no_kd"
+    assert bench.group_of("runs/teachers/cohort/teacher2d-split0") == "teacher2d"
