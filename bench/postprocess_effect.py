@@ -2,6 +2,7 @@
 
     python bench/postprocess_effect.py DATASET OUT.csv --runs RUN [RUN ...] \
         [--subsets val test] [--labels-json NAMES.json] [--device cpu]
+    python bench/postprocess_effect.py DATASET OUT.csv --summarise
 
 Each RUN is a finished run folder (its model and its ``split.json``). Every case of the chosen
 subsets of the run's split is segmented once; the label map is then scored as it is and after
@@ -16,9 +17,9 @@ structure,variant,dice,hd95,outcome,seconds`` (``seconds``: the post-processing'
 that case; 0 for ``none``). The script prints for each model (a grid cell's runs together,
 see :func:`group_of`), per variant and subset, the mean Dice and HD95
 (with missed structures scored by the penalty, as ``mtkd evaluate``), and per structure the
-change that ``largest`` makes on validation: the rule a model would adopt, structure by
-structure, where it does not lower the validation Dice (nnU-Net's choice), with its effect on
-test.
+change that ``largest`` makes; ``chosen`` applies ``largest`` to the structures whose
+validation Dice it raises, the rule a model would adopt structure by structure, and reports its
+effect on test. ``--summarise`` prints the same from an existing OUT.csv.
 """
 
 from __future__ import annotations
@@ -104,36 +105,57 @@ def mean_over_cases(rows: list[dict], key: str) -> float:
     return statistics.fmean(nanmean(values) for values in by_case.values())
 
 
+def structure_mean(rows: list[dict], variant: str, subset: str, structure: str, key: str):
+    """The mean of ``key`` over the rows of one variant, subset and structure."""
+    wanted = (variant, subset, structure)
+    return nanmean(
+        [float(r[key]) for r in rows if (r["variant"], r["subset"], r["structure"]) == wanted]
+    )
+
+
+def chosen_on_validation(rows: list[dict]) -> list[str]:
+    """The structures whose mean validation Dice ``largest`` raises: the per-structure rule a
+    model would adopt."""
+    structures = dict.fromkeys(r["structure"] for r in rows)
+    return [
+        name
+        for name in structures
+        if structure_mean(rows, "largest", "val", name, "dice")
+        > structure_mean(rows, "none", "val", name, "dice")
+    ]
+
+
 def summary(rows: list[dict], subsets: list[str]) -> str:
-    """Markdown: mean Dice and HD95 per variant and subset, then ``largest`` per structure."""
+    """Markdown: mean Dice and HD95 per variant and subset (and of ``largest`` on the
+    structures chosen on validation only), then ``largest`` per structure."""
+    chosen = chosen_on_validation(rows) if "val" in subsets else []
+    picked = [
+        {**r, "variant": "chosen"}
+        for r in rows
+        if r["variant"] == ("largest" if r["structure"] in chosen else "none")
+    ]
     lines = ["| variant | " + " | ".join(f"{s} Dice | {s} HD95 (mm)" for s in subsets) + " |"]
     lines.append("|---|" + "---|---|" * len(subsets))
-    for variant in ["none", *VARIANTS]:
+    for variant in ["none", *VARIANTS, "chosen"]:
         cells = []
         for subset in subsets:
-            own = [r for r in rows if r["variant"] == variant and r["subset"] == subset]
+            own = [r for r in rows + picked if r["variant"] == variant and r["subset"] == subset]
             cells += [f"{mean_over_cases(own, 'dice'):.4f}", f"{mean_over_cases(own, 'hd95'):.1f}"]
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        name = f"largest for {', '.join(chosen) or 'none'}" if variant == "chosen" else variant
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| structure | " + " | ".join(f"{s} ΔDice, ΔHD95 (largest)" for s in subsets)]
-    lines[-1] += " | adopted (validation ΔDice ≥ 0) |"
+    lines[-1] += " | chosen (higher validation Dice) |"
     lines.append("|---|" + "---|" * len(subsets) + "---|")
     for structure in dict.fromkeys(r["structure"] for r in rows):
-        cells, adopted = [], ""
+        cells = []
         for subset in subsets:
-
-            def mean(variant, key, subset=subset, structure=structure):
-                values = [
-                    float(r[key])
-                    for r in rows
-                    if (r["variant"], r["subset"], r["structure"]) == (variant, subset, structure)
-                ]
-                return nanmean(values)
-
-            dice = mean("largest", "dice") - mean("none", "dice")
-            hd95 = mean("largest", "hd95") - mean("none", "hd95")
+            dice, hd95 = (
+                structure_mean(rows, "largest", subset, structure, key)
+                - structure_mean(rows, "none", subset, structure, key)
+                for key in ("dice", "hd95")
+            )
             cells.append(f"{dice:+.4f}, {hd95:+.1f} mm")
-            if subset == "val":
-                adopted = "yes" if dice >= 0 else "no"
+        adopted = "yes" if structure in chosen else "no"
         lines.append(f"| {structure} | " + " | ".join(cells) + f" | {adopted} |")
     seconds = [float(r["seconds"]) * 1000 for r in rows if r["variant"] != "none"]
     median, longest = statistics.median(seconds), max(seconds)
@@ -144,15 +166,34 @@ def summary(rows: list[dict], subsets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def print_summaries(rows: list[dict], subsets: list[str]) -> None:
+    """The summary of each model (grid cell) apart."""
+    for group in dict.fromkeys(group_of(row["run"]) for row in rows):
+        own = [row for row in rows if group_of(row["run"]) == group]
+        print(f"\n### {group} ({len({row['run'] for row in own})} runs)\n")
+        print(summary(own, subsets))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", help="the runs' dataset folder")
     parser.add_argument("output", type=Path, help="the CSV to write")
-    parser.add_argument("--runs", nargs="+", required=True, help="finished run folders")
+    parser.add_argument("--runs", nargs="+", help="finished run folders")
+    parser.add_argument(
+        "--summarise",
+        action="store_true",
+        help="print the summary of an existing OUT.csv instead (nothing is segmented)",
+    )
     parser.add_argument("--subsets", nargs="+", default=["val", "test"])
     parser.add_argument("--labels-json", help="label names when the dataset has none")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.summarise:
+        with args.output.open(encoding="utf-8") as handle:
+            print_summaries(list(csv.DictReader(handle)), args.subsets)
+        return 0
+    if not args.runs:
+        parser.error("--runs is needed unless --summarise")
     runs = [Path(run) for run in args.runs]
     missing = [str(run) for run in runs if not (run / "split.json").is_file()]
     if missing:
@@ -166,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(args.output, text.getvalue().encode())
-    for group in dict.fromkeys(group_of(row["run"]) for row in rows):
-        own = [row for row in rows if group_of(row["run"]) == group]
-        print(f"\n### {group} ({len({row['run'] for row in own})} runs)\n")
-        print(summary(own, args.subsets))
+    print_summaries(rows, args.subsets)
     return 0
 
 

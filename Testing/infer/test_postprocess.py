@@ -137,7 +137,10 @@ def test_the_effect_benchmark_scores_every_variant_of_every_case(
         own = {r["variant"]: r for r in rows if (r["subset"], r["case"], r["structure"]) == key}
         assert sorted(own) == sorted(["none", *bench.VARIANTS])
         assert float(own["none"]["seconds"]) == 0 and float(own["largest"]["seconds"]) > 0
-    assert "adopted (validation ΔDice ≥ 0)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "chosen (higher validation Dice)" in printed and "| largest_fill |" in printed
+    assert bench.main([str(slab_dataset[0]), str(out), "--summarise"]) == 0  # from the CSV
+    assert capsys.readouterr().out == printed
     assert bench.main([str(slab_dataset[0]), str(out), "--runs", str(tmp_path)]) == 2
     assert bench.group_of("runs/s1/cells/no_kd/split1/seed7") == "no_kd"
     assert bench.group_of("runs/teachers/cohort/teacher2d-split0") == "teacher2d"
