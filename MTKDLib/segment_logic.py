@@ -43,7 +43,8 @@ class SegmentLogic(EngineLogic):
     ) -> EngineTask[Any]:
         """Start segmenting; poll the returned task, whose result is the new segmentation
         node (named ``"<volume> <model>"``, under the volume in the subject hierarchy).
-        ``keep_largest``: each structure keeps only its largest connected part."""
+        ``keep_largest``: every structure keeps only its largest connected part (off: the
+        post-processing the model chose on its validation cases, as ``mtkd segment``)."""
         check_volume(volume_node)
         check_device(device)
         name = f"{volume_node.GetName()} {model_name or Path(model).name}"

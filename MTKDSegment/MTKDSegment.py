@@ -65,7 +65,7 @@ class MTKDSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     studentModel: str = ""
     device: str = "auto"  # any device the engine accepts: the list differs between machines
-    keepLargest: bool = False  # post-processing: each structure's largest part only
+    keepLargest: bool = False  # every structure's largest part only (off: the model's choice)
     teacherIsSegmentation: bool = False
     teacherModel: str = ""
     teacherPath: str = ""

@@ -97,7 +97,9 @@ def test_segment_and_evaluate_with_post_processing(
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(sitk.RegionOfInterest(image, [96, 80, 40], [20, 10, 30]), str(ct))
     plain, clean = tmp_path / "plain.nii.gz", tmp_path / "clean.nii.gz"
-    assert main(["segment", str(teacher_run), str(ct), "-o", str(plain)]) == 0
+    assert (
+        main(["segment", str(teacher_run), str(ct), "-o", str(plain), "--no-postprocessing"]) == 0
+    )
     assert main(["segment", str(teacher_run), str(ct), "-o", str(clean), "--keep-largest"]) == 0
     before, after = largest_parts(plain), largest_parts(clean)
     assert set(after) <= set(before) and all(count == 1 for count in after.values())
@@ -113,6 +115,69 @@ def test_segment_and_evaluate_with_post_processing(
     argv = ["evaluate", str(teacher_run), data, "--labels-json", names, "--csv", str(scores)]
     assert main([*argv, "--keep-largest"]) == 0
     assert scores.is_file() and "mean" in capsys.readouterr().out
+
+
+def test_a_trained_model_carries_the_choice_made_on_validation(teacher_run):
+    from mtkd.modelfiles.model_io import load_model
+
+    model = load_model(teacher_run)
+    stored = model.metadata["postprocessing"]
+    assert stored["chosen_on"] == "validation"
+    per_structure = stored["val_dice_per_structure"]
+    assert list(per_structure) == model.labels.names
+    assert stored["largest_only"] == [  # exactly where keeping the largest part scored higher
+        name for name, dice in per_structure.items()
+        if dice["largest_part"] > dice["as_predicted"]
+    ]  # fmt: skip
+
+
+def with_stored_choice(run, folder, largest_only) -> str:
+    """A copy of ``run``'s model whose stored choice keeps the largest part of
+    ``largest_only`` (its metadata re-sealed)."""
+    import json
+    import shutil
+
+    from mtkd.modelfiles.metadata import CHECKSUM_KEY, seal
+
+    shutil.copytree(run / "model", folder)
+    path = folder / "mtkd_model.json"
+    metadata = json.loads(path.read_text(encoding="utf-8"))
+    metadata.pop(CHECKSUM_KEY)
+    metadata["postprocessing"] = {"largest_only": largest_only, "chosen_on": "validation"}
+    path.write_text(json.dumps(seal(metadata)), encoding="utf-8")
+    return str(folder)
+
+
+def test_segment_applies_the_models_choice_unless_told_otherwise(
+    teacher_run, data_dir, tmp_path, capsys
+):
+    from mtkd.modelfiles.model_io import load_model
+
+    image = sitk.ReadImage(str(data_dir / "abdomen_ct.nii.gz"))
+    ct = str(tmp_path / "ct.nii.gz")
+    sitk.WriteImage(sitk.RegionOfInterest(image, [96, 80, 40], [20, 10, 30]), ct)
+    names = load_model(teacher_run).labels.names
+    model = with_stored_choice(teacher_run, tmp_path / "chosen", names)
+    out = {key: tmp_path / f"{key}.nii.gz" for key in ("default", "explicit", "raw", "none")}
+    assert main(["segment", model, ct, "-o", str(out["default"])]) == 0
+    assert f"post-processing: largest part of {', '.join(names)}" in capsys.readouterr().out
+    assert (
+        main(["segment", str(teacher_run), ct, "-o", str(out["explicit"]), "--keep-largest"]) == 0
+    )
+    assert main(["segment", model, ct, "-o", str(out["raw"]), "--no-postprocessing"]) == 0
+    assert (
+        main(["segment", str(teacher_run), ct, "-o", str(out["none"]), "--no-postprocessing"]) == 0
+    )
+    arrays = {k: sitk.GetArrayFromImage(sitk.ReadImage(str(v))) for k, v in out.items()}
+    assert np.array_equal(arrays["default"], arrays["explicit"])  # the stored choice applied
+    assert np.array_equal(arrays["raw"], arrays["none"])  # and left out when asked
+    assert not np.array_equal(arrays["default"], arrays["raw"])
+
+    broken = with_stored_choice(teacher_run, tmp_path / "broken", ["pancreas"])
+    capsys.readouterr()
+    assert main(["segment", broken, ct, "-o", str(tmp_path / "b.nii.gz")]) == 2
+    error = capsys.readouterr().err
+    assert "postprocessing.largest_only names pancreas" in error and "broken" in error
 
 
 def test_the_effect_benchmark_scores_every_variant_of_every_case(

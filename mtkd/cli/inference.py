@@ -124,10 +124,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     inputs += [case.image for case in dataset.cases] + [c.label for c in dataset.cases if c.label]
     output = Path(args.csv or Path(model.folder).parent / "report" / "evaluation.csv")
     check_scores_csv(output, inputs)
-    postprocessing = postprocessing_from_args(args, model.labels)
+    postprocessing = postprocessing_from_args(args, model)
     scores = evaluate(Predictor(model, device, postprocessing=postprocessing), dataset, case_ids)
     write_scores_csv(scores, output)
+    cleaned = postprocessing.describe(model.labels) or "none"
     print(f"{model.name}: {len(case_ids)} case(s), per-volume scores in {output}")
+    print(f"post-processing: {cleaned}")
     print(summary_table(summarise(scores)))
     return 0
 
@@ -148,7 +150,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     outputs = [check_writable(output) for output in planned]  # before anything is loaded
     progress(0.0, "loading the model")
     model = load_any_model(args.model, device)  # loaded once
-    postprocessing = postprocessing_from_args(args, model.labels)
+    postprocessing = postprocessing_from_args(args, model)
     predictor = Predictor(model, device, postprocessing=postprocessing)
     share = 0.9 / len(images)
     for index, (image_path, output) in enumerate(zip(images, outputs, strict=True)):
@@ -167,7 +169,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise MTKDError(error.problem, image_path) from None
         progress(start + 0.9 * share, f"writing {output.name}")
         write_segmentation(prediction.labelmap, predictor.model.labels, output)
-        print(f"{image_path} -> {output} ({prediction.seconds:.2f} s, {prediction.plan})")
+        cleaned = postprocessing.describe(model.labels)
+        cleaned = f"; post-processing: {cleaned}" if cleaned else ""
+        print(f"{image_path} -> {output} ({prediction.seconds:.2f} s, {prediction.plan}{cleaned})")
     progress(1.0, "done")
     return 0
 
@@ -182,7 +186,11 @@ def _segmenter(path: str, labels_json: str | None, device):
     if is_stored_output(path):
         labels = LabelTable.from_json(labels_json) if labels_json else None
         return StoredSegmentation(path, labels)
-    return ModelSegmenter(Predictor(load_any_model(path, device), device))
+    from mtkd.infer.postprocess import stored_postprocessing
+
+    model = load_any_model(path, device)  # as `mtkd segment` gives it: its chosen post-processing
+    postprocessing = stored_postprocessing(model.metadata, model.labels, model.folder)
+    return ModelSegmenter(Predictor(model, device, postprocessing=postprocessing))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -12,7 +12,10 @@ MODEL_HELP = (
 def add_postprocessing_options(sub) -> None:
     """``--keep-largest``, ``--min-part-ml`` and ``--fill-holes`` on ``sub`` (an argparse
     subparser)."""
-    group = sub.add_argument_group("post-processing of the label maps (default: none)")
+    group = sub.add_argument_group(
+        "post-processing of the label maps (default: the model's choice on its validation "
+        "cases, if it made one)"
+    )
     group.add_argument(
         "--keep-largest",
         nargs="*",
@@ -32,16 +35,27 @@ def add_postprocessing_options(sub) -> None:
         action="store_true",
         help="fill the background holes each structure encloses",
     )
-
-
-def postprocessing_from_args(args, labels):
-    """The :class:`mtkd.infer.postprocess.PostProcessing` the options ask for, for a model's
-    ``labels`` (a LabelTable)."""
-    from mtkd.infer.postprocess import postprocessing_for
-
-    return postprocessing_for(
-        labels,
-        largest_only=args.keep_largest,
-        min_volume_ml=args.min_part_ml,
-        fill_holes=args.fill_holes,
+    group.add_argument(
+        "--no-postprocessing",
+        action="store_true",
+        help="the network's labels as they are, without the post-processing the model chose "
+        "on its validation cases",
     )
+
+
+def postprocessing_from_args(args, model):
+    """The :class:`mtkd.infer.postprocess.PostProcessing` for a loaded ``model``: the rules the
+    options ask for; without any, the one the model chose on its validation cases (none with
+    ``--no-postprocessing``, or for a model without a choice)."""
+    from mtkd.infer.postprocess import PostProcessing, postprocessing_for, stored_postprocessing
+
+    if args.no_postprocessing:
+        return PostProcessing()
+    if args.keep_largest is not None or args.min_part_ml or args.fill_holes:
+        return postprocessing_for(
+            model.labels,
+            largest_only=args.keep_largest,
+            min_volume_ml=args.min_part_ml,
+            fill_holes=args.fill_holes,
+        )
+    return stored_postprocessing(model.metadata, model.labels, getattr(model, "folder", None))

@@ -57,7 +57,7 @@ from mtkd.engine.setup_data import build_run_data, raise_on_every_rank
 from mtkd.engine.setup_models import build_run_models, model_metadata, run_lineage
 from mtkd.engine.setup_optim import build_optimisation
 from mtkd.engine.signals import StopRequest, stop_file
-from mtkd.engine.validation import validation_scores
+from mtkd.engine.validation import largest_part_choice, validation_scores
 from mtkd.errors import MTKDError
 from mtkd.folder_lock import FolderLock, FolderLocked
 from mtkd.infer.inference import repeat_channels
@@ -540,7 +540,8 @@ class Trainer:
         )
 
     def _export(self) -> None:
-        """Export the best (else the last) weights to ``model/`` with the report."""
+        """Export the best (else the last) weights to ``model/`` with the report and the
+        post-processing chosen on the validation cases."""
         self.events.emit("status", state="exporting")
         best = self.run_dir.best_checkpoint
         if best.is_file() and self.best_epoch > 0:
@@ -550,8 +551,9 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "initial_val_dice": self.initial_val_dice,
         }
+        network, amp = self.models.network, self.config.train.amp
         export_model(
-            self.models.network,
+            network,
             self.run_dir.model,
             spec=self.models.spec,
             labels=self.data.labels,
@@ -560,6 +562,7 @@ class Trainer:
             lineage=self._lineage(),
             metrics=metrics,
             name=self.config.name,
+            postprocessing=largest_part_choice(network, self.data, self.device, amp=amp),
         )
         self.run_dir.write_json(self.run_dir.report / "history.json", self.history)
         self.events.emit(

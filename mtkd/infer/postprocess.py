@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -20,7 +21,7 @@ from scipy import ndimage
 from mtkd.data.labels import LabelTable
 from mtkd.errors import MTKDError
 
-__all__ = ["PostProcessing", "StructureRule", "postprocessing_for"]
+__all__ = ["PostProcessing", "StructureRule", "postprocessing_for", "stored_postprocessing"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,21 @@ class PostProcessing:
                 region[ndimage.binary_fill_holes(mask) & (region == 0)] = value
         return cleaned
 
+    def describe(self, labels: LabelTable) -> str:
+        """The rules in words, by structure name ("" when there is nothing to do)."""
+        parts = []
+        for what, wanted in (
+            ("largest part of", lambda rule: rule.largest_only),
+            ("holes filled in", lambda rule: rule.fill_holes),
+        ):
+            names = [labels[value] for value, rule in self.rules.items() if wanted(rule)]
+            if names:
+                parts.append(f"{what} {', '.join(names)}")
+        volumes = {rule.min_volume_ml for rule in self.rules.values() if rule.min_volume_ml}
+        if volumes:
+            parts.append(f"parts below {', '.join(f'{v:g}' for v in sorted(volumes))} ml removed")
+        return "; ".join(parts)
+
 
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 
@@ -119,3 +135,27 @@ def postprocessing_for(
         for value, name in zip(labels.label_values, names)
     }
     return PostProcessing(rules)
+
+
+def stored_postprocessing(
+    metadata: dict, labels: LabelTable, where: str | Path | None = None
+) -> PostProcessing:
+    """The post-processing a model chose on its validation cases (its metadata's
+    ``postprocessing``, :func:`mtkd.engine.validation.largest_part_choice`); none for a model
+    without one. MTKDError naming ``where`` for a choice that names no structure of the
+    model."""
+    stored = metadata.get("postprocessing") or {}
+    names = stored.get("largest_only", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise MTKDError(
+            "invalid model metadata: postprocessing.largest_only must be a list of structure names",
+            where,
+        )
+    unknown = [name for name in names if name not in labels.names]
+    if unknown:
+        raise MTKDError(
+            f"invalid model metadata: postprocessing.largest_only names {', '.join(unknown)}, "
+            f"not a structure of the model ({', '.join(labels.names)})",
+            where,
+        )
+    return postprocessing_for(labels, largest_only=names) if names else PostProcessing()

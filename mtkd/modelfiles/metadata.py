@@ -182,6 +182,7 @@ MODEL_KEYS: dict[str, Key] = {
     "size_multiple": Key(integer(1, MAX_SIZE_MULTIPLE)),
     "lineage": Key(json_object),
     "metrics": Key(json_object),
+    "postprocessing": Key(json_object),  # its structure names: mtkd.infer.postprocess
     "weights_sha256": Key(sha256_hex),
     CHECKSUM_KEY: Key(sha256_hex),
     "source_weights_sha256": Key(text_or_null),

@@ -75,8 +75,12 @@ def export_model(
     lineage: dict[str, Any],
     metrics: dict[str, Any] | None = None,
     name: str | None = None,
+    postprocessing: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``network``'s weights and metadata to ``folder`` (each file atomically)."""
+    """Write ``network``'s weights and metadata to ``folder`` (each file atomically);
+    ``postprocessing``: the choice made on validation
+    (:func:`mtkd.engine.validation.largest_part_choice`), applied by default by ``mtkd
+    segment``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS
@@ -95,6 +99,8 @@ def export_model(
         "metrics": metrics or {},
         "weights_sha256": sha256_of(weights),
     }
+    if postprocessing is not None:
+        metadata["postprocessing"] = postprocessing
     text = json.dumps(seal(metadata), indent=2) + "\n"
     atomic_write_bytes(folder / METADATA, text.encode())
     return folder
