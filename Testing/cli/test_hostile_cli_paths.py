@@ -58,7 +58,7 @@ INPUT_KINDS_BY_DEST = {
     "root": "library",
 }
 OUTPUT_DESTS = {"output", "csv", "run_dir", "runs", "write_configs"}
-NOT_PATH_DESTS = {"device", "name", "key", "set", "stage", "cells"}
+NOT_PATH_DESTS = {"device", "name", "key", "set", "stage", "cells", "keep_largest"}
 # Where the dest alone cannot tell (the same dest means something else in this command).
 EXPLICIT = {
     ("demo", "labels"): "label",  # a label map image, not label names

@@ -49,6 +49,43 @@ def test_parts_below_a_volume_go_whatever_their_count():
     assert not (gone.apply(labels, (1, 1, 1)) == 1).any()
 
 
+def reference_cleaning(labels, rule, voxel_ml):
+    """The rule applied the plain way: every structure's parts labelled on the whole map."""
+    cleaned = labels.copy()
+    for value in (1, 2, 3):
+        parts, count = ndimage.label(labels == value, structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(parts.ravel(), minlength=count + 1)
+        keep = sizes * voxel_ml >= rule.min_volume_ml
+        keep[0] = False
+        if rule.largest_only and keep.any():
+            best = np.argmax(np.where(keep, sizes, -1))
+            keep[:] = False
+            keep[best] = True
+        elif rule.largest_only:
+            keep[:] = False
+        cleaned[(labels == value) & ~keep[parts]] = 0
+    return cleaned
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_parts_found_coarse_first_are_exactly_the_parts(seed):
+    """Random blobs of 3 structures on odd-sized maps: the result equals labelling each
+    structure's parts on the whole map at once."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(9, 40, 3))
+    labels = np.zeros(shape, np.uint8)
+    for _ in range(int(rng.integers(5, 60))):
+        corner = [int(rng.integers(0, n - 1)) for n in shape]
+        extent = [int(rng.integers(1, 6)) for _ in shape]
+        box = tuple(slice(c, c + e) for c, e in zip(corner, extent))
+        labels[box] = rng.integers(0, 4)
+    for rule in (StructureRule(largest_only=True), StructureRule(min_volume_ml=0.02),
+                 StructureRule(largest_only=True, min_volume_ml=0.05)):  # fmt: skip
+        postprocessing = PostProcessing({v: rule for v in (1, 2, 3)})
+        expected = reference_cleaning(labels, rule, voxel_ml=0.001)
+        assert np.array_equal(postprocessing.apply(labels, (1, 1, 1)), expected), rule
+
+
 def test_holes_are_filled_with_background_only():
     labels = two_structures()
     filled = PostProcessing({2: StructureRule(fill_holes=True)}).apply(labels, (1, 1, 1))

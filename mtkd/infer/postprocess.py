@@ -60,17 +60,18 @@ class PostProcessing:
         if not self or not cleaned.any():
             return cleaned
         voxel_ml = float(np.prod(spacing)) / 1000.0
-        boxes = ndimage.find_objects(cleaned.astype(np.int32, copy=False))
+        boxes = ndimage.find_objects(cleaned)
         for value, rule in self.rules.items():
             if value < 1 or value > len(boxes) or boxes[value - 1] is None:
                 continue  # not in this map
             region = cleaned[boxes[value - 1]]  # a view: edits go to ``cleaned``
-            mask = region == value
             if rule.changes_parts:
-                mask = _kept_parts(mask, rule, voxel_ml)
-                region[(region == value) & ~mask] = 0
-            if rule.fill_holes and mask.any():
-                region[ndimage.binary_fill_holes(mask) & (region == 0)] = value
+                _remove_parts(region, value, rule, voxel_ml)
+            if rule.fill_holes:
+                tight = ndimage.find_objects((region == value).view(np.uint8))
+                if tight and tight[0] is not None:  # the box of what is left
+                    kept = region[tight[0]]
+                    kept[_holes(kept == value) & (kept == 0)] = value
         return cleaned
 
     def describe(self, labels: LabelTable) -> str:
@@ -90,22 +91,70 @@ class PostProcessing:
 
 
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+_COARSE = 4  # the coarse grid of _connected_parts: two halvings
 
 
-def _kept_parts(mask: np.ndarray, rule: StructureRule, voxel_ml: float) -> np.ndarray:
-    """The parts of ``mask`` the rule keeps: those of at least ``min_volume_ml``, and of
-    these only the largest with ``largest_only``."""
-    parts, count = ndimage.label(mask, structure=_CONNECTIVITY)
+def _remove_parts(region: np.ndarray, value: int, rule: StructureRule, voxel_ml: float) -> None:
+    """Set to 0, in place, the parts of structure ``value`` in ``region`` that the rule drops:
+    those below ``min_volume_ml`` and, with ``largest_only``, all but the largest."""
+    parts = list(_connected_parts(region == value))
+    sizes = [int(voxels.sum()) for _, voxels in parts]
+    keep = [size * voxel_ml >= rule.min_volume_ml for size in sizes]
+    if rule.largest_only:
+        candidates = [index for index, kept in enumerate(keep) if kept]
+        best = max(candidates, key=sizes.__getitem__) if candidates else None
+        keep = [index == best for index in range(len(parts))]
+    for (box, voxels), kept in zip(parts, keep):
+        if not kept:
+            region[box][voxels] = 0
+
+
+def _connected_parts(mask: np.ndarray):
+    """Each connected part of ``mask`` as (box, voxels): its bounding box (slices of
+    ``mask``) and its voxels within that box (bool). The parts are found on a grid four times
+    as coarse first (two touching voxels fall in the same or touching coarse cells, so a part
+    never spans two coarse parts), then exactly within each coarse part's box: the cost
+    follows the parts' boxes, not the box of a structure with islands far apart."""
+    coarse_parts, _ = ndimage.label(_coarsened(_coarsened(mask)), structure=_CONNECTIVITY)
+    for index, coarse_box in enumerate(ndimage.find_objects(coarse_parts), start=1):
+        box = tuple(
+            slice(_COARSE * cells.start, min(_COARSE * cells.stop, size))
+            for cells, size in zip(coarse_box, mask.shape)
+        )
+        owned = coarse_parts[coarse_box] == index
+        for axis in range(3):
+            owned = np.repeat(owned, _COARSE, axis=axis)
+        owned = owned[tuple(slice(0, b.stop - b.start) for b in box)]
+        fine, _ = ndimage.label(mask[box] & owned, structure=_CONNECTIVITY)
+        for part, fine_box in enumerate(ndimage.find_objects(fine), start=1):
+            voxels = fine[fine_box] == part
+            yield (
+                tuple(slice(b.start + f.start, b.start + f.stop) for b, f in zip(box, fine_box)),
+                voxels,
+            )
+
+
+def _coarsened(mask: np.ndarray) -> np.ndarray:
+    """``mask`` on a grid twice as coarse: a cell is set where any of its 2x2x2 voxels is."""
+    coarse = np.zeros([(size + 1) // 2 for size in mask.shape], bool)
+    for offsets in np.ndindex(2, 2, 2):
+        voxels = mask[tuple(slice(offset, None, 2) for offset in offsets)]
+        coarse[tuple(slice(0, size) for size in voxels.shape)] |= voxels
+    return coarse
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """The background voxels ``mask`` encloses: the parts of its background (connected
+    through faces) that do not reach the array's border."""
+    background, count = ndimage.label(~mask)
     if count == 0:
-        return mask
-    sizes = np.bincount(parts.ravel(), minlength=count + 1)
-    keep = sizes * voxel_ml >= rule.min_volume_ml
-    keep[0] = False
-    if rule.largest_only and keep.any():
-        largest = int(np.argmax(np.where(keep, sizes, -1)))
-        keep[:] = False
-        keep[largest] = True
-    return keep[parts]
+        return np.zeros_like(mask)
+    reaches_border = np.zeros(count + 1, bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            reaches_border[np.unique(np.take(background, end, axis=axis))] = True
+    reaches_border[0] = True  # label 0: the mask itself
+    return ~reaches_border[background]
 
 
 def postprocessing_for(
