@@ -254,10 +254,9 @@ class Ablation:
 
 
 def grid_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys in which two resolved grids differ, the cells compared by name: a grid may gain
-    or drop cells (the runs of the others are kept), but a cell in both must be the same
-    (``cells.<name>.<key>``). ``recipe.train.device`` is not compared: a grid may continue on
-    another device."""
+    """Keys in which two resolved grids differ, cells compared by name: a grid may gain or
+    drop cells, but a cell in both must be the same (``cells.<name>.<key>``);
+    ``recipe.train.device`` is not compared (a grid may continue on another device)."""
 
     def shared(grid: dict[str, Any]) -> dict[str, Any]:
         grid = {key: value for key, value in grid.items() if key != "cells"}

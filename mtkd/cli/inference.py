@@ -127,10 +127,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     postprocessing = postprocessing_from_args(args, model)
     scores = evaluate(Predictor(model, device, postprocessing=postprocessing), dataset, case_ids)
     write_scores_csv(scores, output)
-    cleaned = postprocessing.describe(model.labels) or "none"
     print(f"{model.name}: {len(case_ids)} case(s), per-volume scores in {output}")
-    print(f"post-processing: {cleaned}")
     print(summary_table(summarise(scores)))
+    print(f"post-processing: {postprocessing.describe(model.labels) or 'none'}")
     return 0
 
 

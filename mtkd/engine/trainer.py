@@ -540,8 +540,7 @@ class Trainer:
         )
 
     def _export(self) -> None:
-        """Export the best (else the last) weights to ``model/`` with the report and the
-        post-processing chosen on the validation cases."""
+        """Export the best (else the last) weights, the report and the chosen post-processing."""
         self.events.emit("status", state="exporting")
         best = self.run_dir.best_checkpoint
         if best.is_file() and self.best_epoch > 0:
