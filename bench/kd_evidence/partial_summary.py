@@ -3,16 +3,19 @@ summary.json): per cell, the runs finished, the mean test Dice and the paired di
 against ``no_kd`` with its 95 % bootstrap interval, computed as ``mtkd ablate`` computes them
 (mtkd.ablation.stats). Sub-cells are reported as they are: no validation choice is made here.
 
-    python bench/kd_evidence/partial_summary.py RUNS.csv
-    python bench/kd_evidence/partial_summary.py ABL --write RUNS.csv
+    python bench/kd_evidence/partial_summary.py RUNS.csv [--against CELL]
+    python bench/kd_evidence/partial_summary.py ABL [--write RUNS.csv] [--against CELL]
 
 ABL, a grid folder: the rows are read from every run's cached result
 (``cells/*/.../report/ablation_result.json``, written when the grid scored the run), across
-passes run with different ``--cells``; ``--write`` stores them as a runs.csv.
+passes run with different ``--cells``; ``--write`` stores them as a runs.csv. ``--against
+CELL`` adds CELL's paired difference against every other cell (e.g. the leader against CWD
+and DIST), on the seeds and cases both have.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -81,18 +84,43 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def against_lines(rows: list[dict], cell: str) -> list[str]:
+    """``cell``'s paired difference against every other cell, on the pairs both have."""
+    lines = [
+        f"| {cell} against | Δ Dice [95 % CI] (pairs) |",
+        "|---|---|",
+    ]
+    for other in dict.fromkeys(row["cell"] for row in rows):
+        if other == cell:
+            continue
+        diff = paired_difference(rows, cell, other)
+        if diff.pairs:
+            low, high = diff.ci95
+            lines.append(f"| {other} | {diff.mean:+.3f} [{low:+.3f}, {high:+.3f}] ({diff.pairs}) |")
+    return lines
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--write"):
-        sys.exit(__doc__)
-    source = Path(argv[0])
-    if source.is_dir():
-        rows = grid_rows(source)
-        if len(argv) == 3:
-            write_rows(rows, Path(argv[2]))
-            rows = read_rows(Path(argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="a runs.csv or a grid folder")
+    parser.add_argument("--write", type=Path, help="store a grid folder's rows as this runs.csv")
+    parser.add_argument("--against", help="a cell compared with every other cell")
+    args = parser.parse_args(argv)
+    if args.source.is_dir():
+        rows = grid_rows(args.source)
+        if args.write:
+            write_rows(rows, args.write)
+            rows = read_rows(args.write)
+    elif args.write:
+        parser.error("--write needs a grid folder")
     else:
-        rows = read_rows(source)
+        rows = read_rows(args.source)
     print("\n".join(summary_lines(rows)))
+    if args.against:
+        if args.against not in {row["cell"] for row in rows}:
+            parser.error(f"no runs of the cell {args.against!r}")
+        print()
+        print("\n".join(against_lines(rows, args.against)))
 
 
 if __name__ == "__main__":
