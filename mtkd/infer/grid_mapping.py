@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mtkd.infer.memory import MAX_SLAB_BYTES
 from mtkd.infer.separable import AxisSampling, concat_z, resample_separable, zeros_in_layout_of
+from mtkd.infer.stages import stage
 
 # (first model-grid z index, probabilities (C, X, Y, slices)) of consecutive slabs
 ProbabilitySlab = tuple[int, torch.Tensor]
@@ -122,7 +123,10 @@ class GridMapping:
             reads = [*in_plane, axes[2].source_range(o0, o1)]
             block, first = window.covering(*self.model_range(*reads[2][:2]))
             labels = self._oriented_labels(block, first, reads, activation)
-            oriented[x0:x1, y0:y1, o0:o1] = labels.to(torch_dtype).cpu().numpy()
+            with stage("device to host"):
+                labels = labels.to(torch_dtype).cpu().numpy()
+            with stage("label copy"):
+                oriented[x0:x1, y0:y1, o0:o1] = labels
         return out.transpose(2, 1, 0)
 
     # ------------------------------------------------------------------ inverse pieces
@@ -154,14 +158,14 @@ class GridMapping:
         """Labels of an oriented box, interpolated from the resampled box ``reads`` gives
         ([lo, hi) and coordinates per axis, as ``AxisSampling.source_range``); ``block`` holds
         model-grid z slices from ``first`` on."""
-        resampled = self._resampled_block(block, first, [(lo, hi) for lo, hi, _ in reads])
-        coords = [c for _, _, c in reads]
-        same = [c is None for c in coords]
-        if all(same):
+        with stage("inverse mapping"):
+            resampled = self._resampled_block(block, first, [(lo, hi) for lo, hi, _ in reads])
+            coords = [c for _, _, c in reads]
+            same = [c is None for c in coords]
+            if not all(same):
+                resampled = resample_separable(resampled, coords, same, self._inverse_order())
+        with stage("argmax"):
             return _probabilities_to_labels(resampled, activation)
-        return _probabilities_to_labels(
-            resample_separable(resampled, coords, same, self._inverse_order()), activation
-        )
 
     def _inverse_order(self) -> list[int]:
         """Resampled axes in the order the inverse interpolates them: most shrinking first,

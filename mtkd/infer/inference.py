@@ -24,6 +24,7 @@ from torch import nn
 from mtkd.data.preprocess import Preprocessing
 from mtkd.devices import autocast_for
 from mtkd.infer.memory import InferencePlan, round_up
+from mtkd.infer.stages import stage
 
 Network = nn.Module | Callable[[torch.Tensor], Any]
 # (z0, z1) -> network input (1, X, Y, z1 - z0) of the model grid's z slices [z0, z1)
@@ -107,15 +108,19 @@ def predict_slices(
     depth, _, width, height = slices.shape
     out = None
     for start in range(0, depth, batch):
-        chunk = slices[start : start + batch].to(device)
+        with stage("host to device"):
+            chunk = slices[start : start + batch].to(device)
         chunk = _pad_to_multiple(repeat_channels(chunk, prep.in_channels), size_multiple, 2)
-        with autocast_for(device, amp):
+        with stage("network"), autocast_for(device, amp):
             logits = call_network(network, chunk)
-        probabilities = _probabilities_inplace(logits.float()[..., :width, :height], activation)
-        if out is None:
-            shape = (depth, probabilities.shape[1], width, height)
-            out = torch.empty(shape, dtype=torch.float32, device=out_device)
-        out[start : start + chunk.shape[0]] = probabilities
+        with stage("softmax"):
+            probabilities = logits.float()[..., :width, :height]
+            probabilities = _probabilities_inplace(probabilities, activation)
+        with stage("probability copy"):
+            if out is None:
+                shape = (depth, probabilities.shape[1], width, height)
+                out = torch.empty(shape, dtype=torch.float32, device=out_device)
+            out[start : start + chunk.shape[0]] = probabilities
     return out.permute(1, 2, 3, 0)
 
 
@@ -131,12 +136,14 @@ def predict_whole(
     """3-D network on the whole ``volume`` (1, X, Y, Z), zero-padded at the end up to
     multiples of ``size_multiple``; probabilities (C, X, Y, Z) on ``device``."""
     spatial = volume.shape[1:]
-    x = repeat_channels(volume.to(device)[None], prep.in_channels)
-    x = _pad_to_multiple(x, size_multiple, 3)
-    with autocast_for(device, amp):
+    with stage("host to device"):
+        x = repeat_channels(volume.to(device)[None], prep.in_channels)
+        x = _pad_to_multiple(x, size_multiple, 3)
+    with stage("network"), autocast_for(device, amp):
         logits = call_network(network, x)
-    logits = logits.float()[..., : spatial[0], : spatial[1], : spatial[2]]
-    return _probabilities_inplace(logits, activation)[0]
+    with stage("softmax"):
+        logits = logits.float()[..., : spatial[0], : spatial[1], : spatial[2]]
+        return _probabilities_inplace(logits, activation)[0]
 
 
 def predict_windows(
@@ -155,20 +162,22 @@ def predict_windows(
     inputs = repeat_channels(volume.to(device)[None], prep.in_channels)
 
     def run(window: torch.Tensor) -> torch.Tensor:
-        with autocast_for(device, amp):
+        with stage("network"), autocast_for(device, amp):
             return call_network(network, window).float()
 
-    logits = sliding_window_inference(
-        inputs,
-        roi_size=prep.patch_size,
-        sw_batch_size=batch,
-        predictor=run,
-        overlap=WINDOW_OVERLAP,
-        mode=WINDOW_BLEND,
-        sw_device=device,
-        device=out_device,
-    )
-    return _probabilities_inplace(torch.as_tensor(logits).float(), activation)[0]
+    with stage("sliding-window stitching"):
+        logits = sliding_window_inference(
+            inputs,
+            roi_size=prep.patch_size,
+            sw_batch_size=batch,
+            predictor=run,
+            overlap=WINDOW_OVERLAP,
+            mode=WINDOW_BLEND,
+            sw_device=device,
+            device=out_device,
+        )
+    with stage("softmax"):
+        return _probabilities_inplace(torch.as_tensor(logits).float(), activation)[0]
 
 
 def predict_planned(

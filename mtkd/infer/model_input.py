@@ -30,6 +30,7 @@ from mtkd.infer.grid_mapping import GridMapping
 from mtkd.infer.memory import MAX_SLAB_BYTES
 from mtkd.infer.model_grid import resampled_grid
 from mtkd.infer.separable import AxisSampling, concat_z, resample_separable
+from mtkd.infer.stages import stage
 
 _TORCH_DTYPES = (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.int32)
 
@@ -160,31 +161,36 @@ class ModelInput:
         """Windowed float32 (X, Y, Z) of the resampled box ``ranges`` on ``device``."""
         block, coords = self._source_block(ranges)
         owned = block.dtype.type not in _TORCH_DTYPES or self.device.type != "cpu"
-        x = _as_tensor(block).to(self.device)
+        with stage("host to device"):
+            x = _as_tensor(block).to(self.device)
         if self._order:
             same = [c is None for c in coords]
-            x = resample_separable(x[None], coords, same, self._order)[0]
+            with stage("resampling"):
+                x = resample_separable(x[None], coords, same, self._order)[0]
             owned = True
         flip_axes = [j for j in range(3) if self._pending_flips[j]]
         if flip_axes:
-            x = x.flip(flip_axes)
+            with stage("orientation"):
+                x = x.flip(flip_axes)
             owned = True
-        if x.dtype != torch.float32:
-            x = x.float()
-            owned = True
-        low, high = self.prep.hu_window
-        if owned:
-            x.sub_(low).div_(high - low)
-        else:
-            x = (x - low) / (high - low)  # never write into (or alias) the image's buffer
-        return x.clamp_(0.0, 1.0)
+        with stage("normalisation"):
+            if x.dtype != torch.float32:
+                x = x.float()
+                owned = True
+            low, high = self.prep.hu_window
+            if owned:
+                x.sub_(low).div_(high - low)
+            else:
+                x = (x - low) / (high - low)  # never write into (or alias) the image's buffer
+            return x.clamp_(0.0, 1.0)
 
     def _with_crop_and_model_size(self, mapping: GridMapping) -> GridMapping:
         """``mapping`` with the foreground crop (one pass over the slabs), the 2-D in-plane
         resize or the 3-D padding, and the model grid's size."""
         crop_start, crop_stop = mapping.crop_start, mapping.crop_stop
         if self.prep.crop_foreground:
-            box = self._foreground_box(mapping.resampled_size, margin=2)
+            with stage("foreground crop"):
+                box = self._foreground_box(mapping.resampled_size, margin=2)
             if box is not None:  # MONAI would crop an empty image to nothing; keep it whole
                 crop_start, crop_stop = tuple(box[0]), tuple(box[1])
         cropped = [b - a for a, b in zip(crop_start, crop_stop, strict=True)]
@@ -250,9 +256,10 @@ class ModelInput:
             if tuple(x.shape[:2]) == mapping.resized:
                 return x
             slices = x.permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
-            slices = F.interpolate(
-                slices, size=mapping.resized, mode="bilinear", align_corners=False
-            )
+            with stage("resampling"):
+                slices = F.interpolate(
+                    slices, size=mapping.resized, mode="bilinear", align_corners=False
+                )
             return slices[:, 0].permute(1, 2, 0)
         # 3-D: model z m is cropped z m - pad_before; zeros around the crop
         z0 = min(max(m0 - mapping.pad_before[2], 0), mapping.cropped_size[2])

@@ -47,6 +47,7 @@ from mtkd.infer.memory import (
 from mtkd.infer.model_grid import NotSeparableError
 from mtkd.infer.model_input import ModelInput
 from mtkd.infer.postprocess import PostProcessing
+from mtkd.infer.stages import stage
 from mtkd.modelfiles.model_io import LoadedModel
 
 Result = TypeVar("Result")
@@ -183,8 +184,10 @@ class Predictor:
         with PeakMemory(self.device) as peak, torch.inference_mode():
             labels, plan = self._segment(image)
         if self.postprocessing:  # on the input's grid: volumes in the image's millimetres
-            labels = self.postprocessing.apply(labels, image.GetSpacing())
-        labelmap = to_sitk(labels, image)
+            with stage("post-processing"):
+                labels = self.postprocessing.apply(labels, image.GetSpacing())
+        with stage("to SimpleITK"):
+            labelmap = to_sitk(labels, image)
         return Prediction(labelmap, time.perf_counter() - started, peak.peak_bytes, plan)
 
     def _segment(self, image: sitk.Image) -> tuple[np.ndarray, str]:
