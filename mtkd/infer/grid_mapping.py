@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtkd.infer.label_mapping import labels_of, resampled_labels
 from mtkd.infer.memory import MAX_SLAB_BYTES
-from mtkd.infer.separable import AxisSampling, concat_z, resample_separable, zeros_in_layout_of
+from mtkd.infer.separable import AxisSampling, concat_z, zeros_in_layout_of
 from mtkd.infer.stages import stage
 
 # (first model-grid z index, probabilities (C, X, Y, slices)) of consecutive slabs
@@ -160,12 +161,11 @@ class GridMapping:
         model-grid z slices from ``first`` on."""
         with stage("inverse mapping"):
             resampled = self._resampled_block(block, first, [(lo, hi) for lo, hi, _ in reads])
-            coords = [c for _, _, c in reads]
-            same = [c is None for c in coords]
-            if not all(same):
-                resampled = resample_separable(resampled, coords, same, self._inverse_order())
-        with stage("argmax"):
-            return _probabilities_to_labels(resampled, activation)
+        coords = [c for _, _, c in reads]
+        if all(c is None for c in coords):
+            with stage("argmax"):
+                return labels_of(resampled, activation)
+        return resampled_labels(resampled, coords, self._inverse_order(), activation)
 
     def _inverse_order(self) -> list[int]:
         """Resampled axes in the order the inverse interpolates them: most shrinking first,
@@ -268,22 +268,3 @@ class _SlabWindow:
             return slab, first
         first = needed[0][0]
         return concat_z([slab for _, slab in needed]), first
-
-
-def _probabilities_to_labels(probabilities: torch.Tensor, activation: str) -> torch.Tensor:
-    """(C, ...) probabilities -> (...) labels: sigmoid > 0.5, or the first channel of highest
-    probability (``argmax``; on the CPU a channel loop in memory order, several times faster
-    than argmax over a non-innermost dimension)."""
-    if activation == "sigmoid":
-        return probabilities[0] > 0.5
-    if probabilities.device.type != "cpu" or probabilities.shape[0] > 64:
-        return probabilities.argmax(dim=0)
-    spatial = sorted(range(1, probabilities.ndim), key=lambda d: (-probabilities.stride(d), d))
-    ordered = probabilities.permute(0, *spatial)
-    best = ordered[0].clone(memory_format=torch.contiguous_format)
-    labels = torch.zeros(best.shape, dtype=torch.int16)
-    for channel in range(1, ordered.shape[0]):
-        candidate = ordered[channel]
-        labels.masked_fill_(candidate > best, channel)
-        torch.maximum(best, candidate, out=best)
-    return labels.permute([spatial.index(d) for d in range(1, probabilities.ndim)])
