@@ -42,6 +42,7 @@ from inference_speed import (  # noqa: E402 - the sibling script's volumes and s
 
 from mtkd.data.image_io import read_image  # noqa: E402
 from mtkd.data.segnrrd import write_segmentation  # noqa: E402
+from mtkd.export.ort_backend import network_for_backend  # noqa: E402
 from mtkd.infer.predictor import Predictor  # noqa: E402
 from mtkd.infer.stages import StageTimes, stage  # noqa: E402
 from mtkd.modelfiles.model_io import load_model  # noqa: E402
@@ -107,7 +108,10 @@ def _rank(name: str) -> int:
 
 def markdown(report: dict) -> str:
     """One table per volume: stage, median seconds, share of the total."""
-    lines = [f"{report['machine']}, {report['date']}, median of {report['repeats']} runs"]
+    lines = [
+        f"{report['machine']}, {report['date']}, median of {report['repeats']} runs; "
+        f"backend: {report['backend']}"
+    ]
     for result in report["results"]:
         size = "×".join(str(s) for s in result["size"])
         lines += [
@@ -129,6 +133,12 @@ def main() -> None:
     parser.add_argument("--volumes", nargs="*", help="CT files (default: phantom + shared CTs)")
     parser.add_argument("--student", help="student model folder (default: train one)")
     parser.add_argument("--training-cts", nargs="+", help="CTs the default student trains on")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnxruntime", "auto"],
+        help="the network's backend (mtkd segment --backend)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mtkd-bench"))
     parser.add_argument("--out", help="write the JSON report here (and a .md table beside it)")
@@ -145,7 +155,8 @@ def main() -> None:
         volumes = default_volumes(work, None)
     training = [Path(p) for p in args.training_cts] if args.training_cts else TRAINING_CTS
     student = Path(args.student) if args.student else train_student(work, training)
-    predictor = Predictor(load_model(student, device), device)
+    model, backend = network_for_backend(load_model(student, device), args.backend, device)
+    predictor = Predictor(model, device)
     report = {
         "machine": machine(device),
         "date": time.strftime("%Y-%m-%d"),
@@ -153,6 +164,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "student": str(student),
+        "backend": backend,
         "results": [profile_volume(predictor, v, work, args.repeats) for v in volumes],
     }
     print(markdown(report))

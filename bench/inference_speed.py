@@ -40,6 +40,7 @@ from mtkd.data.image_io import read_image, write_image
 from mtkd.data.labels import LabelTable
 from mtkd.data.preprocess import Preprocessing
 from mtkd.engine.trainer import Trainer
+from mtkd.export.ort_backend import network_for_backend
 from mtkd.infer.memory import PeakMemory
 from mtkd.infer.predictor import Predictor
 from mtkd.modelfiles.model_io import export_model, load_model
@@ -386,7 +387,9 @@ def run(args: argparse.Namespace) -> dict:
     student_folder = Path(args.student) if args.student else train_student(work, training_cts)
     student = load_model(student_folder, device)
     labels = len(LabelTable.from_dict(student.metadata["labels"]))
-    predictor = Predictor(student, device)
+    runs_as, backend = network_for_backend(student, args.backend, device)
+    print(f"student backend: {backend}", file=sys.stderr)
+    predictor = Predictor(runs_as, device)
     baseline = MonaiPipeline(load_model(student_folder, device).network, device)
     teachers = {
         key: Predictor(load_model(random_teacher(work, key, student_folder), device), device)
@@ -541,6 +544,12 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=list(TEACHERS))
     parser.add_argument(
         "--teacher-volumes", type=int, default=-1, help="run the teachers on the first N only"
+    )
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnxruntime", "auto"],
+        help="the student's backend in our predictor (mtkd segment --backend)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mtkd-bench"))

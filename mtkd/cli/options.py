@@ -1,4 +1,6 @@
-"""The options that several subcommands share: help texts, and the post-processing options."""
+"""The options that several subcommands share: help texts, post-processing and backend."""
+
+import sys
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 TRAIN_DEVICE_HELP = "override train.device (auto, cpu, cuda, cuda:N, mps)"
@@ -59,3 +61,30 @@ def postprocessing_from_args(args, model):
             fill_holes=args.fill_holes,
         )
     return stored_postprocessing(model.metadata, model.labels, getattr(model, "folder", None))
+
+
+BACKENDS = ("torch", "onnxruntime", "auto")
+
+
+def add_backend_option(sub) -> None:
+    """``--backend`` on ``sub`` (an argparse subparser)."""
+    sub.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="how a PyTorch network runs on the CPU: torch; onnxruntime (an ONNX export of "
+        "its weights, cached per user and checked against torch); auto (the faster of the "
+        "two on a probe input, measured when the model is loaded)",
+    )
+
+
+def model_on_backend(args, model, device):
+    """``model`` with its network on the backend ``args.backend`` names (said on stderr)."""
+    backend = getattr(args, "backend", "torch")
+    if backend == "torch":
+        return model
+    from mtkd.export.ort_backend import network_for_backend
+
+    model, used = network_for_backend(model, backend, device)
+    print(f"backend: {used}", file=sys.stderr)
+    return model
