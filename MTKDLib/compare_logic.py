@@ -3,6 +3,8 @@ memory, a disagreement segmentation and both models' segmentations (no Qt).
 
 The teacher is any model source the engine opens (our run, a MONAI bundle, TorchScript) or an
 existing segmentation node, e.g. a TotalSegmentator result; structures are matched by name.
+The engine runs an ``mtkd compare`` job, in a process of its own or on the session's worker
+(``CompareLogic(scene, worker=...)``, :mod:`MTKDLib.worker`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ Both Slicer modules use this: the GUI thread never runs torch; it starts a proce
   thread; ``cancel()`` asks the whole process tree to stop and returns at once; the tree is
   killed once the grace period has passed.
 - :class:`EngineTask`: one ``mtkd`` job with a scratch folder, progress parsed from its
-  ``MTKD-PROGRESS`` lines, and a result built on the caller's thread once it succeeds.
+  ``MTKD-PROGRESS`` lines, and a result built on the caller's thread once it succeeds. The job
+  runs in a process of its own, or on a long-lived worker (:mod:`MTKDLib.worker`) when the
+  logic was given one.
 
 On Windows the child starts without a console window (as ``slicer.util.launchConsoleProcess``
 starts its processes), so it shares no console with Slicer and cannot be sent CTRL_BREAK: a
@@ -35,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from mtkd.engine.signals import LAUNCHED_AT_ENV
 from mtkd.engine.signals import request_stop as write_stop_file
@@ -102,6 +104,17 @@ def kill_tree_command(pid: int, platform: str | None = None) -> list[str] | None
     if is_windows(platform):
         return ["taskkill", "/F", "/T", "/PID", str(pid)]
     return None
+
+
+def kill_tree(pid: int) -> None:
+    """Kill process ``pid`` and all its children now: its process group on POSIX (it was
+    started in a session of its own), ``taskkill /T`` on Windows."""
+    command = kill_tree_command(pid)
+    if command is not None:
+        subprocess.run(command, capture_output=True, **popen_keywords())
+    else:
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            os.killpg(pid, int(signal.SIGKILL))
 
 
 def soft_stop_signal(platform: str | None = None) -> int | None:
@@ -220,6 +233,10 @@ class BackgroundProcess:
         self.read_lines()
         return list(self._tail)[-count:]
 
+    def error_message(self) -> str:
+        """Why the ended process failed: the engine's own error line, else its last lines."""
+        return error_message(self.tail(50), self.returncode)
+
     def wait(self, timeout: float | None = None) -> int:
         """Block until the process ends and its output is read; its exit status."""
         self._process.wait(timeout)
@@ -284,11 +301,7 @@ class BackgroundProcess:
             self._kill_tree()
 
     def _kill_tree(self) -> None:
-        command = kill_tree_command(self.pid)
-        if command is not None:
-            subprocess.run(command, capture_output=True, **popen_keywords())
-        else:
-            self._signal_group(int(signal.SIGKILL))
+        kill_tree(self.pid)
 
     def _signal_group(self, signum: int) -> None:
         with contextlib.suppress(OSError):  # it ended meanwhile
@@ -318,8 +331,28 @@ def error_message(lines: Sequence[str], returncode: int | None) -> str:
     return f"the MTKD process ended with exit status {returncode}:\n{detail}"
 
 
+class EngineJob(Protocol):
+    """A running ``mtkd`` job as :class:`EngineTask` follows it: a :class:`BackgroundProcess`
+    or a job on a worker (:class:`MTKDLib.worker.WorkerJob`)."""
+
+    @property
+    def returncode(self) -> int | None: ...  # None until it has ended and its lines are read
+
+    def read_lines(self) -> list[str]: ...
+
+    def tail(self, count: int = 20) -> list[str]: ...
+
+    def error_message(self) -> str: ...
+
+    def cancel(self, grace_seconds: float = ..., on_end: Callable[[], None] | None = None): ...
+
+
+JobRunner = Callable[[Sequence[str]], EngineJob]  # engine arguments -> the job, started
+
+
 class EngineTask(Generic[T]):
-    """One ``mtkd`` job in its own process, with a scratch folder removed at the end.
+    """One ``mtkd`` job, with a scratch folder removed at the end: in a process of its own,
+    or started by ``runner`` (e.g. :meth:`MTKDLib.worker.EngineWorker.run`).
 
     ``prepare(workdir)`` runs first, on the caller's thread (e.g. writes the input volume) and
     returns the engine arguments; ``collect(workdir)`` builds the result once the process has
@@ -334,6 +367,7 @@ class EngineTask(Generic[T]):
         python: str | None = None,
         env: dict[str, str] | None = None,
         workdir: str | Path | None = None,
+        runner: JobRunner | None = None,
     ):
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mtkd-"))
@@ -342,8 +376,12 @@ class EngineTask(Generic[T]):
         self._collect = collect
         try:
             args = prepare(self.workdir)
-            self.process = BackgroundProcess(
-                engine_command(args, python), env=env or engine_environment()
+            self.process: EngineJob = (
+                runner(args)
+                if runner is not None
+                else BackgroundProcess(
+                    engine_command(args, python), env=env or engine_environment()
+                )
             )
         except BaseException:
             self._cleanup()
@@ -368,7 +406,7 @@ class EngineTask(Generic[T]):
         state.finished = True
         try:
             if returncode != 0:
-                state.error = error_message(self.process.tail(50), returncode)
+                state.error = self.process.error_message()
                 return state
             state.stage = "loading the results"
             self.result = self._collect(self.workdir)
@@ -392,8 +430,9 @@ class EngineTask(Generic[T]):
         return self.result  # type: ignore[return-value]
 
     def cancel(self) -> None:
-        """Stop the job (the whole process tree; killed if it has not ended after a few
-        seconds) and remove its scratch folder once it has ended. Returns at once."""
+        """Stop the job (the whole process tree, killed if it has not ended after a few
+        seconds; on a worker, the job at its next stage) and remove its scratch folder once it
+        has ended. Returns at once."""
         if self.state.finished:
             return
         self.process.read_lines()
@@ -414,18 +453,28 @@ class EngineLogic:
 
     ``python``/``env``: the interpreter and environment of the engine process (default:
     ``PythonSlicer`` in Slicer, this interpreter elsewhere, with the engine on PYTHONPATH).
+    ``worker``: an :class:`MTKDLib.worker.EngineWorker` that runs the jobs (it has its own
+    interpreter and environment); None: a new process for every job.
     """
 
-    def __init__(self, scene: Any, python: str | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        scene: Any,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+        worker: Any | None = None,
+    ):
         self.scene = scene
         self.python = python
         self.env = env
+        self.worker = worker
 
     def task(
         self, prepare: Callable[[Path], Sequence[str]], collect: Callable[[Path], T]
     ) -> EngineTask[T]:
-        """An :class:`EngineTask` in this logic's engine process settings."""
-        return EngineTask(prepare, collect, python=self.python, env=self.env)
+        """An :class:`EngineTask` on this logic's worker, or in a process of its own."""
+        runner = self.worker.run if self.worker is not None else None
+        return EngineTask(prepare, collect, python=self.python, env=self.env, runner=runner)
 
 
 # ---------------------------------------------------------------- liveness

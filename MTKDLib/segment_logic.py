@@ -1,8 +1,9 @@
 """Run a student model on a CT volume node; the result is a segmentation node (no Qt).
 
-The model runs in a separate ``mtkd segment`` process on the volume written with its exact
-geometry, so the result is voxel for voxel what the command line gives for the same file,
-the GUI thread never blocks, and cancelling leaves the scene as it was.
+The model runs as an ``mtkd segment`` job, in a process of its own or on the session's
+long-lived worker (``SegmentLogic(scene, worker=...)``, :mod:`MTKDLib.worker`), on the volume
+written with its exact geometry, so the result is voxel for voxel what the command line gives
+for the same file, the GUI thread never blocks, and cancelling leaves the scene as it was.
 """
 
 from __future__ import annotations

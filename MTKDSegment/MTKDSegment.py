@@ -1,7 +1,9 @@
 """MTKDSegment: run a distilled student on a loaded CT and compare it with its teacher.
 
 The widget is a thin layer: the work is done by ``MTKDLib`` (no Qt; tested against real MRML
-with ``slicer-core``), which runs the ``mtkd`` engine in a background process.
+with ``slicer-core``), which runs the ``mtkd`` engine in a background process: one long-lived
+worker for the session (``mtkd serve``, started on the first Apply or Compare, keeping the
+models it loaded), stopped when the module is cleaned up, as Slicer does when it quits.
 """
 
 import tempfile
@@ -35,6 +37,7 @@ from MTKDLib.gui import (
 )
 from MTKDLib.segment_logic import SegmentLogic
 from MTKDLib.slicer_setup import ensure_engine_dependencies, ensure_model_extras
+from MTKDLib.worker import shared_worker, stop_shared_worker
 
 OTHER_TEACHER = "other"  # teacher combo box item: a path outside the library
 
@@ -113,6 +116,12 @@ class MTKDSegmentWidget(ModuleWidget):
         """Cancel what runs (returns at once: the processes are stopped in the background)."""
         for view in (self.segmentView, self.compareView, self.environmentView):
             view.cancel()
+
+    def cleanup(self) -> None:
+        """The module is unloaded (Slicer quits, or the module is reloaded): also end the
+        engine worker, without waiting for it."""
+        ModuleWidget.cleanup(self)
+        stop_shared_worker()
 
     def enter(self) -> None:
         ModuleWidget.enter(self)
@@ -357,13 +366,15 @@ def loopFolder() -> str:
 
 class MTKDSegmentLogic(ScriptedLoadableModuleLogic):
     """The module's logic for ``slicer.mrmlScene``: segment and compare (``MTKDLib``, no Qt)
-    and the model library (``mtkd.library``)."""
+    and the model library (``mtkd.library``). The jobs run on the session's engine worker;
+    ``useWorker=False``: each in a new process."""
 
-    def __init__(self, scene=None) -> None:
+    def __init__(self, scene=None, useWorker: bool = True) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         scene = scene or slicer.mrmlScene
-        self.segmenter = SegmentLogic(scene)
-        self.comparer = CompareLogic(scene)
+        worker = shared_worker() if useWorker else None
+        self.segmenter = SegmentLogic(scene, worker=worker)
+        self.comparer = CompareLogic(scene, worker=worker)
         self.libraryRoot = None  # None: the folder in the user's settings
 
     def getParameterNode(self):

@@ -34,6 +34,7 @@ HEADLESS = [
     "train_config",
     "train_logic",
     "training_set",
+    "worker",
 ]
 APPLICATION_ONLY = {"gui", "slicer_setup"}  # dialogs, QSettings, QTimer: need the app
 

@@ -11,12 +11,23 @@ import argparse
 import sys
 
 import mtkd
-from mtkd.cli import ablate, about, data, demo, inference, library, protocol, taps, training
+from mtkd.cli import (
+    ablate,
+    about,
+    data,
+    demo,
+    inference,
+    library,
+    protocol,
+    serve,
+    taps,
+    training,
+)
 from mtkd.errors import MTKDError
 
 DESCRIPTION = "The ``mtkd`` command: one subcommand per job, each a thin call into the engine."
 # The modules of the subcommands, in the order `mtkd --help` lists them.
-COMMAND_MODULES = (training, inference, taps, demo, data, protocol, ablate, library, about)
+COMMAND_MODULES = (training, inference, serve, taps, demo, data, protocol, ablate, library, about)
 
 
 def build_parser() -> argparse.ArgumentParser:

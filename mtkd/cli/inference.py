@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtkd.cli.options import (
     DEVICE_HELP,
     MODEL_HELP,
     PROGRESS_HELP,
+    add_backend_option,
     add_postprocessing_options,
+    model_on_backend,
     postprocessing_from_args,
 )
 from mtkd.errors import MTKDError
 from mtkd.infer.output_paths import SEGMENT_FORMATS
 from mtkd.progress import ProgressReporter
+
+if TYPE_CHECKING:  # `segment` and `compare` open models with load_any_model unless given a
+    from mtkd.modelfiles.cache import ModelLoader  # loader (`mtkd serve`: its model cache)
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -37,6 +43,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--labels-json", help="label names when the dataset has none")
     sub.add_argument("--csv", help="where to write per-volume scores (CSV)")
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_backend_option(sub)
     add_postprocessing_options(sub)
     sub.set_defaults(func=cmd_evaluate)
 
@@ -57,6 +64,7 @@ def _add_segment_parser(commands: argparse._SubParsersAction) -> None:
     )
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
     sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
+    add_backend_option(sub)
     add_postprocessing_options(sub)
     sub.set_defaults(func=cmd_segment)
 
@@ -81,6 +89,7 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
     )
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
     sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
+    add_backend_option(sub)
     sub.set_defaults(func=cmd_compare)
 
 
@@ -125,6 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = Path(args.csv or Path(model.folder).parent / "report" / "evaluation.csv")
     check_scores_csv(output, inputs)
     postprocessing = postprocessing_from_args(args, model)
+    model = model_on_backend(args, model, device)
     scores = evaluate(Predictor(model, device, postprocessing=postprocessing), dataset, case_ids)
     write_scores_csv(scores, output)
     print(f"{model.name}: {len(case_ids)} case(s), per-volume scores in {output}")
@@ -133,13 +143,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
+def cmd_segment(args: argparse.Namespace, load_model: ModelLoader | None = None) -> int:
     from mtkd.data.ct_check import ct_intensity_warning
     from mtkd.data.image_io import check_writable, expand_image_inputs, read_image
     from mtkd.data.segnrrd import write_segmentation
     from mtkd.devices import resolve_device
     from mtkd.infer.output_paths import segment_outputs
     from mtkd.infer.predictor import Predictor
+    from mtkd.infer.stages import stage
     from mtkd.modelfiles.sources import load_any_model
 
     progress = ProgressReporter(args.progress)
@@ -148,14 +159,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     planned = segment_outputs(images, args.output, args.format, model=args.model)
     outputs = [check_writable(output) for output in planned]  # before anything is loaded
     progress(0.0, "loading the model")
-    model = load_any_model(args.model, device)  # loaded once
+    model = (load_model or load_any_model)(args.model, device)  # loaded once
     postprocessing = postprocessing_from_args(args, model)
-    predictor = Predictor(model, device, postprocessing=postprocessing)
+    predictor = Predictor(
+        model_on_backend(args, model, device), device, postprocessing=postprocessing
+    )
     share = 0.9 / len(images)
     for index, (image_path, output) in enumerate(zip(images, outputs, strict=True)):
         start = 0.1 + index * share
         progress(start, f"reading {image_path.name}")
-        image = read_image(image_path, keep_integer=True)
+        with stage("read"):
+            image = read_image(image_path, keep_integer=True)
         warning = ct_intensity_warning(image, image_path)
         if warning:
             print(f"mtkd: warning: {warning}", file=sys.stderr)
@@ -167,7 +181,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 raise
             raise MTKDError(error.problem, image_path) from None
         progress(start + 0.9 * share, f"writing {output.name}")
-        write_segmentation(prediction.labelmap, predictor.model.labels, output)
+        with stage("write"):
+            write_segmentation(prediction.labelmap, predictor.model.labels, output)
         cleaned = postprocessing.describe(model.labels)
         cleaned = f"; post-processing: {cleaned}" if cleaned else ""
         print(f"{image_path} -> {output} ({prediction.seconds:.2f} s, {prediction.plan}{cleaned})")
@@ -175,7 +190,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segmenter(path: str, labels_json: str | None, device):
+def _segmenter(
+    path: str, labels_json: str | None, device, load_model: ModelLoader | None, backend: str
+):
     """A model (any source) or a stored segmentation of another tool, for ``compare``."""
     from mtkd.data.labels import LabelTable
     from mtkd.infer.predictor import Predictor
@@ -187,12 +204,14 @@ def _segmenter(path: str, labels_json: str | None, device):
         return StoredSegmentation(path, labels)
     from mtkd.infer.postprocess import stored_postprocessing
 
-    model = load_any_model(path, device)  # as `mtkd segment` gives it: its chosen post-processing
+    # as `mtkd segment` gives it: its chosen post-processing
+    model = (load_model or load_any_model)(path, device)
     postprocessing = stored_postprocessing(model.metadata, model.labels, model.folder)
+    model = model_on_backend(argparse.Namespace(backend=backend), model, device)
     return ModelSegmenter(Predictor(model, device, postprocessing=postprocessing))
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace, load_model: ModelLoader | None = None) -> int:
     from mtkd.data.atomic import removed_if_left_empty
     from mtkd.data.ct_check import ct_intensity_warning
     from mtkd.data.image_io import check_writable, read_image, read_label
@@ -219,9 +238,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if warning:
         print(f"mtkd: warning: {warning}", file=sys.stderr)
     progress(0.05, "loading the teacher")
-    teacher = _segmenter(args.teacher, args.teacher_labels, device)
+    teacher = _segmenter(args.teacher, args.teacher_labels, device, load_model, args.backend)
     progress(0.15, "loading the student")
-    student = _segmenter(args.student, args.student_labels, device)
+    student = _segmenter(args.student, args.student_labels, device, load_model, args.backend)
     reference = read_label(args.reference, reference=image) if args.reference else None
     reference_labels = None
     if args.reference_labels:
