@@ -3,6 +3,7 @@ and device, loaded again when its files change, and the least recently used goes
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -72,3 +73,20 @@ def test_a_model_that_does_not_load_is_not_kept(tmp_path):
     assert len(cache) == 0 and cache.loads == 0
     with pytest.raises(ValueError, match="at least one"):
         ModelCache(capacity=0)
+
+
+def test_each_variant_is_prepared_once_and_kept_apart(models):
+    """A model prepared for a backend (``variant``) is kept beside the plain one."""
+    cache = ModelCache()
+    prepared = []
+
+    def prepare(model):
+        prepared.append(model)
+        return dataclasses.replace(model, metadata={**model.metadata, "prepared": True})
+
+    plain = cache.load(models[0], "cpu")
+    first = cache.load(models[0], "cpu", prepare=prepare, variant="onnxruntime")
+    again = cache.load(models[0], "cpu", prepare=prepare, variant="onnxruntime")
+    assert again is first and first is not plain and first.metadata["prepared"]
+    assert len(prepared) == 1 and cache.load(models[0], "cpu") is plain
+    assert (cache.loads, cache.hits, len(cache)) == (2, 2, 2)

@@ -151,7 +151,6 @@ def cmd_segment(args: argparse.Namespace, load_model: ModelLoader | None = None)
     from mtkd.infer.output_paths import segment_outputs
     from mtkd.infer.predictor import Predictor
     from mtkd.infer.stages import stage
-    from mtkd.modelfiles.sources import load_any_model
 
     progress = ProgressReporter(args.progress)
     device = resolve_device(args.device)
@@ -159,11 +158,9 @@ def cmd_segment(args: argparse.Namespace, load_model: ModelLoader | None = None)
     planned = segment_outputs(images, args.output, args.format, model=args.model)
     outputs = [check_writable(output) for output in planned]  # before anything is loaded
     progress(0.0, "loading the model")
-    model = (load_model or load_any_model)(args.model, device)  # loaded once
+    model = _open_model(args.model, device, args.backend, load_model)  # loaded once
     postprocessing = postprocessing_from_args(args, model)
-    predictor = Predictor(
-        model_on_backend(args, model, device), device, postprocessing=postprocessing
-    )
+    predictor = Predictor(model, device, postprocessing=postprocessing)
     share = 0.9 / len(images)
     for index, (image_path, output) in enumerate(zip(images, outputs, strict=True)):
         start = 0.1 + index * share
@@ -190,6 +187,19 @@ def cmd_segment(args: argparse.Namespace, load_model: ModelLoader | None = None)
     return 0
 
 
+def _open_model(path: str, device, backend: str, load_model: ModelLoader | None):
+    """The model of ``path`` with its network on ``backend``: loaded now, or by
+    ``load_model`` (``mtkd serve``'s cache, which keeps it per backend)."""
+    from mtkd.modelfiles.sources import load_any_model
+
+    def on_backend(model):
+        return model_on_backend(argparse.Namespace(backend=backend), model, device)
+
+    if load_model is None:
+        return on_backend(load_any_model(path, device))
+    return load_model(path, device, prepare=on_backend, variant=backend)
+
+
 def _segmenter(
     path: str, labels_json: str | None, device, load_model: ModelLoader | None, backend: str
 ):
@@ -197,7 +207,7 @@ def _segmenter(
     from mtkd.data.labels import LabelTable
     from mtkd.infer.predictor import Predictor
     from mtkd.infer.segmenters import ModelSegmenter, StoredSegmentation
-    from mtkd.modelfiles.sources import is_stored_output, load_any_model
+    from mtkd.modelfiles.sources import is_stored_output
 
     if is_stored_output(path):
         labels = LabelTable.from_json(labels_json) if labels_json else None
@@ -205,9 +215,8 @@ def _segmenter(
     from mtkd.infer.postprocess import stored_postprocessing
 
     # as `mtkd segment` gives it: its chosen post-processing
-    model = (load_model or load_any_model)(path, device)
+    model = _open_model(path, device, backend, load_model)
     postprocessing = stored_postprocessing(model.metadata, model.labels, model.folder)
-    model = model_on_backend(argparse.Namespace(backend=backend), model, device)
     return ModelSegmenter(Predictor(model, device, postprocessing=postprocessing))
 
 

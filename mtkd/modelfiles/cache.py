@@ -18,7 +18,10 @@ import torch
 from mtkd.modelfiles.model_io import LoadedModel
 from mtkd.modelfiles.sources import load_any_model
 
-ModelLoader = Callable[[str | Path, torch.device], LoadedModel]
+# (source, device, prepare=..., variant=...) -> the model; ``prepare`` turns a freshly loaded
+# model into the one kept (e.g. its network on another backend), ``variant`` names that result
+ModelLoader = Callable[..., LoadedModel]
+Prepare = Callable[[LoadedModel], LoadedModel]
 FileStamp = tuple[tuple[str, int, int], ...]
 
 
@@ -53,17 +56,26 @@ class ModelCache:
         self.loader = loader
         self.loads = 0
         self.hits = 0
-        self._entries: OrderedDict[tuple[str, str], tuple[FileStamp, LoadedModel]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, str], tuple[FileStamp, LoadedModel]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def load(self, source: str | Path, device: torch.device | str) -> LoadedModel:
-        """The model of ``source`` on ``device``: the cached one when its files are
-        unchanged, else loaded now (errors are the loader's, and nothing is cached)."""
+    def load(
+        self,
+        source: str | Path,
+        device: torch.device | str,
+        prepare: Prepare | None = None,
+        variant: str = "",
+    ) -> LoadedModel:
+        """The model of ``source`` on ``device`` (passed through ``prepare`` when given, and
+        kept apart per ``variant``): the cached one when its files are unchanged, else
+        loaded now (errors are the loader's and ``prepare``'s, and nothing is cached)."""
         path = Path(source).expanduser()
-        key = (str(path.resolve()), str(torch.device(device)))
+        key = (str(path.resolve()), str(torch.device(device)), variant)
         stamp = files_stamp(path)
         with self._lock:
             entry = self._entries.get(key)
@@ -73,6 +85,8 @@ class ModelCache:
                 return entry[1]
             self._entries.pop(key, None)  # changed on disk: the old network goes
         model = self.loader(source, torch.device(device))
+        if prepare is not None:
+            model = prepare(model)
         with self._lock:
             self.loads += 1
             if stamp is not None and stamp == files_stamp(path):  # not changed while loading

@@ -61,9 +61,9 @@ def run_job(
         raise ValueError(f"not a job of the worker: {list(argv)}")
     started, loads, hits = time.perf_counter(), cache.loads, cache.hits
 
-    def load_model(source, device):
+    def load_model(source, device, prepare=None, variant=""):
         with stage("loading the model"):
-            return cache.load(source, device)
+            return cache.load(source, device, prepare, variant)
 
     out, err = LineRelay(emit), LineRelay(emit)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
