@@ -12,7 +12,9 @@ from mtkd.cli.options import (
     MODEL_HELP,
     PROGRESS_HELP,
     add_backend_option,
+    add_memory_option,
     add_postprocessing_options,
+    memory_budget_bytes,
     model_on_backend,
     postprocessing_from_args,
 )
@@ -65,6 +67,7 @@ def _add_segment_parser(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
     sub.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
     add_backend_option(sub)
+    add_memory_option(sub)
     add_postprocessing_options(sub)
     sub.set_defaults(func=cmd_segment)
 
@@ -152,6 +155,7 @@ def cmd_segment(args: argparse.Namespace, load_model: ModelLoader | None = None)
     from mtkd.infer.predictor import Predictor
     from mtkd.infer.stages import stage
 
+    budget = memory_budget_bytes(args)  # before anything is loaded
     progress = ProgressReporter(args.progress)
     device = resolve_device(args.device)
     images = expand_image_inputs(args.images)
@@ -160,7 +164,7 @@ def cmd_segment(args: argparse.Namespace, load_model: ModelLoader | None = None)
     progress(0.0, "loading the model")
     model = _open_model(args.model, device, args.backend, load_model)  # loaded once
     postprocessing = postprocessing_from_args(args, model)
-    predictor = Predictor(model, device, postprocessing=postprocessing)
+    predictor = Predictor(model, device, postprocessing=postprocessing, memory_budget_bytes=budget)
     share = 0.9 / len(images)
     for index, (image_path, output) in enumerate(zip(images, outputs, strict=True)):
         start = 0.1 + index * share

@@ -78,6 +78,30 @@ def add_backend_option(sub) -> None:
     )
 
 
+def add_memory_option(sub) -> None:
+    """``--memory-limit`` on ``sub`` (an argparse subparser)."""
+    sub.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="MIB",
+        help="memory the network's passes may use, in MiB (default: half of the free GPU "
+        "memory or RAM); below a whole-volume pass's need, 3-D networks run in sliding "
+        "windows and 2-D networks on fewer slices at a time",
+    )
+
+
+def memory_budget_bytes(args) -> int | None:
+    """``--memory-limit`` in bytes (None when not given); MTKDError when not positive."""
+    limit = getattr(args, "memory_limit", None)
+    if limit is None:
+        return None
+    if not limit > 0:
+        from mtkd.errors import MTKDError
+
+        raise MTKDError(f"--memory-limit must be a positive number of MiB, not {limit}")
+    return int(limit * (1 << 20))
+
+
 def model_on_backend(args, model, device):
     """``model`` with its network on the backend ``args.backend`` names (said on stderr)."""
     backend = getattr(args, "backend", "torch")
