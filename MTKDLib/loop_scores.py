@@ -99,33 +99,38 @@ def _number(text: str) -> float:
 
 
 class ScoringJob:
-    """The versions scored by ``mtkd evaluate`` in background processes, one model after the
-    other (never in Slicer's process, which loads no torch); :meth:`poll` from a timer.
+    """The versions scored by ``mtkd evaluate``, one model after the other, never in Slicer's
+    process (which loads no torch): on ``worker`` (an :class:`MTKDLib.worker.EngineWorker`,
+    Slicer's shared one, which keeps the models it loaded) or, without one, each in a
+    background process of its own; :meth:`poll` from a timer.
 
     ``plan``: what :meth:`MTKDLib.distill_loop.DistillLoop.scoring_plan` returns."""
 
-    def __init__(self, plan: Mapping[str, Any], python: str | None = None):
+    def __init__(self, plan: Mapping[str, Any], python: str | None = None, worker: Any = None):
         self.plan = plan
         self.python = python
+        self.worker = worker
         self.workdir = Path(tempfile.mkdtemp(prefix="mtkd-loop-scores-"))
         split = self.workdir / "test_cases.json"
         split.write_text(json.dumps({"test": _all_cases(plan["groups"])}), encoding="utf-8")
         self.split = split
         self.waiting = list(plan["models"].items())
-        self.process: Any = None
+        self.process: Any = None  # the running job: an MTKDLib.process.EngineJob
         self.current: str | None = None
         self.error: str | None = None
         self._next()
 
     def _next(self) -> None:
-        from MTKDLib.process import BackgroundProcess, engine_command, engine_environment
-
         self.current, model = self.waiting.pop(0)
         args = ["evaluate", str(model), str(self.plan["dataset"]), "--split", str(self.split),
                 "--subset", "test", "--csv", str(self.workdir / f"{self.current}.csv"),
                 "--device", str(self.plan["device"])]  # fmt: skip
-        command = engine_command(args, self.python)
-        self.process = BackgroundProcess(command, env=engine_environment())
+        self.process = self.worker.run(args) if self.worker is not None else self._start(args)
+
+    def _start(self, args: Sequence[str]) -> Any:
+        from MTKDLib.process import BackgroundProcess, engine_command, engine_environment
+
+        return BackgroundProcess(engine_command(args, self.python), env=engine_environment())
 
     def poll(self) -> bool:
         """Whether the job has ended (then :attr:`error` or :meth:`scores`). Never blocks."""
@@ -148,8 +153,13 @@ class ScoringJob:
                                   self.plan["groups"]) for name in self.plan["models"]}  # fmt: skip
 
     def cancel(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+        """Stop scoring; returns at once, and :meth:`poll` says it has ended ("cancelled"). A
+        process is killed; a job on the worker stops at its next stage (the worker stays)."""
+        running = self.process.returncode is None
+        if self.error is None and (running or self.waiting):
+            self.error, self.waiting = "cancelled", []
+            if running:
+                self.process.cancel(grace_seconds=0.0)
 
 
 def gate_reasons(

@@ -31,6 +31,12 @@ def check_volume(volume_node: Any) -> None:
         raise ValueError(f"volume '{volume_node.GetName()}' has several components; CT has one")
 
 
+# On the worker: the faster of torch and ONNX Runtime on the CPU (torch on a GPU), the first
+# Applies running torch while the two are compared in the background. A process per Apply
+# runs torch: comparing them there would cost each Apply its time.
+WORKER_BACKEND = "auto"
+
+
 class SegmentLogic(EngineLogic):
     """Segments volume nodes of ``scene`` with a model (any source the engine opens)."""
 
@@ -49,12 +55,13 @@ class SegmentLogic(EngineLogic):
         check_volume(volume_node)
         check_device(device)
         name = f"{volume_node.GetName()} {model_name or Path(model).name}"
+        backend = WORKER_BACKEND if self.worker is not None else "torch"
 
         def prepare(workdir: Path) -> list[str]:
             image = write_volume(volume_node, workdir / "input.nrrd")
             output = workdir / "segmentation.seg.nrrd"
             command = ["segment", str(model), str(image), "-o", str(output), "--device",
-                       device, "--progress"]  # fmt: skip
+                       device, "--progress", "--backend", backend]  # fmt: skip
             return [*command, "--keep-largest"] if keep_largest else command
 
         def collect(workdir: Path) -> Any:

@@ -12,9 +12,13 @@ worker keeps the models it loaded, so a second Apply with the same model starts 
   stops a job at its next stage and the worker stays; a job that does not stop within the
   grace period has the worker killed (it is started again for the next job). A worker that
   dies fails its job with a message that says so, and the next job starts a new one.
-- :func:`shared_worker`: the one worker of a Slicer session, used by MTKD Segment's segment
-  and compare logics; :func:`stop_shared_worker` ends it (the module does so when Slicer
-  quits; the worker also ends by itself when its input closes, e.g. when Slicer dies).
+- :func:`shared_worker`: the one worker of a Slicer session, used by both modules: MTKD
+  Segment's segment and compare logics, and MTKD Train's scoring of the loop's versions
+  (``mtkd evaluate`` jobs, :class:`MTKDLib.loop_scores.ScoringJob`); training runs stay
+  processes of their own. :func:`stop_shared_worker` ends it when no module still has a job
+  on it (each module calls it when it is cleaned up, e.g. when Slicer quits, after cancelling
+  its own jobs; a job of the other module keeps it, and the next job after a stop starts a
+  new one). The worker also ends by itself when its input closes, e.g. when Slicer dies.
 
 No Qt and no torch here: replies are read by threads, and the caller polls.
 """
@@ -118,9 +122,13 @@ class WorkerJob:
     def _end(
         self, returncode: int, error: str | None = None, reply: dict | None = None
     ) -> Callable[[], None] | None:
-        """Record the end; the ``on_end`` callback to call (outside the worker's lock)."""
+        """Record the end; the ``on_end`` callback to call (outside the worker's lock). An end
+        that the engine did not reply (the worker died, was stopped...) is also the job's last
+        line, so that its output says why it ended as a process's would."""
         if self._returncode is not None:
             return None
+        if reply is None and error:
+            self._add_line(error)
         self.reply = dict(reply or {})
         self.cancelled = self.cancelled or bool(self.reply.get("cancelled"))
         self.error = error if returncode != 0 else None
@@ -215,9 +223,10 @@ class WorkerProcess:
 
 
 class EngineWorker:
-    """Runs ``mtkd`` jobs (``segment`` and ``compare``) on one ``mtkd serve`` process, started
-    on the first job (``python``/``env`` as :class:`MTKDLib.process.EngineTask`'s) and again
-    after it died. :meth:`run` is an :data:`MTKDLib.process.JobRunner`."""
+    """Runs ``mtkd`` jobs (``segment``, ``compare``, ``evaluate``) on one ``mtkd serve``
+    process, started on the first job (``python``/``env`` as
+    :class:`MTKDLib.process.EngineTask`'s) and again after it died. :meth:`run` is an
+    :data:`MTKDLib.process.JobRunner`."""
 
     def __init__(
         self,
@@ -242,8 +251,9 @@ class EngineWorker:
         return process.pid if process is not None and process.alive else None
 
     def run(self, argv: Sequence[str]) -> WorkerJob:
-        """Send the job ``argv`` (``["segment", ...]`` or ``["compare", ...]``); it runs once
-        the jobs sent before it have ended. Starts the worker if none runs."""
+        """Send the job ``argv`` (``["segment", ...]``, ``["compare", ...]`` or
+        ``["evaluate", ...]``); it runs once the jobs sent before it have ended. Starts the
+        worker if none runs."""
         job = WorkerJob(self, f"j{next(self._ids)}", argv)
         with self._lock:
             self._waiting.append(job)
@@ -275,14 +285,17 @@ class EngineWorker:
                 ended = []
         _call(ended)
 
-    def stop(self) -> WorkerProcess | None:
+    def stop(self, if_unused: bool = False) -> WorkerProcess | None:
         """End the worker without waiting: an idle one is told (its input closes) and killed
         if still there after a few seconds; a busy one is killed at once. What was sent and
         has not ended fails. The next :meth:`run` starts a new worker. Returns the process
-        being stopped (None: none ran), for a caller that must wait for it."""
+        being stopped (None: none ran, or it was kept). ``if_unused``: keep the worker while
+        a job that was not cancelled runs or waits (another module's)."""
         with self._lock:
-            process, self._process = self._process, None
             jobs = [job for job in (self._current, *self._waiting) if job is not None]
+            if if_unused and not all(job.cancelled for job in jobs):
+                return None
+            process, self._process = self._process, None
             self._current = None
             self._waiting.clear()
             ended = [job._end(1, "the MTKD engine worker was stopped") for job in jobs]
@@ -398,8 +411,9 @@ def shared_worker() -> EngineWorker:
 
 
 def stop_shared_worker() -> None:
-    """End the session's worker process, if any, without waiting for it."""
+    """End the session's worker process, if any, without waiting for it, unless a job that
+    was not cancelled runs or waits on it (the other module's: it goes on)."""
     with _shared_lock:
         worker = _shared
     if worker is not None:
-        worker.stop()
+        worker.stop(if_unused=True)

@@ -41,6 +41,7 @@ from MTKDLib.train_config import (
     server_commands,
 )
 from MTKDLib.train_logic import TrainLogic
+from MTKDLib.worker import shared_worker, stop_shared_worker
 
 POLL_MILLISECONDS = 500  # the run's plots and status update at most twice a second
 # singleton tags of the plot view nodes the panel's two plot widgets show (one per widget)
@@ -143,6 +144,16 @@ class MTKDTrainWidget(ModuleWidget):
     def stopWork(self) -> None:
         self.timer.stop()  # a run keeps going in its process; Attach follows it again
         self.run = None
+
+    def cleanup(self) -> None:
+        """The module is unloaded (Slicer quits, or the module is reloaded): also cancel the
+        loop's scoring and end the engine worker, unless MTKD Segment has a job on it."""
+        ModuleWidget.cleanup(self)
+        if self.scoring is not None:
+            self.scoringTimer.stop()
+            self.scoring[2].cancel()
+            self.scoring = None
+        stop_shared_worker()
 
     def enter(self) -> None:
         ModuleWidget.enter(self)
@@ -557,14 +568,15 @@ class MTKDTrainWidget(ModuleWidget):
 
     def recordLoopVersion(self) -> None:
         """A finished run the loop started: score it and its parent on the loop's test cases
-        (``mtkd evaluate`` in background processes), then record it (:meth:`finishRecording`)."""
+        (``mtkd evaluate`` jobs on the engine worker), then record it (:meth:`finishRecording`)."""
         from MTKDLib.loop_scores import ScoringJob
 
         loop = self.logic.loop(self._datasetFolder())
         runDir = str(self.run.run_dir)
         if runDir not in loop.started_runs() or self.scoring is not None:
             return  # not the loop's run (Add to library imports it), or already recorded
-        self.scoring = (loop, runDir, ScoringJob(loop.scoring_plan(runDir)))
+        job = ScoringJob(loop.scoring_plan(runDir), worker=self.logic.worker)
+        self.scoring = (loop, runDir, job)
         self.ui.statusLabel.text = _("Scoring the new and the previous version on the test cases")
         self.scoringTimer = qt.QTimer()
         self.scoringTimer.setInterval(POLL_MILLISECONDS)
@@ -645,11 +657,14 @@ def rememberLoop(folder) -> None:
 
 class MTKDTrainLogic(ScriptedLoadableModuleLogic):
     """The module's logic for ``slicer.mrmlScene``: runs (``MTKDLib.train_logic``), the
-    training set and the loop (``MTKDLib``), the model library (``mtkd.library``)."""
+    training set and the loop (``MTKDLib``), the model library (``mtkd.library``). Training
+    runs are processes of their own; the loop scores its versions on the session's engine
+    worker (shared with MTKD Segment); ``useWorker=False``: each model in a new process."""
 
-    def __init__(self, scene=None) -> None:
+    def __init__(self, scene=None, useWorker: bool = True) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.trainer = TrainLogic(scene or slicer.mrmlScene)
+        self.worker = shared_worker() if useWorker else None
         self.libraryRoot = None  # None: the folder in the user's settings
         self.loopMargin = None  # None: the loop's default (MTKDLib.loop_scores.DEFAULT_MARGIN)
 

@@ -10,7 +10,9 @@ timer polls every 0.25 s, which adds up to that much on screen):
 
 - ``first``: the first Apply on a new worker: the worker starts (Python, torch, MONAI), loads
   the model and segments;
-- ``warm``: the next Applies on the same worker (the model kept in memory);
+- ``warm``: the next Applies on the same worker (the model kept in memory), ``--settle``
+  seconds after the first (MTKD Segment asks for ``--backend auto``: meanwhile the worker
+  compares torch and ONNX Runtime on the model in the background and keeps the faster);
 - ``process``: today's one-process path: ``python -m mtkd segment`` started for the Apply.
 
 The process path runs first (it also warms the disk cache for the imports of both), then the
@@ -125,6 +127,7 @@ def measure(args: argparse.Namespace, model: Path) -> dict:
     try:
         worker_logic = SegmentLogic(scene, worker=worker)
         first = timed_apply(worker_logic, volume, model, args.device, args.poll)
+        time.sleep(args.settle)  # the user looks at the result; the worker compares backends
         warm = [timed_apply(worker_logic, volume, model, args.device, args.poll)
                 for _ in range(args.repeats)]  # fmt: skip
         starts = worker.starts
@@ -138,6 +141,7 @@ def measure(args: argparse.Namespace, model: Path) -> dict:
         "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()}",
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "device": args.device,
+        "settle_s": args.settle,
         "model": str(model) if args.model else "demo student (thesis_s1 2-D), untrained",
         "ct": f"{Path(args.ct).name} {image[0]}x{image[1]}x{image[2]}",
         "poll_seconds": args.poll,
@@ -189,6 +193,13 @@ def main() -> None:
     parser.add_argument("--ct", default=str(CT), help="CT file (default: the bundled one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="warm and one-process Applies")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=30.0,
+        help="seconds between the first Apply and the warm ones (the worker compares torch "
+        "and ONNX Runtime in the background meanwhile; 0: the warm Applies may run before)",
+    )
     parser.add_argument("--poll", type=float, default=0.01, help="seconds between polls")
     parser.add_argument("--out", help="write the report here (JSON)")
     args = parser.parse_args()

@@ -1,11 +1,13 @@
 """``mtkd serve`` as the Slicer modules use it: a real worker process speaking JSON lines over
-its stdin and stdout, running ``segment`` jobs on a crop of the bundled CT with a tiny
-untrained model. The second job reuses the loaded model, gives what ``mtkd segment`` gives
-voxel for voxel, a changed model is loaded again, a cancelled job leaves the worker alive,
-bad requests get error replies, and the end of stdin or ``quit`` ends the worker."""
+its stdin and stdout, running ``segment`` jobs on a crop of the bundled CT (and ``evaluate``
+jobs on slabs of it) with a tiny untrained model. The second job reuses the loaded model and
+gives what ``mtkd segment`` gives voxel for voxel (``mtkd evaluate``: the same scores), a
+changed model is loaded again, a cancelled job leaves the worker alive, bad requests get error
+replies, and the end of stdin or ``quit`` ends the worker."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import queue
@@ -186,6 +188,40 @@ def test_a_changed_model_is_loaded_again(shared, model, ct, tmp_path):
     assert (done["done"], done["models_loaded"], done["models_reused"]) == (0, 1, 0)
     _, done = worker.job("c", segment_argv(model, [ct], tmp_path / "c.nii.gz"))
     assert (done["models_loaded"], done["models_reused"]) == (0, 1)
+
+
+def scores_without_times(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as stream:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(stream)]
+
+
+def test_an_evaluate_job_gives_the_csv_of_mtkd_evaluate_and_keeps_the_model(
+    shared, model, slab_dataset, data_dir, tmp_path
+):
+    """MTKD Train's loop scores each version with ``mtkd evaluate`` jobs on the worker."""
+    folder, split = slab_dataset
+    split_file = tmp_path / "test_cases.json"
+    split_file.write_text(json.dumps({"test": split["test"]}), encoding="utf-8")
+
+    def evaluate_argv(scores: Path) -> list[str]:
+        return ["evaluate", str(model), str(folder), "--labels-json",
+                str(data_dir / "labels_total_v2.json"), "--split", str(split_file),
+                "--subset", "test", "--csv", str(scores), "--device", "cpu"]  # fmt: skip
+
+    first, second, expected = (tmp_path / f"{name}.csv" for name in ("first", "second", "cli"))
+    lines, done = shared.job("e1", evaluate_argv(first))
+    assert done == {**done, "done": 0, "models_loaded": 1, "models_reused": 0}, done
+    assert any(f"per-volume scores in {first}" in line for line in lines)  # the command's line
+    _, done = shared.job("e2", evaluate_argv(second))
+    assert (done["done"], done["models_loaded"], done["models_reused"]) == (0, 0, 1)
+
+    assert main(evaluate_argv(expected)) == 0
+    reference = scores_without_times(expected)
+    assert {row["case"] for row in reference} == set(split["test"])
+    assert {row["structure"] for row in reference} == set(STRUCTURES)
+    assert scores_without_times(first) == reference
+    assert scores_without_times(second) == reference
+    assert all(line.startswith("{") for line in shared.raw)  # nothing but the protocol
 
 
 @pytest.fixture(scope="module")

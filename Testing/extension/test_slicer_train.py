@@ -1,6 +1,8 @@
 """MTKDTrain's logic against real MRML (``slicer-core``) and real background runs: a training
 set exported from scene nodes, the configuration panel's config, a distillation started,
-stopped (checkpoint kept), resumed and re-attached, and the annotate-then-distill loop."""
+stopped (checkpoint kept), resumed and re-attached, and the annotate-then-distill loop, its
+versions scored on the engine worker (``mtkd serve``) as by one ``mtkd evaluate`` process per
+model."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 import yaml
+from helpers import untrained_model
 from slicer_scene import new_scene, scene_cases, write_slab_cases
 
 from mtkd.config import RECOMMENDED_PRESET, RunConfig, load_config
@@ -40,6 +44,7 @@ from MTKDLib.training_set import (
     export_training_set,
     plan_labels,
 )
+from MTKDLib.worker import EngineWorker
 
 PYTHON = sys.executable
 STRUCTURES = ["liver", "spleen", "kidney_right"]
@@ -300,8 +305,98 @@ def test_a_crashing_run_shows_its_error(training_set, teacher_run, tmp_path):
     assert state.error and str(broken) in state.error
 
 
+@pytest.fixture(scope="module")
+def worker():
+    """The engine worker (``mtkd serve``) that scores the loop's versions, as in Slicer."""
+    engine = EngineWorker(python=PYTHON)
+    yield engine
+    engine.stop()
+
+
+def same(scores: dict, others: dict) -> bool:
+    """Equal scores, NaN (a structure in no case of a group) equal to NaN."""
+    return json.dumps(scores, sort_keys=True) == json.dumps(others, sort_keys=True)
+
+
+def scored(job: ScoringJob, timeout: float = 300) -> ScoringJob:
+    """``job`` once it has ended (polled as the panel's timer polls it)."""
+    deadline = time.monotonic() + timeout
+    while not job.poll():
+        assert time.monotonic() < deadline, "scoring timed out"
+        time.sleep(0.1)
+    return job
+
+
+@pytest.fixture(scope="module")
+def scoring_plan(training_set, teacher_run, tmp_path_factory) -> dict:
+    """A loop's scoring plan (as :meth:`DistillLoop.scoring_plan` gives it) for two versions:
+    the tiny trained teacher and a tiny untrained model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        untrained = untrained_model(tmp_path_factory.mktemp("version") / "v1", tuple(STRUCTURES))
+    models = {"new": str(teacher_run), "previous": str(untrained)}
+    groups = {"test": ["slab0", "slab3"], "test_old": ["slab0"], "test_new": ["slab3"]}
+    return {"dataset": str(training_set), "models": models, "groups": groups, "device": "cpu"}
+
+
+def test_loop_scores_on_the_worker_are_those_of_one_process_per_model(scoring_plan, worker):
+    plan = scoring_plan
+    by_process = scored(ScoringJob(plan, python=PYTHON))
+    on_worker = scored(ScoringJob(plan, worker=worker))
+    assert by_process.error is None and on_worker.error is None, (by_process.error, on_worker.error)
+    scores = on_worker.scores()
+    assert same(scores, by_process.scores())  # the same CSVs, read the same way
+    here = score_versions(Path(plan["dataset"]), plan["models"], plan["groups"], "cpu")
+    for model in ("new", "previous"):
+        assert set(scores[model]) == {"test", "test_old", "test_new"}
+        assert set(scores[model]["test"]) == {*STRUCTURES, "mean"}
+        for group, values in scores[model].items():  # the CSV keeps three decimals
+            assert values == pytest.approx(here[model][group], abs=6e-4, nan_ok=True)
+    assert scores["new"]["test"]["mean"] > 0  # the trained teacher finds some of them
+    assert on_worker.process.reply["models_loaded"] == 1  # the second model, loaded once
+
+    again = scored(ScoringJob(plan, worker=worker))  # the next version's scoring: models kept
+    assert again.error is None and same(again.scores(), scores)
+    assert (again.process.reply["models_loaded"], again.process.reply["models_reused"]) == (0, 1)
+    assert worker.starts == 1 and again.process.worker_pid == on_worker.process.worker_pid
+
+
+@pytest.mark.parametrize("on_worker", [False, True], ids=["processes", "worker"])
+def test_failed_and_cancelled_scoring_say_so_on_both_paths(scoring_plan, worker, on_worker,
+                                                           tmp_path):  # fmt: skip
+    def job(plan):
+        return ScoringJob(plan, worker=worker) if on_worker else ScoringJob(plan, python=PYTHON)
+
+    missing = tmp_path / "no-such-model"
+    failed = scored(job({**scoring_plan, "models": {"new": str(missing)}}))
+    assert failed.error.splitlines()[-1] == f"mtkd: error: {missing}: model not found"
+
+    cancelled = job(scoring_plan)
+    cancelled.cancel()  # returns at once
+    assert cancelled.poll() and cancelled.error == "cancelled" and cancelled.waiting == []
+    returncode = cancelled.process.wait(300)
+    assert returncode is not None and returncode != 0
+    if on_worker:
+        assert returncode == 130 and worker.pid is not None  # the job stopped, the worker stays
+    assert scored(job(scoring_plan)).error is None  # the next scoring runs
+
+
+def test_a_worker_that_dies_fails_the_scoring_with_its_reason(scoring_plan):
+    engine = EngineWorker(python=PYTHON)
+    try:
+        job = ScoringJob(scoring_plan, worker=engine)
+        engine.kill()  # as a crash would, long before the first model is scored
+        assert (
+            "the MTKD engine worker stopped (exit code -9, SIGKILL); it will be restarted for "
+            "the next job"
+        ) in scored(job).error.splitlines()
+    finally:
+        engine.stop()
+
+
 def test_annotate_then_distill_loop(stopped_and_resumed, training_set, teacher_run,
-                                    case_files, tmp_path):  # fmt: skip
+                                    case_files, worker, tmp_path):  # fmt: skip
+
     library = ModelLibrary(tmp_path / "library")
     first = library.import_model(stopped_and_resumed["dir"], name="abdomen student")
     loop_set = tmp_path / "loop-set"
@@ -336,11 +431,7 @@ def test_annotate_then_distill_loop(stopped_and_resumed, training_set, teacher_r
     # 5. the new version in the library, scored with its parent on the same test cases; the
     # gate keeps it from becoming current until the user chooses it
     plan = loop.scoring_plan(run_dir)
-    job = ScoringJob(plan, python=PYTHON)  # as the panel scores: mtkd evaluate, out of process
-    deadline = time.monotonic() + 300
-    while not job.poll():
-        assert time.monotonic() < deadline, "scoring timed out"
-        time.sleep(0.2)
+    job = scored(ScoringJob(plan, worker=worker))  # as the panel scores: on the engine worker
     assert job.error is None, job.error
     scores = job.scores()
     here = score_versions(Path(plan["dataset"]), plan["models"], plan["groups"], "cpu")

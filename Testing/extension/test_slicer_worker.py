@@ -1,7 +1,9 @@
 """MTKD Segment's logics on the engine worker (``MTKDLib.worker``, a real ``mtkd serve``
 process) against real MRML (``slicer-core``): the same segmentation node and comparison as the
 one-process path, the model kept between Applies, Cancel and a bad model leave the worker
-running, a worker that died fails its job clearly and the next job starts a new one."""
+running, a worker that died fails its job clearly and the next job starts a new one, and a
+module cleaned up leaves the other module's job running. (MTKD Train's loop scoring on the
+worker: ``test_slicer_train.py``.)"""
 
 from __future__ import annotations
 
@@ -193,6 +195,26 @@ def test_stop_ends_an_idle_worker_and_fails_a_running_job(worker, model, scene_w
         task.wait(timeout=WAIT)
     assert stopped.popen.wait(WAIT) == -signal.SIGKILL
     assert worker.stop() is None  # none runs
+
+
+def test_a_module_cleaned_up_leaves_the_other_modules_job_on_the_shared_worker(
+    worker, model, scene_with_ct
+):
+    """Each module stops the shared worker when it is cleaned up (Slicer quits, or it is
+    reloaded), after cancelling its own jobs: a job of the other module keeps the worker."""
+    scene, volume = scene_with_ct
+    logic = SegmentLogic(scene, worker=worker)
+    task = start_and_see_it_run(logic, volume, model)  # the other module's job
+    pid = worker.pid
+    assert worker.stop(if_unused=True) is None  # kept
+    assert task.wait(timeout=WAIT).IsA("vtkMRMLSegmentationNode") and worker.pid == pid
+
+    task = start_and_see_it_run(logic, volume, model)
+    task.cancel()  # the module's own job, cancelled first
+    stopped = worker.stop(if_unused=True)
+    assert stopped is not None and stopped.popen.wait(WAIT) is not None and worker.pid is None
+    assert worker.stop(if_unused=True) is None  # none runs
+    assert logic.segment(volume, model, "cpu").IsA("vtkMRMLSegmentationNode")  # a new worker
 
 
 def test_the_stopped_message_names_the_signal_and_the_last_lines():

@@ -90,3 +90,33 @@ def test_each_variant_is_prepared_once_and_kept_apart(models):
     assert again is first and first is not plain and first.metadata["prepared"]
     assert len(prepared) == 1 and cache.load(models[0], "cpu") is plain
     assert (cache.loads, cache.hits, len(cache)) == (2, 2, 2)
+
+
+def test_a_background_variant_serves_the_plain_model_until_it_is_ready(models):
+    cache = ModelCache()
+    prepared = []
+
+    def prepare(model):
+        prepared.append(model)
+        return dataclasses.replace(model, metadata={**model.metadata, "prepared": True})
+
+    plain = cache.load(models[0], "cpu", prepare=prepare, variant="auto", background=True)
+    assert "prepared" not in plain.metadata
+    for thread in cache.preparing_threads:
+        thread.join(timeout=60)
+    ready = cache.load(models[0], "cpu", prepare=prepare, variant="auto", background=True)
+    assert ready.metadata["prepared"] and ready.network is not plain.network  # its own copy
+    assert len(prepared) == 1 and cache.load(models[0], "cpu") is plain
+
+
+def test_a_failed_background_preparation_leaves_the_plain_model(models):
+    cache = ModelCache()
+
+    def fail(model):
+        raise RuntimeError("no backend here")
+
+    plain = cache.load(models[0], "cpu", prepare=fail, variant="auto", background=True)
+    for thread in cache.preparing_threads:
+        thread.join(timeout=60)
+    again = cache.load(models[0], "cpu", prepare=fail, variant="auto", background=True)
+    assert again is plain and len(cache.preparing_threads) == 1  # not tried again

@@ -38,7 +38,7 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
     sub = commands.add_parser(
         "evaluate", help="per-volume Dice and HD95 of a model on labelled data"
     )
-    sub.add_argument("model", help="model folder or run folder")
+    sub.add_argument("model", help=MODEL_HELP)
     sub.add_argument("data", help="dataset (MSD folder, images/ + labels/ folders)")
     sub.add_argument("--split", help="a run's split.json: evaluate one of its subsets")
     sub.add_argument("--subset", default="test", choices=["train", "val", "test", "student_train"])
@@ -107,7 +107,7 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     sub.set_defaults(func=cmd_export)
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, load_model: ModelLoader | None = None) -> int:
     from mtkd.data.datasets import load_dataset
     from mtkd.data.splits import read_split
     from mtkd.devices import resolve_device
@@ -119,14 +119,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_scores_csv,
     )
     from mtkd.infer.predictor import Predictor
-    from mtkd.modelfiles.model_io import load_model
 
     inputs = [path for path in (args.split, args.labels_json) if path]
     if args.csv:  # cheap checks first: the model and the data take a while to load
         check_scores_csv(args.csv, inputs)
     split = read_split(args.split, require=[args.subset]) if args.split else None
     device = resolve_device(args.device)
-    model = load_model(args.model, device)
+    model = _open_model(args.model, device, args.backend, load_model)
     dataset = load_dataset(args.data, labels_json=args.labels_json)
     case_ids = [case.case_id for case in dataset.cases]
     if split is not None:
@@ -137,7 +136,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     output = Path(args.csv or Path(model.folder).parent / "report" / "evaluation.csv")
     check_scores_csv(output, inputs)
     postprocessing = postprocessing_from_args(args, model)
-    model = model_on_backend(args, model, device)
     scores = evaluate(Predictor(model, device, postprocessing=postprocessing), dataset, case_ids)
     write_scores_csv(scores, output)
     print(f"{model.name}: {len(case_ids)} case(s), per-volume scores in {output}")
@@ -193,7 +191,8 @@ def cmd_segment(args: argparse.Namespace, load_model: ModelLoader | None = None)
 
 def _open_model(path: str, device, backend: str, load_model: ModelLoader | None):
     """The model of ``path`` with its network on ``backend``: loaded now, or by
-    ``load_model`` (``mtkd serve``'s cache, which keeps it per backend)."""
+    ``load_model`` (``mtkd serve``'s cache, which keeps it per backend; for "auto" it runs
+    the plain model until the backends have been compared in the background)."""
     from mtkd.modelfiles.sources import load_any_model
 
     def on_backend(model):
@@ -201,7 +200,9 @@ def _open_model(path: str, device, backend: str, load_model: ModelLoader | None)
 
     if load_model is None:
         return on_backend(load_any_model(path, device))
-    return load_model(path, device, prepare=on_backend, variant=backend)
+    return load_model(
+        path, device, prepare=on_backend, variant=backend, background=backend == "auto"
+    )
 
 
 def _segmenter(

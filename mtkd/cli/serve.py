@@ -1,6 +1,8 @@
-"""``mtkd serve``: a long-lived engine process that runs ``segment`` and ``compare`` jobs.
+"""``mtkd serve``: a long-lived engine process that runs ``segment``, ``compare`` and
+``evaluate`` jobs.
 
-Front ends that segment again and again (the MTKD Segment module in Slicer) start it once and
+Front ends that segment again and again (in Slicer: MTKD Segment's Apply and Compare, and
+MTKD Train's scoring of each version of the annotate-then-distill loop) start it once and
 send it jobs, instead of paying a new process, the torch and MONAI imports and the model
 loading on every job. Loaded models are kept between jobs (:mod:`mtkd.modelfiles.cache`):
 keyed by the resolved model path and the device, and loaded again when the model's files
@@ -15,9 +17,10 @@ stderr). Once started, the worker says::
 Requests:
 
 - ``{"id": "j1", "argv": ["segment", MODEL, IMAGE, "-o", OUT, "--device", "auto",
-  "--progress"]}``: a job, exactly an ``mtkd segment`` or ``mtkd compare`` command line
-  (nothing else is accepted). ``id`` is the client's name for it (a string or an integer).
-  Jobs run one at a time, in the order they came.
+  "--progress"]}``: a job, exactly an ``mtkd segment``, ``mtkd compare`` or ``mtkd evaluate``
+  command line (nothing else is accepted: training stays a process of its own). ``id`` is
+  the client's name for it (a string or an integer). Jobs run one at a time, in the order
+  they came.
 - ``{"cancel": "j1"}``: cancel that job: a waiting job never runs; a running one stops at its
   next stage boundary (:mod:`mtkd.infer.stages`), so whatever it was writing is finished or
   not begun. A job that has ended, or an unknown id, is ignored. The worker stays alive.
@@ -56,8 +59,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the ``mtkd`` subcommands."""
     sub = commands.add_parser(
         "serve",
-        help="a long-lived worker that runs segment/compare jobs sent as JSON lines on stdin "
-        "(for the Slicer modules)",
+        help="a long-lived worker that runs segment/compare/evaluate jobs sent as JSON lines "
+        "on stdin (for the Slicer modules)",
     )
     sub.add_argument(
         "--models",
@@ -77,7 +80,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.models < 1:
         raise MTKDError(f"--models must be at least 1, not {args.models}")
     requests, replies = protocol_streams()
-    return Server(requests, replies, ModelCache(args.models)).serve()
+    cache = ModelCache(args.models)
+    status = Server(requests, replies, cache).serve()
+    if any(thread.is_alive() for thread in cache.preparing_threads):
+        # a model still being prepared in a thread: end without it (the interpreter's
+        # teardown would abort the process under the running export)
+        replies.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def protocol_streams() -> tuple[TextIO, TextIO]:

@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-JOB_COMMANDS = ("segment", "compare")
+JOB_COMMANDS = ("segment", "compare", "evaluate")
 JobId = str | int
 
 
@@ -22,7 +22,7 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class JobRequest:
-    """Run ``argv`` (an ``mtkd segment`` or ``mtkd compare`` command line)."""
+    """Run ``argv`` (an ``mtkd segment``, ``compare`` or ``evaluate`` command line)."""
 
     job_id: JobId
     argv: tuple[str, ...]
@@ -73,7 +73,7 @@ def parse_request(line: str) -> Request:
         command = argv[0] if argv else ""
         raise RequestError(
             f"'{command}' is not a job the worker runs: argv must start with "
-            f"{' or '.join(JOB_COMMANDS)}",
+            f"{', '.join(JOB_COMMANDS[:-1])} or {JOB_COMMANDS[-1]}",
             job_id,
         )
     return JobRequest(job_id, tuple(argv))

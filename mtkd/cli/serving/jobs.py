@@ -1,6 +1,6 @@
-"""One job of ``mtkd serve``: an ``mtkd segment`` or ``mtkd compare`` command line run in this
-process, as the command would run it, with its output relayed line by line and its models
-from the worker's cache."""
+"""One job of ``mtkd serve``: an ``mtkd segment``, ``compare`` or ``evaluate`` command line run
+in this process, as the command would run it, with its output relayed line by line and its
+models from the worker's cache."""
 
 from __future__ import annotations
 
@@ -55,15 +55,15 @@ def run_job(
     cancel: threading.Event,
     emit: Callable[[str], None],
 ) -> JobEnd:
-    """Run ``argv`` (``segment ...`` or ``compare ...``): what it prints goes to ``emit``
-    line by line; it stops at the next stage boundary once ``cancel`` is set."""
+    """Run ``argv`` (``segment ...``, ``compare ...`` or ``evaluate ...``): what it prints
+    goes to ``emit`` line by line; it stops at the next stage boundary once ``cancel`` is set."""
     if not argv or argv[0] not in JOB_COMMANDS:
         raise ValueError(f"not a job of the worker: {list(argv)}")
     started, loads, hits = time.perf_counter(), cache.loads, cache.hits
 
-    def load_model(source, device, prepare=None, variant=""):
+    def load_model(source, device, prepare=None, variant="", background=False):
         with stage("loading the model"):
-            return cache.load(source, device, prepare, variant)
+            return cache.load(source, device, prepare, variant, background)
 
     out, err = LineRelay(emit), LineRelay(emit)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
