@@ -112,10 +112,10 @@ def present(paths: list[Path], what: str) -> list[Path]:
     return [path for path in paths if path.is_file()]
 
 
-def train_student(work: Path, training_cts: list[Path]) -> Path:
+def train_student(work: Path, training_cts: list[Path], epochs: int = 12) -> Path:
     """Train (once; reused afterwards) the benchmark student on ``training_cts`` (at least
-    two: one validates) and return its model folder."""
-    run_dir = work / "student"
+    two: one validates) for ``epochs`` and return its model folder."""
+    run_dir = work / ("student" if epochs == 12 else f"student-{epochs}ep")
     if (run_dir / "model" / "mtkd_model.json").is_file():
         return run_dir / "model"
     found = present(training_cts, "the student's training CTs")
@@ -152,10 +152,10 @@ def train_student(work: Path, training_cts: list[Path]) -> Path:
             "split": {"fixed": {"train": cases[:-1], "val": cases[-1:], "test": []}},
             "model": STUDENT,
             "train": {
-                "epochs": 12,
+                "epochs": epochs,
                 "batch_size": 4,
                 "optimizer": {"name": "adamw", "lr": 3e-3},
-                "val_every": 12,
+                "val_every": epochs,
             },
         }
     )
@@ -384,7 +384,11 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     training_cts = [Path(p) for p in args.training_cts] if args.training_cts else TRAINING_CTS
-    student_folder = Path(args.student) if args.student else train_student(work, training_cts)
+    student_folder = (
+        Path(args.student)
+        if args.student
+        else train_student(work, training_cts, args.student_epochs)
+    )
     student = load_model(student_folder, device)
     labels = len(LabelTable.from_dict(student.metadata["labels"]))
     runs_as, backend = network_for_backend(student, args.backend, device)
@@ -540,6 +544,12 @@ def main() -> None:
         nargs="+",
         help="CT files the student trains on when --student is not given (default: the bundled "
         "CT and three of the shared test volumes)",
+    )
+    parser.add_argument(
+        "--student-epochs",
+        type=int,
+        default=12,
+        help="epochs of the student trained when --student is not given",
     )
     parser.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=list(TEACHERS))
     parser.add_argument(

@@ -12,10 +12,13 @@ per cent) get their probabilities interpolated, in the same axis order and with 
 operations as :func:`~mtkd.infer.separable.resample_separable`. Sigmoid outputs work alike
 (all > 0.5, or all <= 0.5). The result equals the argmax of the fully resampled
 probabilities except where two channels tie to float rounding. Speckled label maps (more than
-``DENSE_ABOVE`` of the source voxels on a border) are resampled densely instead.
+``DENSE_ABOVE`` of the source voxels on a border), and targets with no more voxels than the
+source (where the dense argmax is the smaller one), are resampled densely instead.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -132,6 +135,17 @@ def _interpolate_at(
     return result
 
 
+def _dense_labels(
+    probabilities: torch.Tensor, coords: list, order: list[int], activation: str
+) -> torch.Tensor:
+    """Labels of every voxel's interpolated probabilities (``resample_separable``)."""
+    with stage("inverse mapping"):
+        same = [c is None for c in coords]
+        dense = resample_separable(probabilities, coords, same, order)
+    with stage("argmax"):
+        return labels_of(dense, activation)
+
+
 def resampled_labels(
     probabilities: torch.Tensor,
     coords: list[torch.Tensor | None],
@@ -142,6 +156,10 @@ def resampled_labels(
     at source coordinates ``coords[j]`` (float64, within the axis; None: kept as it is), axes
     interpolated in ``order``. Equal to ``labels_of(resample_separable(...))`` except where
     two channels tie to float rounding."""
+    source_shape = probabilities.shape[1:]
+    target_shape = [n if c is None else len(c) for n, c in zip(source_shape, coords, strict=True)]
+    if math.prod(target_shape) <= math.prod(source_shape):  # the argmax of fewer voxels
+        return _dense_labels(probabilities, coords, order, activation)
     with stage("argmax"):
         source = labels_of(probabilities, activation)
         if source.dtype == torch.bool:
@@ -153,11 +171,7 @@ def resampled_labels(
     with stage("label mapping"):
         speckled = _border_share(source, reads) > DENSE_ABOVE
     if speckled:  # interpolating every voxel is cheaper than gathering most of them
-        with stage("inverse mapping"):
-            same = [c is None for c in coords]
-            dense = resample_separable(probabilities, coords, same, order)
-        with stage("argmax"):
-            return labels_of(dense, activation)
+        return _dense_labels(probabilities, coords, order, activation)
     with stage("label mapping"):
         lowest, highest = _label_range(source, reads)
         border = torch.nonzero(lowest != highest)
