@@ -30,7 +30,6 @@ from torch import nn
 from mtkd.errors import MTKDError, error_summary
 from mtkd.export.ort_cache import cached_onnx_export, remove_entry
 from mtkd.export.verify import max_logit_difference
-from mtkd.infer import memory
 from mtkd.infer.inference import first_output
 from mtkd.infer.memory import (
     CPU_SLICE_BATCH_BYTES,
@@ -39,6 +38,7 @@ from mtkd.infer.memory import (
     free_memory_bytes,
     has_extent_dependent_norm,
     plan_inference,
+    record_activation_bytes,
     round_up,
 )
 from mtkd.modelfiles.model_io import LoadedModel
@@ -223,12 +223,10 @@ def adopt_memory_estimate(ort_network: OrtCpuNetwork, network: nn.Module, model:
     PyTorch network's estimate (it cannot hook into onnxruntime), so that the predictor plans
     both alike: the same slice batches, whole volume or windows, hence the same labels."""
     prep = model.prep
-    estimates = {}
     for amp in (True, False):
-        key = (int(prep.in_channels), int(prep.dims), int(model.size_multiple), "cpu", amp)
-        estimates[key] = activation_bytes_per_voxel(network, *key[:3], "cpu", amp)
-    # memory.py keeps its estimates per network object; a public hook would be cleaner.
-    memory._probe_cache[ort_network] = estimates
+        settings = (int(prep.in_channels), int(prep.dims), int(model.size_multiple), "cpu", amp)
+        measured = activation_bytes_per_voxel(network, *settings)
+        record_activation_bytes(ort_network, *settings, measured)
 
 
 def _shape_text(shape: tuple[int, ...] | torch.Size) -> str:

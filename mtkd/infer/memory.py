@@ -202,15 +202,39 @@ def activation_bytes_per_voxel(
     bytes of every output) over a probe input of ``2 * size_multiple`` (at least 16) per axis;
     a conservative constant for networks without hooks (TorchScript, ONNX wrappers).
     """
-    device = torch.device(device)
-    key = (int(in_channels), int(dims), int(size_multiple), device.type, bool(amp))
-    try:
-        cache = _probe_cache.setdefault(network, {})
-    except TypeError:  # not weak-referenceable
-        cache = _probe_cache_by_id.setdefault(id(network), {})
+    key = _estimate_key(in_channels, dims, size_multiple, device, amp)
+    cache = _estimates_of(network)
     if key not in cache:
-        cache[key] = _probe(network, in_channels, dims, size_multiple, device, amp)
+        cache[key] = _probe(network, in_channels, dims, size_multiple, torch.device(device), amp)
     return cache[key]
+
+
+def record_activation_bytes(
+    network: object,
+    in_channels: int,
+    dims: int,
+    size_multiple: int,
+    device: torch.device | str,
+    amp: bool,
+    bytes_per_voxel: float,
+) -> None:
+    """Let :func:`activation_bytes_per_voxel` give ``bytes_per_voxel`` for ``network`` with
+    these settings: for a network the hooks cannot measure (e.g. an ONNX Runtime session)
+    that runs the graph of a measured PyTorch network, so that both get the same plan."""
+    key = _estimate_key(in_channels, dims, size_multiple, device, amp)
+    _estimates_of(network)[key] = float(bytes_per_voxel)
+
+
+def _estimate_key(in_channels, dims, size_multiple, device, amp) -> tuple:
+    return (int(in_channels), int(dims), int(size_multiple), torch.device(device).type, bool(amp))
+
+
+def _estimates_of(network: object) -> dict:
+    """The estimates kept for ``network`` (by weak reference, else by id)."""
+    try:
+        return _probe_cache.setdefault(network, {})
+    except TypeError:  # not weak-referenceable
+        return _probe_cache_by_id.setdefault(id(network), {})
 
 
 def _probe(network, in_channels, dims, size_multiple, device, amp) -> float:
