@@ -105,9 +105,18 @@ def slice_prep():
     )
 
 
-def untrained_model(folder: Path, names: tuple[str, ...] = ("liver",)) -> Path:
+def untrained_model(
+    folder: Path, names: tuple[str, ...] = ("liver",), seed: int | None = None
+) -> Path:
     """An untrained tiny 2-D thesis U-Net exported as our model folder (instant, real files):
-    softmax over background + ``names``, 32x32 slices, HU window (-160, 240)."""
+    softmax over background + ``names``, 32x32 slices, HU window (-160, 240); ``seed``: its
+    random weights from that seed (the global generator left as it was)."""
+    import torch
+
+    if seed is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return untrained_model(folder, names)
     from mtkd.data.labels import LabelTable
     from mtkd.modelfiles.model_io import build_from_spec, export_model
 

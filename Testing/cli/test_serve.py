@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from helpers import untrained_model
 
 from mtkd.cli import main
@@ -123,9 +122,7 @@ STRUCTURES = ("liver", "spleen", "kidney_right")
 @pytest.fixture(scope="module")
 def original_model(tmp_path_factory) -> Path:
     """A tiny untrained model whose random weights (seed 0) label part of the crop."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return untrained_model(tmp_path_factory.mktemp("model") / "tiny", STRUCTURES)
+    return untrained_model(tmp_path_factory.mktemp("model") / "tiny", STRUCTURES, seed=0)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from torch import nn
 
 from mtkd.errors import MTKDError, error_summary
 from mtkd.export.ort_cache import cached_onnx_export, remove_entry
-from mtkd.export.verify import max_logit_difference
+from mtkd.export.verify import check_export
 from mtkd.infer.inference import first_output
 from mtkd.infer.memory import (
     CPU_SLICE_BATCH_BYTES,
@@ -188,15 +188,16 @@ def check_equal_logits(
     from mtkd.export.onnx import ONNX_RELATIVE_BOUND
 
     with torch.inference_mode():
-        difference, scale = max_logit_difference(network, ort_network, probe)
-    bound = ONNX_RELATIVE_BOUND * (1.0 + scale)
-    if not difference <= bound:  # also refuses NaN
-        raise MTKDError(
-            f"onnxruntime's logits differ from torch's by {difference:.3g} (allowed {bound:.3g}) "
-            f"on a {_shape_text(probe.shape)} probe",
+        record = check_export(
+            network,
+            ort_network,
+            probe,
             model.folder,
+            ONNX_RELATIVE_BOUND,
+            what="the onnxruntime network",
+            sample_name=f"a {_shape_text(probe.shape)} probe",
         )
-    return f"max logit difference {difference:.1e} (allowed {bound:.1e})"
+    return f"max logit difference {record['max_abs_diff']:.1e} (allowed {record['bound']:.1e})"
 
 
 def time_backends(

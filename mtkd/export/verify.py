@@ -70,8 +70,11 @@ def check_export(
     sample: torch.Tensor,
     path: str | Path,
     relative_bound: float = DEFAULT_RELATIVE_BOUND,
+    what: str = "exported model",
+    sample_name: str = "the CT sample",
 ) -> dict[str, Any]:
-    """Compare the logits; refuse the export (MTKDError naming ``path``) beyond the bound.
+    """Compare the logits; refuse the export (MTKDError naming ``path``, ``what`` and
+    ``sample_name``) beyond the bound.
 
     Returns the record stored in the export's metadata: max_abs_diff, bound, sample_shape.
     """
@@ -79,8 +82,8 @@ def check_export(
     bound = relative_bound * (1.0 + scale)
     if not difference <= bound:  # also refuses NaN
         raise MTKDError(
-            f"exported model differs from the PyTorch model by {difference:.3g} "
-            f"(allowed {bound:.3g}) on the CT sample",
+            f"{what} differs from the PyTorch model by {difference:.3g} "
+            f"(allowed {bound:.3g}) on {sample_name}",
             path=path,
         )
     return {"max_abs_diff": difference, "bound": bound, "sample_shape": list(sample.shape)}
