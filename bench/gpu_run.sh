@@ -22,6 +22,16 @@ timeout 270 python3 bench/inference_speed.py --device cuda --repeats 3 --work /t
   --student .devcarry/student_model --carry .devcarry ${BENCH_ARGS:-} --out "$OUT/inference_gpu.json" \
   > "$OUT/inference_gpu.log" 2>&1
 tail -30 "$OUT/inference_gpu.log"
+# issue #19: the student's pass with memory saving on (its peak against MONAI's sliding
+# window's), and where the time of one segmentation goes, stage by stage
+timeout 120 python3 bench/inference_speed.py --device cuda --repeats 3 --work /tmp/bench \
+  --student .devcarry/student_model --volumes synthetic --teachers --memory-limit 512 \
+  --out "$OUT/inference_gpu_memory_limit.json" > "$OUT/inference_gpu_memory_limit.log" 2>&1
+tail -5 "$OUT/inference_gpu_memory_limit.log"
+timeout 90 python3 bench/inference_profile.py --device cuda --repeats 3 --work /tmp/bench \
+  --student .devcarry/student_model --volumes /tmp/bench/synthetic_512.nii \
+  --out "$OUT/profile_gpu.json" > "$OUT/profile_gpu.log" 2>&1
+tail -25 "$OUT/profile_gpu.log"
 # data-parallel distillation with NCCL and mixed precision, 1..(number of GPUs) processes
 GPUS=$(nvidia-smi -L | wc -l)
 timeout 200 python3 bench/ddp_throughput.py --device cuda --amp --work /tmp/bench-ddp \

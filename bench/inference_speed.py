@@ -393,7 +393,8 @@ def run(args: argparse.Namespace) -> dict:
     labels = len(LabelTable.from_dict(student.metadata["labels"]))
     runs_as, backend = network_for_backend(student, args.backend, device)
     print(f"student backend: {backend}", file=sys.stderr)
-    predictor = Predictor(runs_as, device)
+    budget = None if args.memory_limit is None else int(args.memory_limit * (1 << 20))
+    predictor = Predictor(runs_as, device, memory_budget_bytes=budget)
     baseline = MonaiPipeline(load_model(student_folder, device).network, device)
     teachers = {
         key: Predictor(load_model(random_teacher(work, key, student_folder), device), device)
@@ -560,6 +561,12 @@ def main() -> None:
         default="torch",
         choices=["torch", "onnxruntime", "auto"],
         help="the student's backend in our predictor (mtkd segment --backend)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="MIB",
+        help="the student's memory budget in our predictor (mtkd segment --memory-limit)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mtkd-bench"))
