@@ -179,9 +179,8 @@ def test_an_entry_holding_another_key_is_not_read(models, tmp_path):
     assert entry.exported and entry.key == other_key
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="folder owners are POSIX user ids")
 def test_a_cache_folder_of_another_user_is_refused(models, tmp_path, monkeypatch):
-    if not hasattr(os, "getuid"):
-        pytest.skip("POSIX ownership")
     monkeypatch.setattr(os, "getuid", lambda: tmp_path.stat().st_uid + 1)
     with expect_error(tmp_path, "another user"):
         cached_onnx_export(models[2], models[2].network, tmp_path)
