@@ -32,6 +32,10 @@ timeout 90 python3 bench/inference_profile.py --device cuda --repeats 3 --work /
   --student .devcarry/student_model --volumes /tmp/bench/synthetic_512.nii \
   --out "$OUT/profile_gpu.json" > "$OUT/profile_gpu.log" 2>&1
 tail -25 "$OUT/profile_gpu.log"
+# issue #19: post-processing on the GPU (torch connected parts) against SciPy on the host
+timeout 120 python3 bench/postprocess_speed.py --device cuda --repeats 3 \
+  > "$OUT/postprocess_gpu.log" 2>&1
+tail -6 "$OUT/postprocess_gpu.log"
 # data-parallel distillation with NCCL and mixed precision, 1..(number of GPUs) processes
 GPUS=$(nvidia-smi -L | wc -l)
 timeout 200 python3 bench/ddp_throughput.py --device cuda --amp --work /tmp/bench-ddp \

@@ -1,6 +1,7 @@
 """The time of post-processing on a full-size label map (512 x 512 x 224), per variant.
 
     python bench/postprocess_speed.py [--structures 5] [--islands 200] [--repeats 3]
+        [--device numpy|cpu|cuda]
 
 The label map is the bundled CT's TotalSegmentator segmentation (``Testing/Data``, 3 mm),
 resampled by nearest neighbour onto a 512 x 512 x 224 grid of 0.7 x 0.7 x 1.5 mm: real anatomy
@@ -8,6 +9,10 @@ at the size of a clinical CT. Its ``--structures`` largest structures are kept (
 and ``--islands`` small blobs of random structures are scattered over it, as a small student
 leaves them. Each variant of ``bench/postprocess_effect.py`` then runs on it ``--repeats``
 times (after one warm-up); the median seconds are printed, with the voxels each removed.
+``--device numpy`` (the default) cleans the NumPy map with SciPy, as ``mtkd segment`` does on
+the CPU; ``cpu`` or ``cuda`` clean a torch tensor there with torch ops, as the predictor does on
+a GPU (the map is on the device before the clock starts, and the device is synchronised before
+it stops); each variant's output is checked against SciPy's.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from mtkd.infer.postprocess import PostProcessing, StructureRule
 
@@ -62,20 +68,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structures", type=int, default=5)
     parser.add_argument("--islands", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="numpy", choices=["numpy", "cpu", "cuda"])
     args = parser.parse_args(argv)
     labels = full_size_labels(args.structures, args.islands)
     spacing = tuple(reversed(SPACING))  # the array's axes are (z, y, x)
     print(f"label map {labels.shape[::-1]} (x, y, z), {args.structures} structures, "
           f"{np.count_nonzero(labels)} labelled voxels")  # fmt: skip
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
+    on_device = None if args.device == "numpy" else torch.from_numpy(labels).to(args.device)
+    print(f"cleaned with {'SciPy' if on_device is None else 'torch on ' + args.device}")
     print("| variant | median seconds | voxels removed | voxels added |")
     print("|---|---|---|---|")
     for name, rule in VARIANTS.items():
         postprocessing = PostProcessing({v: rule for v in range(1, args.structures + 1)})
-        cleaned = postprocessing.apply(labels, spacing)  # warm-up
+        cleaned = postprocessing.apply(labels, spacing)  # warm-up, and the reference
+        if on_device is not None:
+            on_device_cleaned = postprocessing.apply(on_device, spacing).cpu().numpy()
+            if not np.array_equal(on_device_cleaned, cleaned):
+                print(f"{name}: torch and SciPy differ", file=sys.stderr)
+                return 1
         seconds = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            postprocessing.apply(labels, spacing)
+            postprocessing.apply(labels if on_device is None else on_device, spacing)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             seconds.append(time.perf_counter() - started)
         removed = int(np.count_nonzero((labels > 0) & (cleaned == 0)))
         added = int(np.count_nonzero((labels == 0) & (cleaned > 0)))

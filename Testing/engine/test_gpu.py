@@ -76,6 +76,32 @@ def test_3d_predictor_on_gpu_matches_cpu(data_dir, tmp_path):
     assert gpu.peak_memory_bytes > 0
 
 
+def test_postprocessing_and_transfers_on_gpu(teacher_run, data_dir):
+    """The label map stays on the GPU for post-processing (torch ops there) and reaches the
+    host through pinned memory: the same map as SciPy's on the CPU, whatever the device."""
+    from mtkd.infer.postprocess import PostProcessing, StructureRule
+    from mtkd.infer.transfers import to_device, to_host
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((60, 50, 40), np.uint8)
+    labels[10:30, 10:30, 5:25] = 1
+    labels[40:44, 5:9, 30:33] = 1  # an island
+    labels[20, 20, 15] = 0  # a hole
+    labels[rng.random(labels.shape) < 0.002] = 2  # specks
+    rules = PostProcessing({1: StructureRule(largest_only=True, fill_holes=True),
+                            2: StructureRule(min_volume_ml=0.002)})  # fmt: skip
+    on_gpu = to_device(torch.from_numpy(labels), torch.device("cuda"))
+    np.testing.assert_array_equal(
+        to_host(rules.apply(on_gpu, (1, 1, 1))), rules.apply(labels, (1, 1, 1))
+    )
+    image = read_image(data_dir / "abdomen_ct.nii.gz")
+    model = load_model(teacher_run, "cuda")
+    every = PostProcessing({v: StructureRule(largest_only=True) for v in model.labels.label_values})
+    cpu = Predictor(load_model(teacher_run), "cpu", postprocessing=every).predict(image)
+    gpu = Predictor(model, "cuda", amp=False, postprocessing=every).predict(image)
+    assert agreement(cpu.labelmap, gpu.labelmap) > 0.999
+
+
 def test_distillation_with_mixed_precision_on_gpu(make_config, teacher_run, tmp_path):
     config = make_config(
         "distill",

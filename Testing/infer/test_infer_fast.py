@@ -120,6 +120,12 @@ def test_fast_preprocessing_and_inverse_equal_monai(images, image_name, prep_nam
     assert torch.equal(probabilities, untouched)
     assert labels.shape == tuple(image.GetSize()) and labels.dtype == np.uint8
     assert_same_labels(labels, reference, back)
+    # the labels kept as a torch tensor on a device (a GPU's, for post-processing there)
+    on_device = mapping.to_original(
+        probabilities, "softmax", chunk_bytes=4 << 20, device=torch.device("cpu")
+    )
+    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.uint8
+    np.testing.assert_array_equal(on_device.numpy(), labels)
     if prep_name == "3d-spacing":
         sigmoid = torch.sigmoid(logits[:1])
         back = invert_to_original(sigmoid, expected, transforms, nearest=False)
@@ -151,6 +157,8 @@ def test_upsampling_and_many_labels(ct):
     back = invert_to_original(probabilities, expected, transforms, nearest=False)
     labels = mapping.to_original(probabilities, "softmax", n_labels=300)
     assert labels.dtype == np.int16
+    on_device = mapping.to_original(probabilities, "softmax", n_labels=300, device="cpu")
+    np.testing.assert_array_equal(on_device.numpy(), labels)
     assert_same_labels(labels, probabilities_to_labels(back, "softmax").numpy(), back)
 
 

@@ -82,7 +82,8 @@ class GridMapping:
         activation: str,
         n_labels: int = 255,
         chunk_bytes: int = MAX_SLAB_BYTES,
-    ) -> np.ndarray:
+        device: torch.device | None = None,
+    ) -> np.ndarray | torch.Tensor:
         """Probabilities on the model grid -> label map (X, Y, Z) on the original grid.
 
         ``prediction`` is (C, *model_size), or an iterable of (z0, probabilities (C, X', Y',
@@ -91,8 +92,9 @@ class GridMapping:
         linearly (zeros outside the crop, as MONAI's inverse pads) in chunks of oriented z
         slices of about ``chunk_bytes`` of float32, then argmax (or sigmoid > 0.5 for
         ``activation == "sigmoid"``) per chunk, so the (C, X, Y, Z) volume on the original
-        grid never exists. The array is uint8 (int16 above 255 labels), a (X, Y, Z) view of a
-        (Z, Y, X) C-ordered buffer, ready for ``to_sitk``.
+        grid never exists. The map is uint8 (int16 above 255 labels), a (X, Y, Z) view of a
+        (Z, Y, X) C-ordered buffer, ready for ``to_sitk``: a NumPy array, or with ``device`` a
+        torch tensor there (a GPU's labels then stay on the GPU, for post-processing).
         """
         if isinstance(prediction, torch.Tensor):
             if tuple(prediction.shape[1:]) != self.model_size:
@@ -101,11 +103,8 @@ class GridMapping:
                 )
             prediction = [(0, prediction)]
         window = _SlabWindow(iter(prediction), self.model_size)
-        dtype = np.uint8 if n_labels <= 255 else np.int16
         torch_dtype = torch.uint8 if n_labels <= 255 else torch.int16
-        x_size, y_size, z_size = self.original_size
-        out = np.zeros((z_size, y_size, x_size), dtype=dtype)
-        oriented = self._oriented_view(out)
+        sink = _LabelSink(self, torch_dtype, device)
         axes = self._inverse_axes()
         support = [
             axis.reaching(a, b, size)
@@ -114,7 +113,7 @@ class GridMapping:
             )
         ]
         if any(b <= a for a, b in support):
-            return out.transpose(2, 1, 0)  # every probability is 0 (an empty crop)
+            return sink.labels  # every probability is 0 (an empty crop)
         (x0, x1), (y0, y1), (z0, z1) = support
         in_plane = [axes[0].source_range(x0, x1), axes[1].source_range(y0, y1)]
         plane = max((x1 - x0) * (y1 - y0), math.prod(hi - lo for lo, hi, _ in in_plane))
@@ -124,18 +123,10 @@ class GridMapping:
             reads = [*in_plane, axes[2].source_range(o0, o1)]
             block, first = window.covering(*self.model_range(*reads[2][:2]))
             labels = self._oriented_labels(block, first, reads, activation)
-            with stage("device to host"):
-                labels = labels.to(torch_dtype).cpu().numpy()
-            with stage("label copy"):
-                oriented[x0:x1, y0:y1, o0:o1] = labels
-        return out.transpose(2, 1, 0)
+            sink.write([(x0, x1), (y0, y1), (o0, o1)], labels.to(torch_dtype))
+        return sink.labels
 
     # ------------------------------------------------------------------ inverse pieces
-    def _oriented_view(self, out: np.ndarray) -> np.ndarray:
-        """A view of ``out`` (Z, Y, X) in oriented axis order and direction (X', Y', Z')."""
-        oriented = out.transpose(2, 1, 0).transpose(self.permutation)
-        return oriented[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
-
     def _inverse_axes(self) -> list[AxisSampling]:
         """Per axis, the resampled-grid coordinate (float64) each oriented voxel samples."""
         axes = []
@@ -216,6 +207,47 @@ class GridMapping:
             planes = F.interpolate(planes, size=size, mode="bilinear", align_corners=False)
             planes = planes.permute(1, 2, 3, 0)
         return planes[:, x0:x1, y0:y1].float()
+
+
+_NUMPY_DTYPES = {torch.uint8: np.uint8, torch.int16: np.int16}
+
+
+class _LabelSink:
+    """The label map on the original grid, written box by box in oriented axes (X', Y', Z'):
+    a (Z, Y, X) NumPy buffer written through a flipped, permuted view of it, or a torch one on
+    ``device`` (torch has no negative strides: each box is flipped and written at its mirrored
+    place)."""
+
+    def __init__(self, mapping: GridMapping, dtype: torch.dtype, device: torch.device | None):
+        x_size, y_size, z_size = mapping.original_size
+        self._flips = mapping.flips
+        if device is None:
+            out = np.zeros((z_size, y_size, x_size), dtype=_NUMPY_DTYPES[dtype])
+            oriented = out.transpose(2, 1, 0).transpose(mapping.permutation)
+            self._oriented = oriented[
+                tuple(slice(None, None, -1) if f else slice(None) for f in mapping.flips)
+            ]
+            self.labels = out.transpose(2, 1, 0)
+        else:
+            out = torch.zeros((z_size, y_size, x_size), dtype=dtype, device=device)
+            self._oriented = out.permute(2, 1, 0).permute(*mapping.permutation)
+            self.labels = out.permute(2, 1, 0)
+
+    def write(self, ranges: list[tuple[int, int]], labels: torch.Tensor) -> None:
+        """Set the oriented box ``ranges`` ([lo, hi) per axis) to ``labels`` (its shape)."""
+        if isinstance(self._oriented, np.ndarray):
+            with stage("device to host"):
+                values = labels.cpu().numpy()
+            with stage("label copy"):
+                self._oriented[tuple(slice(a, b) for a, b in ranges)] = values
+            return
+        flips = [j for j in range(3) if self._flips[j]]
+        box = tuple(
+            slice(n - b, n - a) if self._flips[j] else slice(a, b)
+            for j, ((a, b), n) in enumerate(zip(ranges, self._oriented.shape, strict=True))
+        )
+        with stage("label copy"):
+            self._oriented[box] = labels.flip(flips) if flips else labels
 
 
 class _SlabWindow:

@@ -31,6 +31,7 @@ from mtkd.infer.memory import MAX_SLAB_BYTES
 from mtkd.infer.model_grid import resampled_grid
 from mtkd.infer.separable import AxisSampling, concat_z, resample_separable
 from mtkd.infer.stages import stage
+from mtkd.infer.transfers import to_device
 
 _TORCH_DTYPES = (np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.int32)
 
@@ -162,7 +163,7 @@ class ModelInput:
         block, coords = self._source_block(ranges)
         owned = block.dtype.type not in _TORCH_DTYPES or self.device.type != "cpu"
         with stage("host to device"):
-            x = _as_tensor(block).to(self.device)
+            x = to_device(_as_tensor(block), self.device)
         if self._order:
             same = [c is None for c in coords]
             with stage("resampling"):
@@ -233,7 +234,7 @@ class ModelInput:
             box = [(0, resampled_size[0]), (0, resampled_size[1]), (r0, r1)]
             if compare_source:
                 block, _ = self._source_block(box)
-                plane_max, z_max = _max_projections(_as_tensor(block).to(self.device))
+                plane_max, z_max = _max_projections(to_device(_as_tensor(block), self.device))
                 plane_max = plane_max.flip([j for j in flips if j < 2]) if flips else plane_max
                 z_max = z_max.flip(0) if 2 in flips else z_max
                 low = self.prep.hu_window[0]

@@ -6,7 +6,10 @@ connected piece. The rules run on the label map once it is on the input image's 
 structure inside its own bounding box, so their cost follows the structures' size rather than
 the volume's. Parts are connected through faces, edges and corners (26-connectivity in 3-D).
 A voxel a rule removes becomes background; a filled hole takes only background voxels, never
-another structure's.
+another structure's. A NumPy label map is cleaned with SciPy on the host; a torch label map on
+its own device (:mod:`mtkd.infer.device_parts`), so that a GPU's output never makes the round
+trip to the host for it. Both give the same map, except which of two largest parts of exactly
+the same size is kept.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from mtkd.data.labels import LabelTable
 from mtkd.errors import MTKDError
+from mtkd.infer.device_parts import connected_parts, enclosed_holes, part_sizes
+
+LabelArray = TypeVar("LabelArray", np.ndarray, torch.Tensor)
 
 __all__ = ["PostProcessing", "StructureRule", "postprocessing_for", "stored_postprocessing"]
 
@@ -51,15 +59,18 @@ class PostProcessing:
     def __bool__(self) -> bool:
         return any(rule.changes_parts or rule.fill_holes for rule in self.rules.values())
 
-    def apply(self, labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-        """The cleaned copy of ``labels`` (any 3-D integer array, values 0..K) whose voxels
-        measure ``spacing`` (mm, in the array's axis order)."""
+    def apply(self, labels: LabelArray, spacing: Sequence[float]) -> LabelArray:
+        """The cleaned copy of ``labels`` (any 3-D integer array, values 0..K; a NumPy array,
+        or a torch tensor cleaned on its device) whose voxels measure ``spacing`` (mm, in the
+        array's axis order)."""
         if labels.ndim != 3 or len(spacing) != 3:
-            raise MTKDError(f"post-processing needs a 3-D label map, got {labels.shape}")
+            raise MTKDError(f"post-processing needs a 3-D label map, got {tuple(labels.shape)}")
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        if isinstance(labels, torch.Tensor):
+            return self._apply_to_tensor(labels, voxel_ml)
         cleaned = labels.copy()
         if not self or not cleaned.any():
             return cleaned
-        voxel_ml = float(np.prod(spacing)) / 1000.0
         boxes = ndimage.find_objects(cleaned)
         for value, rule in self.rules.items():
             if value < 1 or value > len(boxes) or boxes[value - 1] is None:
@@ -72,6 +83,32 @@ class PostProcessing:
                 if tight and tight[0] is not None:  # the box of what is left
                     kept = region[tight[0]]
                     kept[_holes(kept == value) & (kept == 0)] = value
+        return cleaned
+
+    def _apply_to_tensor(self, labels: torch.Tensor, voxel_ml: float) -> torch.Tensor:
+        """:meth:`apply` on a torch label map, with torch ops on its device."""
+        cleaned = labels.clone()
+        if not self:
+            return cleaned
+        for value, rule in self.rules.items():
+            box = _tensor_box(cleaned == value)
+            if box is None:
+                continue  # not in this map
+            region = cleaned[box]  # a view: edits go to ``cleaned``
+            if rule.changes_parts:
+                mask = region == value
+                parts = connected_parts(mask)
+                ids, sizes = part_sizes(parts)
+                kept = ids[sizes * voxel_ml >= rule.min_volume_ml]
+                if rule.largest_only and kept.numel():
+                    candidates = sizes[sizes * voxel_ml >= rule.min_volume_ml]
+                    kept = kept[candidates.argmax()].reshape(1)
+                region[mask & ~torch.isin(parts, kept)] = 0
+            if rule.fill_holes:
+                tight = _tensor_box(region == value)  # the box of what is left
+                if tight is not None:
+                    inner = region[tight]
+                    inner[enclosed_holes(inner == value) & (inner == 0)] = value
         return cleaned
 
     def describe(self, labels: LabelTable) -> str:
@@ -88,6 +125,18 @@ class PostProcessing:
         if volumes:
             parts.append(f"parts below {', '.join(f'{v:g}' for v in sorted(volumes))} ml removed")
         return "; ".join(parts)
+
+
+def _tensor_box(mask: torch.Tensor) -> tuple[slice, slice, slice] | None:
+    """The bounding box (slices) of a 3-D bool tensor's set voxels; None when there are none."""
+    box = []
+    for dim in range(3):
+        others = tuple(d for d in range(3) if d != dim)
+        where = torch.nonzero(mask.any(dim=others)).flatten()
+        if where.numel() == 0:
+            return None
+        box.append(slice(int(where[0]), int(where[-1]) + 1))
+    return tuple(box)
 
 
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)

@@ -48,6 +48,7 @@ from mtkd.infer.model_grid import NotSeparableError
 from mtkd.infer.model_input import ModelInput
 from mtkd.infer.postprocess import PostProcessing
 from mtkd.infer.stages import stage
+from mtkd.infer.transfers import to_host
 from mtkd.modelfiles.model_io import LoadedModel
 
 Result = TypeVar("Result")
@@ -186,12 +187,15 @@ class Predictor:
         if self.postprocessing:  # on the input's grid: volumes in the image's millimetres
             with stage("post-processing"):
                 labels = self.postprocessing.apply(labels, image.GetSpacing())
+        with stage("device to host"):
+            labels = to_host(labels)
         with stage("to SimpleITK"):
             labelmap = to_sitk(labels, image)
         return Prediction(labelmap, time.perf_counter() - started, peak.peak_bytes, plan)
 
-    def _segment(self, image: sitk.Image) -> tuple[np.ndarray, str]:
-        """Label array (X, Y, Z) on ``image``'s grid, and the plan in words."""
+    def _segment(self, image: sitk.Image) -> tuple[np.ndarray | torch.Tensor, str]:
+        """Label array (X, Y, Z) on ``image``'s grid (a tensor on a GPU that made it, so that
+        post-processing runs there too), and the plan in words."""
         budget = self.budget_bytes()
         try:
             inputs = ModelInput(image, self.model.prep, self.device, self._slab_bytes(budget))
@@ -236,10 +240,11 @@ class Predictor:
             f"out of memory even with one window or slice per batch on the CPU ({error})"
         )
 
-    def _labels_in_slabs(self, inputs: ModelInput, step: FallbackStep) -> np.ndarray:
+    def _labels_in_slabs(self, inputs: ModelInput, step: FallbackStep) -> np.ndarray | torch.Tensor:
         """Label array (X, Y, Z) on the input grid: network input, probabilities and labels
         slab by slab along z (:func:`predict_in_slabs` feeding ``GridMapping.to_original``),
-        the probabilities on ``step.out_device`` (default: where the network runs)."""
+        the probabilities on ``step.out_device`` (default: where the network runs), the labels
+        on the GPU where the network runs on one, else a NumPy array."""
         model = self.model
         mapping = inputs.mapping
         slabs = predict_in_slabs(
@@ -255,8 +260,13 @@ class Predictor:
             out_device=step.out_device,
             channels=self.out_channels,
         )
+        on_gpu = step.device.type != "cpu"
         return mapping.to_original(
-            slabs, model.activation, len(model.labels), chunk_bytes=step.plan.slab_bytes
+            slabs,
+            model.activation,
+            len(model.labels),
+            chunk_bytes=step.plan.slab_bytes,
+            device=step.device if on_gpu else None,
         )
 
     def _segment_with_monai(self, image: sitk.Image, budget: int) -> tuple[np.ndarray, str]:
