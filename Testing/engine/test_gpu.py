@@ -79,7 +79,7 @@ def test_3d_predictor_on_gpu_matches_cpu(data_dir, tmp_path):
 def test_postprocessing_and_transfers_on_gpu(teacher_run, data_dir):
     """The label map stays on the GPU for post-processing (torch ops there) and reaches the
     host through pinned memory: the same map as SciPy's on the CPU, whatever the device."""
-    from mtkd.infer.postprocess import PostProcessing, StructureRule
+    from mtkd.infer.postprocess import DEVICE_BYTES_PER_VOXEL, PostProcessing, StructureRule
     from mtkd.infer.transfers import to_device, to_host
 
     rng = np.random.default_rng(0)
@@ -91,9 +91,12 @@ def test_postprocessing_and_transfers_on_gpu(teacher_run, data_dir):
     rules = PostProcessing({1: StructureRule(largest_only=True, fill_holes=True),
                             2: StructureRule(min_volume_ml=0.002)})  # fmt: skip
     on_gpu = to_device(torch.from_numpy(labels), torch.device("cuda"))
-    np.testing.assert_array_equal(
-        to_host(rules.apply(on_gpu, (1, 1, 1))), rules.apply(labels, (1, 1, 1))
-    )
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    cleaned = rules.apply(on_gpu, (1, 1, 1))
+    working = torch.cuda.max_memory_allocated() - before
+    assert working <= DEVICE_BYTES_PER_VOXEL * labels.size  # the bound apply_within plans with
+    np.testing.assert_array_equal(to_host(cleaned), rules.apply(labels, (1, 1, 1)))
     image = read_image(data_dir / "abdomen_ct.nii.gz")
     model = load_model(teacher_run, "cuda")
     every = PostProcessing({v: StructureRule(largest_only=True) for v in model.labels.label_values})

@@ -57,14 +57,17 @@ def connected_parts(mask: torch.Tensor, connectivity: int = 26) -> torch.Tensor:
     inside = torch.nonzero(mask.reshape(-1)).flatten()  # flat indices of the mask's voxels
     parents = torch.zeros(mask.numel(), dtype=dtype, device=mask.device)
     parents[inside] = (inside + 1).to(dtype)
-    while True:
-        parent = parents[inside]
-        grandparent = parents[parent.long() - 1]
+    while True:  # each temporary is dropped as soon as it is used: a GPU's memory is short
+        parent = parents[inside].long().sub_(1)  # the parent's flat index, per voxel inside
         spread = torch.zeros_like(parents)
-        spread[inside] = grandparent
-        reach = _neighbourhood_max(spread.view(mask.shape), connectivity).view(-1)[inside]
-        hooked = parents.scatter_reduce(0, parent.long() - 1, reach, "amax")
+        spread[inside] = parents[parent]  # the grandparent, on the grid
+        reach = _neighbourhood_max(spread.view(mask.shape), connectivity).view(-1)
+        del spread
+        reach = reach[inside]
+        hooked = parents.scatter_reduce(0, parent, reach, "amax")
+        del parent
         hooked[inside] = torch.maximum(hooked[inside], reach)  # reach >= the grandparent
+        del reach
         if torch.equal(hooked, parents):
             return parents.view(mask.shape)
         parents = hooked

@@ -26,8 +26,14 @@ from scipy import ndimage
 from mtkd.data.labels import LabelTable
 from mtkd.errors import MTKDError
 from mtkd.infer.device_parts import connected_parts, enclosed_holes, part_sizes
+from mtkd.infer.fallback import is_out_of_memory
+from mtkd.infer.transfers import to_host
 
 LabelArray = TypeVar("LabelArray", np.ndarray, torch.Tensor)
+# working memory of the torch path per voxel of the label map, a bound: the cleaned copy and
+# masks (3 bytes); int32 parents, their spread, the neighbourhood max's two copies and the
+# hooked parents (20); int64 indices of the voxels inside and of their parents (16)
+DEVICE_BYTES_PER_VOXEL = 48
 
 __all__ = ["PostProcessing", "StructureRule", "postprocessing_for", "stored_postprocessing"]
 
@@ -84,6 +90,25 @@ class PostProcessing:
                     kept = region[tight[0]]
                     kept[_holes(kept == value) & (kept == 0)] = value
         return cleaned
+
+    def apply_within(
+        self, labels: np.ndarray | torch.Tensor, spacing: Sequence[float], budget_bytes: int
+    ) -> np.ndarray | torch.Tensor:
+        """:meth:`apply` where it fits: a tensor on its device when the torch path's working
+        memory (:data:`DEVICE_BYTES_PER_VOXEL` per voxel of the map, a bound) fits
+        ``budget_bytes``, else, or when the device runs out of memory all the same, on the
+        host (a NumPy map, cleaned with SciPy)."""
+        if isinstance(labels, torch.Tensor):
+            if DEVICE_BYTES_PER_VOXEL * labels.numel() <= budget_bytes:
+                try:
+                    return self.apply(labels, spacing)
+                except Exception as caught:  # noqa: BLE001 - only out-of-memory falls back
+                    if not is_out_of_memory(caught):
+                        raise
+                    if labels.device.type == "cuda":
+                        torch.cuda.empty_cache()
+            labels = to_host(labels)
+        return self.apply(labels, spacing)
 
     def _apply_to_tensor(self, labels: torch.Tensor, voxel_ml: float) -> torch.Tensor:
         """:meth:`apply` on a torch label map, with torch ops on its device."""

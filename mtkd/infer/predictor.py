@@ -186,7 +186,8 @@ class Predictor:
             labels, plan = self._segment(image)
         if self.postprocessing:  # on the input's grid: volumes in the image's millimetres
             with stage("post-processing"):
-                labels = self.postprocessing.apply(labels, image.GetSpacing())
+                spacing = image.GetSpacing()
+                labels = self.postprocessing.apply_within(labels, spacing, self.budget_bytes())
         with stage("device to host"):
             labels = to_host(labels)
         with stage("to SimpleITK"):
