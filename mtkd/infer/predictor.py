@@ -245,7 +245,7 @@ class Predictor:
         """Label array (X, Y, Z) on the input grid: network input, probabilities and labels
         slab by slab along z (:func:`predict_in_slabs` feeding ``GridMapping.to_original``),
         the probabilities on ``step.out_device`` (default: where the network runs), the labels
-        on the GPU where the network runs on one, else a NumPy array."""
+        there too where that is a GPU, else a NumPy array."""
         model = self.model
         mapping = inputs.mapping
         slabs = predict_in_slabs(
@@ -261,13 +261,13 @@ class Predictor:
             out_device=step.out_device,
             channels=self.out_channels,
         )
-        on_gpu = step.device.type != "cpu"
+        where = step.out_device or step.device  # where the probabilities, hence labels, are
         return mapping.to_original(
             slabs,
             model.activation,
             len(model.labels),
             chunk_bytes=step.plan.slab_bytes,
-            device=step.device if on_gpu else None,
+            device=where if where.type != "cpu" else None,
         )
 
     def _segment_with_monai(self, image: sitk.Image, budget: int) -> tuple[np.ndarray, str]:
