@@ -1,18 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, as run on the project's GPU machine (an H100/H200 with
 # PyTorch preinstalled and no network). Nothing is installed: the packages the engine needs
-# beyond that machine's image (MONAI, SimpleITK, nibabel) and the full-size CT volumes are
-# carried in .devcarry/ (see BENCHMARKS.md) and unpacked under /tmp.
+# beyond that machine's image (MONAI, SimpleITK, nibabel; `bash bench/devcarry.sh`) and the
+# full-size CT volumes and the benchmark student (see BENCHMARKS.md) are carried in .devcarry/
+# and unpacked under /tmp (bench/gpu_env.sh).
 #
 #   OUT=results bash bench/gpu_run.sh
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-PKG=/tmp/mtkd-packages
-mkdir -p "$PKG"
-tar -xJf .devcarry/sitk.tar.xz -C "$PKG"
-for wheel in .devcarry/*.whl; do python3 -m zipfile -e "$wheel" "$PKG"; done
-export PYTHONPATH="$PKG:$PWD"
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" \
   | tee -a "$OUT/gpu.txt"

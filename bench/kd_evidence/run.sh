@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 COHORT=${COHORT:-runs/kd-evidence/cohort}      # the dataset: any MSD folder; written if missing
-SYNTH_ARGS=${SYNTH_ARGS:-"--style ct --subjects 32 --seed 0 --difficulty 0.3"}  # calibrated
+SYNTH_ARGS=${SYNTH_ARGS:-$(cat bench/kd_evidence/cohort.args)}  # calibrated
 OUT=${OUT:-runs/kd-evidence}
 DEVICE=${DEVICE:-}                              # e.g. cuda; empty: the configs' train.device
 MTKD=${MTKD:-mtkd}
