@@ -54,6 +54,7 @@ kill "$watchdog" 2>/dev/null
 GRID_DIR=$OUT_GRID/$STUDENT
 finished=$(cd "$GRID_DIR" 2>/dev/null && find cells -path '*/report/ablation_result.json' | sed 's#/report/ablation_result.json##' | sort)
 echo "$(echo "$finished" | grep -c .) finished runs" | tee -a "$OUT/grid.log"
+set -f  # run folders' names hold [ and ]: no globbing of $finished
 if [ -n "$finished" ]; then
   tar -czf "$OUT/$STUDENT-runs.tar.gz" -C "$GRID_DIR" --exclude=checkpoints $finished
   $PYTHON bench/kd_evidence/partial_summary.py "$GRID_DIR" --write "$OUT/runs.csv" | tail -20
