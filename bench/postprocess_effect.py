@@ -4,6 +4,8 @@
         [--subsets val test] [--labels-json NAMES.json] [--device cpu]
     python bench/postprocess_effect.py DATASET OUT.csv --summarise
 
+OUT.csv.gz (any name ending in .gz) is written and read gzip-compressed.
+
 Each RUN is a finished run folder (its model and its ``split.json``). Every case of the chosen
 subsets of the run's split is segmented once; the label map is then scored as it is and after
 each post-processing variant of :mod:`mtkd.infer.postprocess`:
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import io
 import re
 import statistics
@@ -188,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels-json", help="label names when the dataset has none")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    compressed = args.output.suffix == ".gz"
     if args.summarise:
-        with args.output.open(encoding="utf-8") as handle:
+        opener = gzip.open if compressed else open
+        with opener(args.output, "rt", encoding="utf-8") as handle:
             print_summaries(list(csv.DictReader(handle)), args.subsets)
         return 0
     if not args.runs:
@@ -206,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     writer = csv.DictWriter(text, fieldnames=FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(args.output, text.getvalue().encode())
+    data = text.getvalue().encode()
+    atomic_write_bytes(args.output, gzip.compress(data, mtime=0) if compressed else data)
     print_summaries(rows, args.subsets)
     return 0
 

@@ -221,6 +221,7 @@ def test_the_effect_benchmark_scores_every_variant_of_every_case(
     teacher_run, slab_dataset, data_dir, tmp_path, capsys
 ):
     import csv
+    import gzip
 
     from helpers import load_bench_script
 
@@ -242,6 +243,13 @@ def test_the_effect_benchmark_scores_every_variant_of_every_case(
     printed = capsys.readouterr().out
     assert "chosen (higher validation Dice)" in printed and "| largest_fill |" in printed
     assert bench.main([str(slab_dataset[0]), str(out), "--summarise"]) == 0  # from the CSV
+    assert capsys.readouterr().out == printed
+    packed = tmp_path / "effect.csv.gz"  # a .gz name: written gzip-compressed, read back
+    assert bench.main([str(slab_dataset[0]), str(packed), *argv[2:]]) == 0
+    printed = capsys.readouterr().out
+    with gzip.open(packed, "rt", encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    assert bench.main([str(slab_dataset[0]), str(packed), "--summarise"]) == 0
     assert capsys.readouterr().out == printed
     assert bench.main([str(slab_dataset[0]), str(out), "--runs", str(tmp_path)]) == 2
     assert bench.group_of("runs/s1/cells/no_kd/split1/seed7") == "no_kd"
