@@ -12,16 +12,16 @@
 # cohort's digest (bench/kd_evidence/cohort_digest.py). The cohort itself does not fit: the GPU
 # script writes it again with `mtkd synth` and checks the digest. Files already there are kept.
 set -euo pipefail
+KD=""
+if [ "${1:-}" = "--kd-evidence" ]; then
+  KD=$(cd "${2:?usage: bench/devcarry.sh [--kd-evidence RUNS]}" && pwd)  # from where it was given
+elif [ -n "${1:-}" ]; then
+  echo "usage: bench/devcarry.sh [--kd-evidence RUNS]" >&2; exit 2
+fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 CARRY=.devcarry
 LIMIT=$((64 * 1024 * 1024))
-KD=""
-if [ "${1:-}" = "--kd-evidence" ]; then
-  KD=${2:?usage: bench/devcarry.sh [--kd-evidence RUNS]}
-elif [ -n "${1:-}" ]; then
-  echo "usage: bench/devcarry.sh [--kd-evidence RUNS]" >&2; exit 2
-fi
 mkdir -p "$CARRY"
 version() { $PYTHON -c "import importlib.metadata as m; print(m.version('$1'))"; }
 for package in monai nibabel; do

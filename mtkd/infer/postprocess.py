@@ -14,7 +14,7 @@ the same size is kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -92,14 +92,17 @@ class PostProcessing:
         return cleaned
 
     def apply_within(
-        self, labels: np.ndarray | torch.Tensor, spacing: Sequence[float], budget_bytes: int
+        self,
+        labels: np.ndarray | torch.Tensor,
+        spacing: Sequence[float],
+        budget_bytes: Callable[[], int],
     ) -> np.ndarray | torch.Tensor:
         """:meth:`apply` where it fits: a tensor on its device when the torch path's working
         memory (:data:`DEVICE_BYTES_PER_VOXEL` per voxel of the map, a bound) fits
-        ``budget_bytes``, else, or when the device runs out of memory all the same, on the
-        host (a NumPy map, cleaned with SciPy)."""
+        ``budget_bytes()`` (asked only for a tensor), else, or when the device runs out of
+        memory all the same, on the host (a NumPy map, cleaned with SciPy)."""
         if isinstance(labels, torch.Tensor):
-            if DEVICE_BYTES_PER_VOXEL * labels.numel() <= budget_bytes:
+            if DEVICE_BYTES_PER_VOXEL * labels.numel() <= budget_bytes():
                 try:
                     return self.apply(labels, spacing)
                 except Exception as caught:  # noqa: BLE001 - only out-of-memory falls back
@@ -124,10 +127,10 @@ class PostProcessing:
                 mask = region == value
                 parts = connected_parts(mask)
                 ids, sizes = part_sizes(parts)
-                kept = ids[sizes * voxel_ml >= rule.min_volume_ml]
+                big_enough = sizes * voxel_ml >= rule.min_volume_ml
+                kept = ids[big_enough]
                 if rule.largest_only and kept.numel():
-                    candidates = sizes[sizes * voxel_ml >= rule.min_volume_ml]
-                    kept = kept[candidates.argmax()].reshape(1)
+                    kept = kept[sizes[big_enough].argmax()].reshape(1)
                 region[mask & ~torch.isin(parts, kept)] = 0
             if rule.fill_holes:
                 tight = _tensor_box(region == value)  # the box of what is left

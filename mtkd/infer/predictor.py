@@ -187,7 +187,7 @@ class Predictor:
         if self.postprocessing:  # on the input's grid: volumes in the image's millimetres
             with stage("post-processing"):
                 spacing = image.GetSpacing()
-                labels = self.postprocessing.apply_within(labels, spacing, self.budget_bytes())
+                labels = self.postprocessing.apply_within(labels, spacing, self.budget_bytes)
         with stage("device to host"):
             labels = to_host(labels)
         with stage("to SimpleITK"):
