@@ -91,7 +91,7 @@ def test_the_probe_reports_every_weighted_term_at_both_weights(
 def test_fitting_the_connectors_leaves_the_student_alone(probe, slab_dataset, teacher_run):
     from torch.utils.data import DataLoader
 
-    from mtkd.ablation.grid import ablation_from_dict
+    from mtkd.ablation.grid_config import ablation_from_dict
 
     cells = [{"name": "ebd", "pairs": ["E-E", "B-B"], "feature_loss": "infonce",
               "output_loss": "pmd"}]  # fmt: skip

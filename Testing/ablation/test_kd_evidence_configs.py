@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from mtkd.ablation.grid import NO_KD, load_ablation
+from mtkd.ablation.grid import NO_KD
+from mtkd.ablation.grid_config import load_ablation
 from mtkd.config import load_config
 
 FOLDER = ROOT / "bench" / "kd_evidence"
@@ -74,6 +75,10 @@ def test_student_grid_has_the_issue_cells(student):
     ablation = load_ablation(FOLDER / f"{student}.yaml")
     methods = {cell.family for cell in ablation.cells}
     assert methods >= METHODS, sorted(METHODS - methods)
+    # each sweep chosen on both split seeds and several seeds (validation only)
+    selection = ablation.selection
+    assert selection is not None and set(selection.split_seeds) == set(ablation.split_seeds)
+    assert 3 <= len(selection.seeds) < len(ablation.seeds)
     by_name = {cell.name: cell for cell in ablation.cells}
     negatives = ablation.run_config(by_name["paper_subject_negatives"], 0, 0).distill
     assert negatives.negatives == "other_subjects"

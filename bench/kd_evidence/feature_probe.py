@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench sc
 
 from gradient_probe import run_set_up  # noqa: E402
 
-from mtkd.ablation.grid import load_ablation  # noqa: E402
+from mtkd.ablation.grid_config import load_ablation  # noqa: E402
 from mtkd.data.atomic import atomic_write_bytes  # noqa: E402
 from mtkd.data.loading import SliceDataset  # noqa: E402
 from mtkd.devices import resolve_device  # noqa: E402

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from mtkd.ablation.grid import load_ablation
+from mtkd.ablation.grid_config import load_ablation
 from mtkd.config import RunConfig
 from mtkd.data.atomic import atomic_write_bytes
 from mtkd.devices import resolve_device, seed_everything

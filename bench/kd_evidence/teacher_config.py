@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mtkd.ablation.grid import load_ablation
+from mtkd.ablation.grid_config import load_ablation
 from mtkd.config import dump_config, load_config
 
 

@@ -10,7 +10,9 @@ reference empty).
 
 Selection uses validation only. Each run's validation score is its best validation Dice (the
 epoch its exported model comes from). A swept method's reported sub-cell is the one with the
-highest mean validation Dice over its runs (seeds x split seeds); ``recommended`` is the
+highest mean validation Dice over its runs (seeds x split seeds; with
+``ablation.sweep_selection`` over the selection runs only, which every sub-cell has, while the
+chosen one also ran the others); ``recommended`` is the
 reported method (``no_kd`` included, the teacher not) with the highest mean validation Dice.
 Test scores are reported for the chosen sub-cells only and never feed a choice.
 """
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mtkd.ablation.grid import NO_KD, TEACHER
+from mtkd.ablation.grid import NO_KD, TEACHER, SweepSelection
 from mtkd.ablation.stats import (
     DEFAULT_REPLICATES,
     DEFAULT_SEED,
@@ -65,13 +67,18 @@ def _mean(values: list[Any]) -> float:
     return float(np.mean(numbers)) if numbers else math.nan
 
 
-def choose_sub_cells(results: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def choose_sub_cells(
+    results: list[Mapping[str, Any]], selection: SweepSelection | None = None
+) -> dict[str, dict[str, Any]]:
     """Method (family) -> {"chosen": cell, "val_dice": its mean, "sweep": {cell: mean} or
     None}, each method's cell with the highest mean validation Dice (the first on a tie, or
-    when no run has one)."""
+    when no run has one); a sub-cell's mean over the ``selection`` runs only, if given."""
     by_method: dict[str, dict[str, list[Any]]] = {}
     for result in results:
         if result.get("role") == TEACHER:
+            continue
+        swept = (result.get("method") or result["cell"]) != result["cell"]
+        if swept and selection and not selection.covers(result["split_seed"], result["seed"]):
             continue
         method = result.get("method") or result["cell"]
         by_method.setdefault(method, {}).setdefault(result["cell"], []).append(
@@ -111,14 +118,16 @@ def evidence_summary(
     replicates: int = DEFAULT_REPLICATES,
     bootstrap_seed: int = DEFAULT_SEED,
     not_run: Sequence[str] = (),
+    selection: SweepSelection | None = None,
 ) -> dict[str, Any]:
     """``summary.json``: per method, its chosen cell's mean test Dice (per case over
     structures, then over cases, seeds and split seeds), its paired difference against
     ``no_kd`` with the 95 % interval, its validation Dice, HD95 and missed structures.
     ``not_run``: the grid's cells left out of this pass (``mtkd ablate --cells``), listed
-    under ``"not_run"``: the summary is then partial."""
+    under ``"not_run"``: the summary is then partial. ``selection``: the grid's
+    ``sweep_selection`` (the runs a sweep's choice is made on)."""
     rows = runs_rows(results)
-    choices = choose_sub_cells(results)
+    choices = choose_sub_cells(results, selection)
     runs_per_cell: dict[str, list[Mapping[str, Any]]] = {}
     for result in results:
         runs_per_cell.setdefault(result["cell"], []).append(result)
@@ -158,7 +167,7 @@ def evidence_summary(
         "seeds": seeds,
         "split_seeds": split_seeds,
         "recommended": recommend(choices),
-        "selection": SELECTION,
+        "selection": SELECTION if selection is None else f"{SELECTION}; {_selected(selection)}",
         "bootstrap": {"scheme": BOOTSTRAP, "replicates": replicates, "seed": bootstrap_seed},
         "cells": cells,
     }
@@ -168,6 +177,13 @@ def evidence_summary(
     if teacher:
         summary["teacher"] = {"dice": _number(_mean([r.get("dice") for r in teacher]))}
     return summary
+
+
+def _selected(selection: SweepSelection) -> str:
+    return (
+        f"a sweep's sub-cells compared on the runs of seeds {list(selection.seeds)} x split "
+        f"seeds {list(selection.split_seeds)} only; the chosen sub-cell then ran every seed"
+    )
 
 
 def _text(value: Any, digits: int = 3) -> str:

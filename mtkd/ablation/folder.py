@@ -73,8 +73,8 @@ def _grid_with_absolute_paths(grid: dict[str, Any], root: Path) -> dict[str, Any
 def claim_folder(root: Path, ablation: Ablation) -> None:
     """Write ``ablation.yaml`` into a new or empty folder; refuse one holding another grid.
     Paths are compared where they point, so a grid moved together with its data continues. A
-    grid that gained or dropped cells continues too (:func:`grid_differences`), and
-    ``ablation.yaml`` then records its cells as they are now."""
+    grid that gained or dropped cells or changed its sweep selection continues too
+    (:func:`grid_differences`), and ``ablation.yaml`` then records them as they are now."""
     grid = _grid_with_absolute_paths(ablation.to_dict(), Path.cwd())
     path = root / "ablation.yaml"
     if path.is_file():
@@ -91,7 +91,7 @@ def claim_folder(root: Path, ablation: Ablation) -> None:
                 "options, or choose another output folder",
                 path=root,
             )
-        if stored.get("cells") == grid.get("cells"):
+        if all(stored.get(key) == grid.get(key) for key in ("cells", "sweep_selection")):
             return
     else:
         refuse_unrelated(root)

@@ -52,15 +52,10 @@ from mtkd.ablation.evidence import (
     runs_rows,
 )
 from mtkd.ablation.folder import claim_folder, refuse_unrelated
-from mtkd.ablation.grid import (
-    NO_KD,
-    TEACHER,
-    Ablation,
-    Cell,
-    ablation_from_dict,
-    load_ablation,
-)
+from mtkd.ablation.grid import NO_KD, TEACHER, Ablation, Cell
+from mtkd.ablation.grid_config import ablation_from_dict, load_ablation
 from mtkd.ablation.parallel import Job, JobPool, JobsInterrupted
+from mtkd.ablation.plan import Run, first_pass, planned_runs, second_pass
 from mtkd.ablation.report import (
     markdown_report,
     markdown_table,
@@ -166,67 +161,118 @@ def _run_grid(
     jobs: int = 1,
 ) -> AblationResult:
     device = resolve_device(ablation.base.train.device)
-    plan = [
-        (cell, split, seed)
-        for cell in cells
-        for split in ablation.splits
-        for seed in ablation.seeds
-    ]
-    results: list[dict[str, Any]] = []
-    histories: dict[str, list[list[dict[str, Any]]]] = {}
-    states: dict[str, str] = {}
+    grid = _GridPass(ablation, root, dataset, tests, device, log, progress, tensorboard)
+    grid.total = planned_runs(ablation, cells)
     pool = JobPool(root / "jobs", jobs, device.type == "cpu", log) if jobs > 1 else None
     with StopRequest() as stop, contextlib.ExitStack() as cleanup:
         if pool is not None:
             cleanup.callback(pool.close)  # an error stops the children still running
-            for cell, split, seed in plan:  # every run not yet finished, in plan order
-                run_dir = root / "cells" / cell.name / _run_folder(ablation, split, seed)
-                config = ablation.run_config(cell, seed, split)
-                if _needs_training(config, run_dir):
-                    key = run_dir.relative_to(root).as_posix()
-                    resume = RunDir(run_dir).state == STOPPED
-                    pool.add(Job(key, config, run_dir, resume))
-            pool.start()
+        grid.pool, grid.stop = pool, stop
+        first = first_pass(ablation, cells)
+        grid.queue(first)
         if ablation.teacher_row:
-            for split in ablation.splits:
-                folder = root / TEACHER
-                if ablation.split_seeds is not None:
-                    folder = folder / f"split{split}"
-                teacher = ablation.teacher(split)
-                row = teacher_result(teacher, folder, dataset, tests[split], device, log)
-                results.append({**row, "split_seed": split})
-        for index, (cell, split, seed) in enumerate(plan, start=1):
-            run_dir = root / "cells" / cell.name / _run_folder(ablation, split, seed)
-            relative = run_dir.relative_to(root).as_posix()
-            what = _what(ablation, cell, split, seed)
-            label = f"[{index}/{len(plan)}] {what}"
-            if stop.requested:
-                raise TrainingInterrupted(_stopped(what, index - 1, len(plan), root))
-            config = ablation.run_config(cell, seed, split)
-            try:
-                if pool is not None and relative in pool:
-                    states[relative] = pool.wait(relative, lambda: stop.requested)
-                else:
-                    states[relative] = _train(config, run_dir, progress, log)
-            except (TrainingInterrupted, JobsInterrupted):
-                raise TrainingInterrupted(_stopped(what, index - 1, len(plan), root)) from None
-            result = run_result(
-                ablation, cell, (split, seed), run_dir, relative, dataset, tests[split], device
-            )
-            results.append(result)
-            _write_runs_csv(root, results)
-            if pool is not None:
-                pool.start()  # slots freed while this run was scored
-            histories.setdefault(cell.name, []).append(run_history(RunDir(run_dir)))
-            log(
-                f"{label}: {states[relative]}; test Dice {result['dice']:.3f}, "
-                f"HD95 {result['hd95_mm']:.2f} mm ({result['missed']} missed)"
-            )
-            if tensorboard:
-                mirror_run(run_dir, root / "tensorboard" / relative.removeprefix("cells/"))
+            grid.score_teachers()
+        grid.run(first)
+        second = second_pass(ablation, cells, grid.results)  # the sweeps' chosen sub-cells
+        grid.queue(second)
+        grid.run(second)
     test = [case for split in ablation.splits for case in tests[split]]
     not_run = [cell.name for cell in ablation.cells if cell not in cells]
-    return _write_reports(ablation, root, results, histories, states, test, log, not_run)
+    return _write_reports(
+        ablation, root, grid.results, grid.histories, grid.states, test, log, not_run
+    )
+
+
+@dataclass
+class _GridPass:
+    """Trains (or resumes, or skips) and scores the runs of a grid, one pass after another,
+    keeping their results, histories and states."""
+
+    ablation: Ablation
+    root: Path
+    dataset: DatasetIndex
+    tests: dict[int, list[str]]
+    device: Any
+    log: Callable[[str], None]
+    progress: bool | None
+    tensorboard: bool
+    pool: JobPool | None = None
+    stop: StopRequest | None = None
+    total: int = 0
+    done: int = 0
+    results: list[dict[str, Any]] = field(default_factory=list)
+    histories: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)
+    states: dict[str, str] = field(default_factory=dict)
+
+    def folder(self, cell: Cell, split: int, seed: int) -> Path:
+        return self.root / "cells" / cell.name / _run_folder(self.ablation, split, seed)
+
+    def queue(self, plan: list[Run]) -> None:
+        """With ``--jobs``: hand every run of ``plan`` not yet finished to the pool, in order."""
+        if self.pool is None:
+            return
+        for cell, split, seed in plan:
+            run_dir = self.folder(cell, split, seed)
+            config = self.ablation.run_config(cell, seed, split)
+            if _needs_training(config, run_dir):
+                key = run_dir.relative_to(self.root).as_posix()
+                resume = RunDir(run_dir).state == STOPPED
+                self.pool.add(Job(key, config, run_dir, resume))
+        self.pool.start()
+
+    def score_teachers(self) -> None:
+        for split in self.ablation.splits:
+            folder = self.root / TEACHER
+            if self.ablation.split_seeds is not None:
+                folder = folder / f"split{split}"
+            teacher = self.ablation.teacher(split)
+            row = teacher_result(
+                teacher, folder, self.dataset, self.tests[split], self.device, self.log
+            )
+            self.results.append({**row, "split_seed": split})
+
+    def run(self, plan: list[Run]) -> None:
+        """Train or wait for each run of ``plan`` in order, score it and rewrite runs.csv."""
+        for cell, split, seed in plan:
+            self.done += 1
+            run_dir = self.folder(cell, split, seed)
+            relative = run_dir.relative_to(self.root).as_posix()
+            what = _what(self.ablation, cell, split, seed)
+            if self._stop_requested():
+                raise TrainingInterrupted(_stopped(what, self.done - 1, self.total, self.root))
+            config = self.ablation.run_config(cell, seed, split)
+            try:
+                if self.pool is not None and relative in self.pool:
+                    state = self.pool.wait(relative, self._stop_requested)
+                else:
+                    state = _train(config, run_dir, self.progress, self.log)
+            except (TrainingInterrupted, JobsInterrupted):
+                message = _stopped(what, self.done - 1, self.total, self.root)
+                raise TrainingInterrupted(message) from None
+            self.states[relative] = state
+            self._record(cell, split, seed, run_dir, relative, what)
+
+    def _stop_requested(self) -> bool:
+        return self.stop is not None and self.stop.requested
+
+    def _record(
+        self, cell: Cell, split: int, seed: int, run_dir: Path, relative: str, what: str
+    ) -> None:
+        result = run_result(
+            self.ablation, cell, (split, seed), run_dir, relative, self.dataset,
+            self.tests[split], self.device,
+        )  # fmt: skip
+        self.results.append(result)
+        _write_runs_csv(self.root, self.results)
+        if self.pool is not None:
+            self.pool.start()  # slots freed while this run was scored
+        self.histories.setdefault(cell.name, []).append(run_history(RunDir(run_dir)))
+        self.log(
+            f"[{self.done}/{self.total}] {what}: {self.states[relative]}; test Dice "
+            f"{result['dice']:.3f}, HD95 {result['hd95_mm']:.2f} mm ({result['missed']} missed)"
+        )
+        if self.tensorboard:
+            mirror_run(run_dir, self.root / "tensorboard" / relative.removeprefix("cells/"))
 
 
 def _run_folder(ablation: Ablation, split: int, seed: int) -> str:
@@ -327,6 +373,7 @@ def _write_reports(
         seeds=len(ablation.seeds),
         split_seeds=len(ablation.splits),
         not_run=not_run,
+        selection=ablation.selection,
     )
     files["summary_json"] = root / "summary.json"
     atomic_write_bytes(files["summary_json"], (json.dumps(evidence, indent=2) + "\n").encode())
