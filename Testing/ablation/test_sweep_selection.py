@@ -13,7 +13,7 @@ from helpers import expect_error
 
 from mtkd.ablation.evidence import choose_sub_cells
 from mtkd.ablation.grid_config import ablation_from_dict, load_ablation
-from mtkd.ablation.plan import first_pass, planned_runs, second_pass
+from mtkd.ablation.plan import first_pass, planned_runs, second_pass, trained_as
 from mtkd.ablation.run import run_ablation
 
 SWEPT = {"name": "pmd", "pairs": [], "output_loss": "pmd", "sweep": {"output.weight": [0.5, 2]}}
@@ -100,26 +100,62 @@ def test_a_selection_needs_a_sweep(slab_dataset, teacher_run, tmp_path):
         load_ablation(path)
 
 
+def test_a_sub_cell_that_repeats_a_cell_has_its_runs(slab_dataset, teacher_run):
+    """The sweep's value equal to a plain cell's setting: that cell's runs, not new ones."""
+    plain = {"name": "pmd_low", "pairs": [], "output_loss": "pmd", "set": {"output.weight": 0.5}}
+    grid = section(seeds=[0])
+    grid["cells"] = [plain, SWEPT]
+    ablation = ablation_from_dict(ablation_config(slab_dataset, teacher_run, grid))
+    by_name = {cell.name: cell for cell in ablation.cells}
+    assert trained_as(ablation, by_name[LOW]) is by_name["pmd_low"]
+    assert trained_as(ablation, by_name[HIGH]) is by_name[HIGH]
+    assert trained_as(ablation, by_name["pmd_low"]) is by_name["pmd_low"]  # not a sub-cell
+    assert ablation.same_runs_as(by_name["no_kd"]) is None
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("jobs", [1, 2])
 def test_a_grid_with_a_selection_trains_the_chosen_sub_cell_only_on_the_other_seeds(
-    slab_dataset, teacher_run, tmp_path
+    slab_dataset, teacher_run, tmp_path, jobs
 ):
-    grid = {"seeds": [0, 1], "include": [], "cells": [SWEPT], "sweep_selection": {"seeds": [0]}}
+    """Seeds 0 and 1, the sweep chosen on seed 0; its low value repeats the cell pmd_low (with
+    two jobs too: that run is trained once)."""
+    plain = {"name": "pmd_low", "pairs": [], "output_loss": "pmd", "set": {"output.weight": 0.5}}
+    grid = {"seeds": [0, 1], "include": [], "cells": [plain, SWEPT]}
+    grid["sweep_selection"] = {"seeds": [0]}
     config = ablation_config(slab_dataset, teacher_run, grid)
     output = tmp_path / "ABL"
-    result = run_ablation(ablation_from_dict(config), output, log=lambda _: None, progress=False)
-    first = {f"cells/{name}/seed0": "trained" for name in (LOW, HIGH)}
+    lines: list[str] = []
+    result = run_ablation(
+        ablation_from_dict(config), output, log=lines.append, progress=False, jobs=jobs
+    )
+    if jobs > 1:  # each run's child process started once
+        started = sorted(line.split()[1] for line in lines if line.startswith("started "))
+        assert started == sorted(result.states)
     val = {r["cell"]: r["val_dice"] for r in result.results if r["seed"] == 0}
+    assert val[LOW] == val["pmd_low"]  # one run, in both rows
     chosen = LOW if val[LOW] >= val[HIGH] else HIGH  # the first on a tie, as the grid chooses
-    assert result.states == {**first, f"cells/{chosen}/seed1": "trained"}
-    other = HIGH if chosen == LOW else LOW
-    assert not (output / "cells" / other / "seed1").exists()
+    trained = {f"cells/pmd_low/seed{k}": "trained" for k in (0, 1)}
+    trained[f"cells/{HIGH}/seed0"] = "trained"
+    if chosen == HIGH:
+        trained[f"cells/{HIGH}/seed1"] = "trained"
+    assert result.states == trained
+    assert not (output / "cells" / LOW).exists()
+    if chosen == LOW:
+        assert not (output / "cells" / HIGH / "seed1").exists()
+    rows = [(r["cell"], r["seed"], r.get("same_run_as")) for r in result.results]
+    assert (LOW, 0, "pmd_low") in rows and (
+        chosen,
+        1,
+        None if chosen == HIGH else "pmd_low",
+    ) in rows
     summary = json.loads((output / "summary.json").read_text(encoding="utf-8"))
     cell = summary["cells"]["pmd"]
     assert (cell["chosen"], cell["runs"]) == (chosen, 2)
-    assert cell["sweep_val_dice"] == {name: pytest.approx(val[name], abs=1e-6) for name in val}
+    swept = {name: pytest.approx(val[name], abs=1e-6) for name in (LOW, HIGH)}
+    assert cell["sweep_val_dice"] == swept
     assert "seeds [0] x split seeds [0] only" in summary["selection"]
     stored = yaml.safe_load((output / "ablation.yaml").read_text(encoding="utf-8"))
     assert stored["sweep_selection"] == {"seeds": [0], "split_seeds": [0]}
     again = run_ablation(ablation_from_dict(config), output, log=lambda _: None, progress=False)
-    assert set(again.states.values()) == {"finished"} and len(again.states) == 3
+    assert set(again.states.values()) == {"finished"} and len(again.states) == len(trained)

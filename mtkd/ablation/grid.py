@@ -30,6 +30,9 @@ segmentation settings), and ``sweep``, distill keys with lists of values, e.g.
 ``sweep: {output.weight: [1, 3, 10]}``: the cell becomes one sub-cell per combination, named
 ``cwd[output.weight=1]`` (keys in the order given), all trained and scored; the method's
 reported row is the sub-cell with the best mean validation Dice (:mod:`mtkd.ablation.evidence`).
+A sub-cell whose runs would be exactly those of a cell outside the sweep (the published weight
+of a tuned method: ``cwd_tuned[output.weight=3]`` and ``cwd``) is not trained again: its rows
+are that cell's runs, trained once in that cell's folders.
 With ``sweep_selection`` the sub-cells first run only those seeds x split seeds (a subset of
 the grid's); the one with the best mean validation Dice over them is then trained on the other
 seeds and split seeds as well, the others are not (:mod:`mtkd.ablation.plan`). The choice is
@@ -228,6 +231,18 @@ class Ablation:
         for key, value in cell.settings:
             _set_key(section, key, value)
         return section
+
+    def same_runs_as(self, cell: Cell) -> Cell | None:
+        """For a sub-cell of a sweep, the cell outside any sweep whose runs it would repeat
+        exactly (the same ``distill`` section for every split seed, e.g. the published weight
+        of ``cwd_tuned`` and the cell ``cwd``); None for any other cell."""
+        if not cell.method:
+            return None
+        mine = [self.distill_section(cell, split) for split in self.splits]
+        for other in self.cells:
+            if not other.method and mine == [self.distill_section(other, s) for s in self.splits]:
+                return other
+        return None
 
     def run_config(self, cell: Cell, seed: int, split_seed: int | None = None) -> RunConfig:
         """The run config of ``cell`` with ``seed`` (and ``split_seed``: ``split.seed``): the

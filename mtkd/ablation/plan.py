@@ -15,9 +15,15 @@ from typing import Any
 from mtkd.ablation.evidence import choose_sub_cells
 from mtkd.ablation.grid import Ablation, Cell
 
-__all__ = ["Run", "first_pass", "planned_runs", "second_pass"]
+__all__ = ["Run", "first_pass", "planned_runs", "second_pass", "trained_as"]
 
 Run = tuple[Cell, int, int]  # the cell, its split seed and its seed
+
+
+def trained_as(ablation: Ablation, cell: Cell) -> Cell:
+    """The cell whose folders hold ``cell``'s runs: itself, or the cell outside the sweep
+    that a sub-cell repeats exactly (:meth:`~mtkd.ablation.grid.Ablation.same_runs_as`)."""
+    return ablation.same_runs_as(cell) or cell
 
 
 def _runs(ablation: Ablation, cell: Cell, selection_only: bool) -> list[Run]:

@@ -13,7 +13,8 @@ original grid, as ``mtkd evaluate``)::
                                    relative to ABL, absolute beside them, as in a run
     ABL/cells/<cell>/seed<k>/      a normal run folder per cell and seed (with split_seeds:
                                    cells/<cell>/split<j>/seed<k>/); its report/ holds
-                                   test_scores.csv (per volume) and ablation_result.json
+                                   test_scores.csv (per volume) and ablation_result.json;
+                                   a sub-cell that repeats a cell has none (that cell's)
     ABL/teacher/                   the teacher's test scores (the teacher is not retrained;
                                    with split_seeds: teacher/split<j>/)
     ABL/results.csv                one row per run (cell x split seed x seed, and the teacher)
@@ -32,6 +33,8 @@ original grid, as ``mtkd evaluate``)::
 Running it again continues: a finished run (its model exported) is scored from its cached
 result, a run with a checkpoint is resumed exactly, the others are started. Ctrl-C or SIGTERM
 stops the run in progress at a safe point (its checkpoint saved) and ends the grid. With
+``ablation.sweep_selection`` the sweeps' chosen sub-cells train their other seeds in a second
+pass (:mod:`mtkd.ablation.plan`). With
 ``--jobs N`` (:mod:`mtkd.ablation.parallel`) N runs train at once, each in a child process, and
 are scored in the grid's order: the files written are the same as with one job.
 """
@@ -55,7 +58,7 @@ from mtkd.ablation.folder import claim_folder, refuse_unrelated
 from mtkd.ablation.grid import NO_KD, TEACHER, Ablation, Cell
 from mtkd.ablation.grid_config import ablation_from_dict, load_ablation
 from mtkd.ablation.parallel import Job, JobPool, JobsInterrupted
-from mtkd.ablation.plan import Run, first_pass, planned_runs, second_pass
+from mtkd.ablation.plan import Run, first_pass, planned_runs, second_pass, trained_as
 from mtkd.ablation.report import (
     markdown_report,
     markdown_table,
@@ -212,10 +215,11 @@ class _GridPass:
         if self.pool is None:
             return
         for cell, split, seed in plan:
-            run_dir = self.folder(cell, split, seed)
-            config = self.ablation.run_config(cell, seed, split)
-            if _needs_training(config, run_dir):
-                key = run_dir.relative_to(self.root).as_posix()
+            source = trained_as(self.ablation, cell)
+            run_dir = self.folder(source, split, seed)
+            key = run_dir.relative_to(self.root).as_posix()
+            config = self.ablation.run_config(source, seed, split)
+            if key not in self.pool and _needs_training(config, run_dir):
                 resume = RunDir(run_dir).state == STOPPED
                 self.pool.add(Job(key, config, run_dir, resume))
         self.pool.start()
@@ -235,12 +239,13 @@ class _GridPass:
         """Train or wait for each run of ``plan`` in order, score it and rewrite runs.csv."""
         for cell, split, seed in plan:
             self.done += 1
-            run_dir = self.folder(cell, split, seed)
+            source = trained_as(self.ablation, cell)  # a sub-cell may repeat another cell
+            run_dir = self.folder(source, split, seed)
             relative = run_dir.relative_to(self.root).as_posix()
             what = _what(self.ablation, cell, split, seed)
             if self._stop_requested():
                 raise TrainingInterrupted(_stopped(what, self.done - 1, self.total, self.root))
-            config = self.ablation.run_config(cell, seed, split)
+            config = self.ablation.run_config(source, seed, split)
             try:
                 if self.pool is not None and relative in self.pool:
                     state = self.pool.wait(relative, self._stop_requested)
@@ -249,19 +254,28 @@ class _GridPass:
             except (TrainingInterrupted, JobsInterrupted):
                 message = _stopped(what, self.done - 1, self.total, self.root)
                 raise TrainingInterrupted(message) from None
-            self.states[relative] = state
-            self._record(cell, split, seed, run_dir, relative, what)
+            self.states.setdefault(relative, state)  # as first met: trained, not "finished"
+            self._record(cell, source, (split, seed), relative, what)
 
     def _stop_requested(self) -> bool:
         return self.stop is not None and self.stop.requested
 
     def _record(
-        self, cell: Cell, split: int, seed: int, run_dir: Path, relative: str, what: str
+        self, cell: Cell, source: Cell, run: tuple[int, int], relative: str, what: str
     ) -> None:
+        """Score the run (split seed, seed) of ``cell``, trained in ``source``'s folder."""
+        run_dir = self.root / relative
         result = run_result(
-            self.ablation, cell, (split, seed), run_dir, relative, self.dataset,
-            self.tests[split], self.device,
+            self.ablation, source, run, run_dir, relative, self.dataset, self.tests[run[0]],
+            self.device,
         )  # fmt: skip
+        if source is not cell:  # the same run, in the sweep's row too
+            result = {
+                **result,
+                "cell": cell.name,
+                "method": cell.family,
+                "same_run_as": source.name,
+            }
         self.results.append(result)
         _write_runs_csv(self.root, self.results)
         if self.pool is not None:
@@ -271,7 +285,7 @@ class _GridPass:
             f"[{self.done}/{self.total}] {what}: {self.states[relative]}; test Dice "
             f"{result['dice']:.3f}, HD95 {result['hd95_mm']:.2f} mm ({result['missed']} missed)"
         )
-        if self.tensorboard:
+        if self.tensorboard and source is cell:
             mirror_run(run_dir, self.root / "tensorboard" / relative.removeprefix("cells/"))
 
 
