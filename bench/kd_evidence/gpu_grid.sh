@@ -14,8 +14,9 @@
 #   <grid>-runs.tar.gz  every finished run's folder (without checkpoints), relative to the grid;
 #   runs.csv            their scores (bench/kd_evidence/partial_summary.py --write);
 #   grid.log, gpu.txt   the grid's output; the GPU, torch and MONAI versions.
-# Back here: `tar -xzf <grid>-runs.tar.gz -C runs/kd-evidence/<grid>`; `mtkd ablate` and
-# partial_summary.py take finished runs as they are. Say in BENCHMARKS.md which runs were
+# Back here: `tar --skip-old-files -xzf <grid>-runs.tar.gz -C runs/kd-evidence/<grid>` (a run
+# finished here is kept: the GPU may have trained it again, e.g. a published cell's seeds that a
+# sweep's selection repeats); `mtkd ablate` and partial_summary.py take finished runs as they are. Say in BENCHMARKS.md which runs were
 # trained on the GPU: the numbers of a run differ from a CPU run's, not its protocol.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
