@@ -4,19 +4,24 @@
 #
 #   bash bench/devcarry.sh                       # MONAI and nibabel wheels, SimpleITK (xz)
 #   bash bench/devcarry.sh --kd-evidence RUNS    # and the KD evidence grid's 2-D teachers
+#   bash bench/devcarry.sh --kd-evidence RUNS teacher3d   # or its 3-D teachers instead
 #
 # Packages: the versions installed here, MONAI and nibabel as wheels, SimpleITK as an xz tar of
 # its installed folder (its wheel is an abi3 build for Linux x86-64); bench/gpu_env.sh puts them
 # on PYTHONPATH there. --kd-evidence RUNS (the folder that holds cohort/ and teachers/, e.g.
-# runs/kd-evidence): the teachers of every split seed, without their checkpoints, and the
+# runs/kd-evidence): the teachers of every split seed (teacher2d, or the kind named after RUNS;
+# both do not fit), without their checkpoints, replacing the teachers carried before, and the
 # cohort's digest (bench/kd_evidence/cohort_digest.py). The cohort itself does not fit: the GPU
 # script writes it again with `mtkd synth` and checks the digest. Files already there are kept.
 set -euo pipefail
 KD=""
+USAGE="usage: bench/devcarry.sh [--kd-evidence RUNS [teacher2d|teacher3d]]"
 if [ "${1:-}" = "--kd-evidence" ]; then
-  KD=$(cd "${2:?usage: bench/devcarry.sh [--kd-evidence RUNS]}" && pwd)  # from where it was given
+  KD=$(cd "${2:?$USAGE}" && pwd)  # from where it was given
+  KIND=${3:-teacher2d}
+  case $KIND in teacher2d | teacher3d) ;; *) echo "$USAGE" >&2; exit 2 ;; esac
 elif [ -n "${1:-}" ]; then
-  echo "usage: bench/devcarry.sh [--kd-evidence RUNS]" >&2; exit 2
+  echo "$USAGE" >&2; exit 2
 fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -37,7 +42,8 @@ if [ ! -f "$CARRY/sitk.tar.xz" ]; then
   mv "$CARRY/sitk.tar.xz.part" "$CARRY/sitk.tar.xz"
 fi
 if [ -n "$KD" ]; then
-  for teacher in "$KD"/teachers/cohort/teacher2d-split*; do
+  rm -rf "$CARRY/kd_evidence/teachers"
+  for teacher in "$KD"/teachers/cohort/"$KIND"-split*; do
     [ -f "$teacher/model/mtkd_model.json" ] || { echo "no finished teacher in $teacher" >&2; exit 2; }
     target=$CARRY/kd_evidence/teachers/$(basename "$teacher")
     mkdir -p "$target"

@@ -166,3 +166,28 @@ def test_teacher_configs_follow_the_grid_split(grid, tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_run_script_parses():
     subprocess.run(["bash", "-n", str(FOLDER / "run.sh")], check=True)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(
+    ("student", "message"),
+    [
+        ("s3d", "s3d needs the carried teacher3d teachers"),
+        ("s2_label_free", "s2_label_free needs the carried teacher2d teachers"),
+        ("s4", "runs s1, s2 or s3d"),
+    ],
+)
+def test_gpu_grid_refuses_a_student_whose_teachers_are_not_carried(student, message, tmp_path):
+    """bench/kd_evidence/gpu_grid.sh checks its arguments before anything is set up (here the
+    checkout carries no .devcarry)."""
+    copy = tmp_path / "repo"
+    (copy / "bench" / "kd_evidence").mkdir(parents=True)
+    shutil.copy(FOLDER / "gpu_grid.sh", copy / "bench" / "kd_evidence")
+    result = subprocess.run(
+        ["bash", str(copy / "bench" / "kd_evidence" / "gpu_grid.sh"), student],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")},
+    )
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "out").exists()

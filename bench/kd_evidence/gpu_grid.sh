@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The KD evidence grid of a 2-D student on the project's GPU machine (issue #15): as many runs
+# The KD evidence grid of a student on the project's GPU machine (issue #15): as many runs
 # of the chosen cells as fit in BUDGET seconds, brought back as run folders.
 #
-#   bash bench/devcarry.sh --kd-evidence runs/kd-evidence     # here, first (about 57 MiB)
+#   bash bench/devcarry.sh --kd-evidence runs/kd-evidence     # here, first (about 57 MiB;
+#                                               # for s3d: ... runs/kd-evidence teacher3d)
 #   # then through the device tool, with carry [".devcarry"] and timeout_s about BUDGET + 90:
 #   OUT=$OUT BUDGET=480 CELLS="hinton_unlabelled_tuned" bash bench/kd_evidence/gpu_grid.sh s1
 #
@@ -20,11 +21,16 @@
 # trained on the GPU: the numbers of a run differ from a CPU run's, not its protocol.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-STUDENT=${1:?usage: bench/kd_evidence/gpu_grid.sh s1|s2|s1_label_free|s2_label_free}
-case $STUDENT in
-  s1 | s2 | s1_label_free | s2_label_free) ;;
-  *) echo "gpu_grid.sh runs the 2-D students (their teachers are carried), not $STUDENT" >&2; exit 2 ;;
+STUDENT=${1:?usage: bench/kd_evidence/gpu_grid.sh s1|s2|s3d|s1_label_free|s2_label_free|s3d_label_free}
+case ${STUDENT%_label_free} in
+  s1 | s2) KIND=teacher2d ;;
+  s3d) KIND=teacher3d ;;
+  *) echo "gpu_grid.sh runs s1, s2 or s3d (or their _label_free grids), not $STUDENT" >&2; exit 2 ;;
 esac
+[ -d ".devcarry/kd_evidence/teachers/$KIND-split0" ] || {
+  echo "$STUDENT needs the carried $KIND teachers: bash bench/devcarry.sh --kd-evidence RUNS $KIND" >&2
+  exit 2
+}
 OUT=${OUT:?set OUT, the folder that comes back}
 BUDGET=${BUDGET:-480}
 export DEVICE=${DEVICE:-cuda} JOBS=${JOBS:-12} CELLS=${CELLS:-}
