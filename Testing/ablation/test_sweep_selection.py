@@ -58,6 +58,8 @@ def test_the_sub_cells_run_the_selection_first_then_the_chosen_one_the_rest(
     ]
     choice = choose_sub_cells(results, ablation.selection)["pmd"]
     assert choice["sweep"] == {LOW: pytest.approx(0.6), HIGH: pytest.approx(0.675)}
+    # the method's validation Dice: its chosen sub-cell over all its runs, not the selection's
+    assert choice["val_dice"] == pytest.approx((0.7 + 0.65 + 0.1) / 3)
     assert choose_sub_cells(results)["pmd"]["sweep"][HIGH] == pytest.approx(0.4833333)
     # a method only partly selected (--cells naming one sub-cell) gets no second pass
     only_low = [cell for cell in ablation.cells if cell.name != HIGH]
@@ -154,6 +156,8 @@ def test_a_grid_with_a_selection_trains_the_chosen_sub_cell_only_on_the_other_se
     assert (cell["chosen"], cell["runs"]) == (chosen, 2)
     swept = {name: pytest.approx(val[name], abs=1e-6) for name in (LOW, HIGH)}
     assert cell["sweep_val_dice"] == swept
+    runs_val = [r["val_dice"] for r in result.results if r["cell"] == chosen]
+    assert cell["val_dice"] == pytest.approx(sum(runs_val) / 2, abs=1e-6)
     assert "seeds [0] x split seeds [0] only" in summary["selection"]
     stored = yaml.safe_load((output / "ablation.yaml").read_text(encoding="utf-8"))
     assert stored["sweep_selection"] == {"seeds": [0], "split_seeds": [0]}

@@ -12,7 +12,8 @@ Selection uses validation only. Each run's validation score is its best validati
 epoch its exported model comes from). A swept method's reported sub-cell is the one with the
 highest mean validation Dice over its runs (seeds x split seeds; with
 ``ablation.sweep_selection`` over the selection runs only, which every sub-cell has, while the
-chosen one also ran the others); ``recommended`` is the
+chosen one also ran the others, and the method's validation Dice is then the chosen one's mean
+over all its runs); ``recommended`` is the
 reported method (``no_kd`` included, the teacher not) with the highest mean validation Dice.
 Test scores are reported for the chosen sub-cells only and never feed a choice.
 """
@@ -70,13 +71,17 @@ def _mean(values: list[Any]) -> float:
 def choose_sub_cells(
     results: list[Mapping[str, Any]], selection: SweepSelection | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Method (family) -> {"chosen": cell, "val_dice": its mean, "sweep": {cell: mean} or
-    None}, each method's cell with the highest mean validation Dice (the first on a tie, or
-    when no run has one); a sub-cell's mean over the ``selection`` runs only, if given."""
+    """Method (family) -> {"chosen": cell, "val_dice": mean, "sweep": {cell: mean} or None},
+    each method's cell with the highest mean validation Dice (the first on a tie, or when no
+    run has one). With ``selection`` a sub-cell is compared on the selection runs only, and
+    the method's ``val_dice`` is then its chosen sub-cell's mean over all its runs (the runs
+    beyond the selection were not chosen on, which tempers the chosen mean's optimism)."""
     by_method: dict[str, dict[str, list[Any]]] = {}
+    every: dict[str, list[Any]] = {}  # cell -> the validation Dice of all its runs
     for result in results:
         if result.get("role") == TEACHER:
             continue
+        every.setdefault(result["cell"], []).append(result.get("val_dice"))
         swept = (result.get("method") or result["cell"]) != result["cell"]
         if swept and selection and not selection.covers(result["split_seed"], result["seed"]):
             continue
@@ -92,7 +97,7 @@ def choose_sub_cells(
         swept = len(cells) > 1 or chosen != method
         choices[method] = {
             "chosen": chosen,
-            "val_dice": means[chosen],
+            "val_dice": _mean(every[chosen]) if selection else means[chosen],
             "sweep": means if swept else None,
         }
     return choices
