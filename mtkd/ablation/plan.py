@@ -77,8 +77,9 @@ def _swept_methods(ablation: Ablation, cells: Sequence[Cell]) -> dict[str, list[
 
 
 def planned_runs(ablation: Ablation, cells: Sequence[Cell]) -> int:
-    """How many runs both passes train for ``cells`` (the second pass's count is known before
-    its choice: one sub-cell per method)."""
+    """How many runs both passes score for ``cells``, a sub-cell's runs that repeat another
+    cell's included (the second pass's count is known before its choice: one sub-cell per
+    method)."""
     total = len(first_pass(ablation, cells))
     if ablation.selection is not None:
         methods = _swept_methods(ablation, cells)
