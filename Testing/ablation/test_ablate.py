@@ -748,5 +748,9 @@ def test_cells_runs_part_of_a_grid_and_the_reports_say_so(slab_dataset, plain_te
     assert "not_run" not in result.evidence and "PARTIAL" not in (output / "evidence.md").read_text(
         encoding="utf-8"
     )
+    # a later pass of one cell still reports the cells an earlier pass finished
+    again = run_ablation(ablation_from_dict(config), output, log=quiet, cells=["cwd"])
+    assert [r["cell"] for r in again.results] == ["no_kd", "cwd"]
+    assert set(again.states.values()) == {"finished"} and "not_run" not in again.evidence
     with pytest.raises(MTKDError, match="no cell 'pmd'; its cells are no_kd, cwd"):
         run_ablation(ablation_from_dict(config), output, log=quiet, cells=["pmd"])

@@ -5,6 +5,7 @@ configuration errors and a tiny grid end to end)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -163,3 +164,11 @@ def test_a_grid_with_a_selection_trains_the_chosen_sub_cell_only_on_the_other_se
     assert stored["sweep_selection"] == {"seeds": [0], "split_seeds": [0]}
     again = run_ablation(ablation_from_dict(config), output, log=lambda _: None, progress=False)
     assert set(again.states.values()) == {"finished"} and len(again.states) == len(trained)
+    # a later pass of one cell reports the sweep an earlier pass finished, not one unfinished
+    part = run_ablation(ablation_from_dict(config), output, log=lambda _: None, cells=["pmd_low"])
+    assert {r["cell"] for r in part.results} == {"pmd_low", LOW, HIGH}
+    assert "not_run" not in part.evidence and part.evidence["cells"]["pmd"]["chosen"] == chosen
+    shutil.rmtree(output / "cells" / HIGH / "seed0" / "model")  # no longer finished
+    part = run_ablation(ablation_from_dict(config), output, log=lambda _: None, cells=["pmd_low"])
+    assert [r["cell"] for r in part.results] == ["pmd_low", "pmd_low"]
+    assert part.evidence["not_run"] == [LOW, HIGH]

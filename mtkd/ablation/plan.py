@@ -15,7 +15,7 @@ from typing import Any
 from mtkd.ablation.evidence import choose_sub_cells
 from mtkd.ablation.grid import Ablation, Cell
 
-__all__ = ["Run", "first_pass", "planned_runs", "second_pass", "trained_as"]
+__all__ = ["Run", "first_pass", "planned_runs", "second_pass", "swept_methods", "trained_as"]
 
 Run = tuple[Cell, int, int]  # the cell, its split seed and its seed
 
@@ -55,7 +55,7 @@ def second_pass(
         return []
     done = {(r["cell"], r["split_seed"], r["seed"]) for r in results}
     runs: list[Run] = []
-    for method, subs in _swept_methods(ablation, cells).items():
+    for method, subs in swept_methods(ablation, cells).items():
         needed = [run for cell in subs for run in _runs(ablation, cell, True)]
         if any((cell.name, split, seed) not in done for cell, split, seed in needed):
             continue
@@ -66,7 +66,7 @@ def second_pass(
     return runs
 
 
-def _swept_methods(ablation: Ablation, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+def swept_methods(ablation: Ablation, cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     """Each swept method whose sub-cells are all in ``cells`` -> its sub-cells."""
     methods: dict[str, list[Cell]] = {}
     for method in dict.fromkeys(cell.method for cell in cells if cell.method):
@@ -82,7 +82,7 @@ def planned_runs(ablation: Ablation, cells: Sequence[Cell]) -> int:
     method)."""
     total = len(first_pass(ablation, cells))
     if ablation.selection is not None:
-        methods = _swept_methods(ablation, cells)
+        methods = swept_methods(ablation, cells)
         every = len(ablation.splits) * len(ablation.seeds)
         selected = len(ablation.selection.seeds) * len(ablation.selection.split_seeds)
         total += len(methods) * (every - selected)

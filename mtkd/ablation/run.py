@@ -58,7 +58,14 @@ from mtkd.ablation.folder import claim_folder, refuse_unrelated
 from mtkd.ablation.grid import NO_KD, TEACHER, Ablation, Cell
 from mtkd.ablation.grid_config import ablation_from_dict, load_ablation
 from mtkd.ablation.parallel import Job, JobPool, JobsInterrupted
-from mtkd.ablation.plan import Run, first_pass, planned_runs, second_pass, trained_as
+from mtkd.ablation.plan import (
+    Run,
+    first_pass,
+    planned_runs,
+    second_pass,
+    swept_methods,
+    trained_as,
+)
 from mtkd.ablation.report import (
     markdown_report,
     markdown_table,
@@ -107,8 +114,9 @@ def run_ablation(
     earlier call left there), then write the tables and plots. ``jobs`` > 1 trains that many
     runs at once, each in a child process (:mod:`mtkd.ablation.parallel`); the results are
     the same as with one. ``cells`` (names of cells, or of swept methods for all their
-    sub-cells) runs and reports only those, leaving the others for a later call; the reports
-    then name the cells not run."""
+    sub-cells) runs only those, leaving the others for a later call; the reports hold them and
+    every other cell whose runs are all finished in ``output`` (an earlier pass's), and name
+    the cells not run."""
     if jobs < 1:
         raise MTKDError(f"--jobs must be at least 1, got {jobs}")
     selected = selected_cells(ablation, cells)
@@ -165,6 +173,9 @@ def _run_grid(
 ) -> AblationResult:
     device = resolve_device(ablation.base.train.device)
     grid = _GridPass(ablation, root, dataset, tests, device, log, progress, tensorboard)
+    others = [cell for cell in ablation.cells if cell not in cells]
+    finished = grid.finished_cells(others)  # reported too, nothing to train
+    cells = [cell for cell in ablation.cells if cell in cells or cell in finished]
     grid.total = planned_runs(ablation, cells)
     pool = JobPool(root / "jobs", jobs, device.type == "cpu", log) if jobs > 1 else None
     with StopRequest() as stop, contextlib.ExitStack() as cleanup:
@@ -209,6 +220,42 @@ class _GridPass:
 
     def folder(self, cell: Cell, split: int, seed: int) -> Path:
         return self.root / "cells" / cell.name / _run_folder(self.ablation, split, seed)
+
+    def finished_cells(self, cells: list[Cell]) -> list[Cell]:
+        """The cells of ``cells`` whose runs (both passes') are all finished in the folder: a
+        cell outside any sweep, or every sub-cell of a swept method."""
+        ablation = self.ablation
+
+        def finished(runs: list[Run]) -> bool:
+            return all(
+                RunDir(self.folder(trained_as(ablation, c), split, seed)).state == FINISHED
+                for c, split, seed in runs
+            )
+
+        done = [c for c in cells if not c.method and finished(first_pass(ablation, [c]))]
+        for subs in swept_methods(ablation, cells).values():
+            first = first_pass(ablation, subs)
+            if not finished(first):
+                continue
+            chosen_on = [self._result(c, split, seed) for c, split, seed in first]
+            if finished(second_pass(ablation, subs, chosen_on)):
+                done += subs
+        return done
+
+    def _result(self, cell: Cell, split: int, seed: int) -> dict[str, Any]:
+        """The scores of a finished run of ``cell`` (cached beside the run); a sub-cell that
+        repeats a cell gets that cell's run under its own name."""
+        source = trained_as(self.ablation, cell)
+        run_dir = self.folder(source, split, seed)
+        relative = run_dir.relative_to(self.root).as_posix()
+        result = run_result(
+            self.ablation, source, (split, seed), run_dir, relative, self.dataset,
+            self.tests[split], self.device,
+        )  # fmt: skip
+        if source is not cell:  # the same run, in the sweep's row too
+            result = {**result, "cell": cell.name, "method": cell.family}
+            result["same_run_as"] = source.name
+        return result
 
     def queue(self, plan: list[Run]) -> None:
         """With ``--jobs``: hand every run of ``plan`` not yet finished to the pool, in order."""
@@ -265,17 +312,7 @@ class _GridPass:
     ) -> None:
         """Score the run (split seed, seed) of ``cell``, trained in ``source``'s folder."""
         run_dir = self.root / relative
-        result = run_result(
-            self.ablation, source, run, run_dir, relative, self.dataset, self.tests[run[0]],
-            self.device,
-        )  # fmt: skip
-        if source is not cell:  # the same run, in the sweep's row too
-            result = {
-                **result,
-                "cell": cell.name,
-                "method": cell.family,
-                "same_run_as": source.name,
-            }
+        result = self._result(cell, *run)
         self.results.append(result)
         _write_runs_csv(self.root, self.results)
         if self.pool is not None:

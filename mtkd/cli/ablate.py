@@ -45,13 +45,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--cells",
         nargs="+",
         metavar="CELL",
-        help="run and report only these cells (a swept method's name: all its sub-cells); "
-        "the others are left for a later call, and the reports name them",
+        help="run only these cells (a swept method's name: all its sub-cells); the others "
+        "are left for a later call; the reports hold these and the cells an earlier pass "
+        "finished, and name the rest",
     )
     sub.set_defaults(func=cmd_ablate)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    from mtkd.ablation.plan import planned_runs
     from mtkd.ablation.run import load_ablation, run_ablation
     from mtkd.engine.trainer import TrainingInterrupted
 
@@ -63,11 +65,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         teacher=args.teacher,
     )
     output = Path(args.output or Path("runs") / f"ablation-{ablation.name}")
-    runs = len(ablation.cells) * len(ablation.splits) * len(ablation.seeds)
     splits = f" x {len(ablation.splits)} split seed(s)" if ablation.split_seeds else ""
     print(
         f"ablation {ablation.name}: {len(ablation.cells)} cell(s){splits} x "
-        f"{len(ablation.seeds)} seed(s) = {runs} run(s)"
+        f"{len(ablation.seeds)} seed(s): {planned_runs(ablation, ablation.cells)} run(s)"
         f"{' + the teacher' if ablation.teacher_row else ''} in {output}"
     )
     try:
