@@ -21,6 +21,7 @@ from mtkd.data.segnrrd import write_segmentation
 from mtkd.data.terminology import lookup
 from mtkd.library import ModelLibrary
 from mtkd.modelfiles.model_io import load_model
+from mtkd.progress import parse_progress
 from MTKDLib.compare_logic import CompareLogic
 from MTKDLib.library_table import format_size, library_rows, model_choices, version_text
 from MTKDLib.mrml_io import labelmap_array, load_segmentation, segment_names
@@ -119,16 +120,22 @@ def test_keep_largest_gives_what_the_command_line_gives(
 
 
 def test_progress_is_reported_while_running(teacher_run, scene_with_ct):
+    """Every progress line the job printed reaches the front end through ``poll`` (in
+    ``new_lines``), in order, however late the polls come (a loaded machine may poll only
+    after the job has ended)."""
     scene, volume = scene_with_ct
     task = SegmentLogic(scene, python=PYTHON).start(volume, teacher_run, "cpu")
-    stages = []
-    while not task.poll().finished:
-        stages.append((task.state.fraction, task.state.stage))
+    updates = []
+    while True:
+        state = task.poll()
+        updates += [u for u in map(parse_progress, state.new_lines) if u is not None]
+        if state.finished:
+            break
         time.sleep(0.02)
     assert task.state.succeeded, task.state.error
-    seen = [stage for _, stage in stages]
+    seen = [update.stage for update in updates]
     assert any("segmenting" in stage for stage in seen), seen
-    fractions = [fraction for fraction, _ in stages]
+    fractions = [update.fraction for update in updates]
     assert fractions == sorted(fractions)  # progress never goes back
     assert not task.workdir.exists()  # scratch files removed
 
