@@ -221,6 +221,15 @@ class _GridPass:
     def folder(self, cell: Cell, split: int, seed: int) -> Path:
         return self.root / "cells" / cell.name / _run_folder(self.ablation, split, seed)
 
+    def place(self, cell: Cell, split: int, seed: int) -> tuple[Cell, Path, str, RunConfig]:
+        """Where the run (split seed, seed) of ``cell`` is trained: the cell whose folder holds
+        it (itself, or the cell a sub-cell repeats), the folder, its path relative to the
+        grid and its config."""
+        source = trained_as(self.ablation, cell)
+        run_dir = self.folder(source, split, seed)
+        relative = run_dir.relative_to(self.root).as_posix()
+        return source, run_dir, relative, self.ablation.run_config(source, seed, split)
+
     def finished_cells(self, cells: list[Cell]) -> list[Cell]:
         """The cells of ``cells`` whose runs (both passes') are all finished in the folder: a
         cell outside any sweep, or every sub-cell of a swept method."""
@@ -245,9 +254,7 @@ class _GridPass:
     def _result(self, cell: Cell, split: int, seed: int) -> dict[str, Any]:
         """The scores of a finished run of ``cell`` (cached beside the run); a sub-cell that
         repeats a cell gets that cell's run under its own name."""
-        source = trained_as(self.ablation, cell)
-        run_dir = self.folder(source, split, seed)
-        relative = run_dir.relative_to(self.root).as_posix()
+        source, run_dir, relative, _ = self.place(cell, split, seed)
         result = run_result(
             self.ablation, source, (split, seed), run_dir, relative, self.dataset,
             self.tests[split], self.device,
@@ -262,10 +269,7 @@ class _GridPass:
         if self.pool is None:
             return
         for cell, split, seed in plan:
-            source = trained_as(self.ablation, cell)
-            run_dir = self.folder(source, split, seed)
-            key = run_dir.relative_to(self.root).as_posix()
-            config = self.ablation.run_config(source, seed, split)
+            _, run_dir, key, config = self.place(cell, split, seed)
             if key not in self.pool and _needs_training(config, run_dir):
                 resume = RunDir(run_dir).state == STOPPED
                 self.pool.add(Job(key, config, run_dir, resume))
@@ -286,13 +290,10 @@ class _GridPass:
         """Train or wait for each run of ``plan`` in order, score it and rewrite runs.csv."""
         for cell, split, seed in plan:
             self.done += 1
-            source = trained_as(self.ablation, cell)  # a sub-cell may repeat another cell
-            run_dir = self.folder(source, split, seed)
-            relative = run_dir.relative_to(self.root).as_posix()
+            source, run_dir, relative, config = self.place(cell, split, seed)
             what = _what(self.ablation, cell, split, seed)
             if self._stop_requested():
                 raise TrainingInterrupted(_stopped(what, self.done - 1, self.total, self.root))
-            config = self.ablation.run_config(source, seed, split)
             try:
                 if self.pool is not None and relative in self.pool:
                     state = self.pool.wait(relative, self._stop_requested)
