@@ -40,11 +40,13 @@ CASES = {
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("field", ["smooth", "random"])
 @pytest.mark.parametrize("dense_above", [1.0, label_mapping.DENSE_ABOVE])
+@pytest.mark.parametrize("layout", ["channels first", "z first"])
 def test_labels_equal_the_argmax_of_the_resampled_probabilities(
-    case, activation, field, dense_above, monkeypatch
+    case, activation, field, dense_above, layout, monkeypatch
 ):
     """Border voxels interpolated one by one (``dense_above`` 1: never all of them) or, for
-    the speckled random field, by the dense pass."""
+    the speckled random field, by the dense pass; for probabilities laid out in memory as a
+    3-D network gives them (C, X, Y, Z) and as slices of a 2-D one (Z, C, Y, X)."""
     monkeypatch.setattr(label_mapping, "DENSE_ABOVE", dense_above)
     source, target, resampled = CASES[case]
     channels = 1 if activation == "sigmoid" else 4
@@ -53,6 +55,8 @@ def test_labels_equal_the_argmax_of_the_resampled_probabilities(
     else:  # voxel-wise independent: borders everywhere, the hardest case
         logits = 3 * torch.randn((channels, *source), generator=torch.Generator().manual_seed(5))
     probabilities = logits.sigmoid() if activation == "sigmoid" else logits.softmax(0)
+    if layout == "z first":
+        probabilities = probabilities.permute(3, 0, 2, 1).contiguous().permute(1, 3, 2, 0)
     coords = [
         coordinates(s, t, shift=0.1 * j) if r else None
         for j, (s, t, r) in enumerate(zip(source, target, resampled, strict=True))

@@ -13,7 +13,8 @@ operations as :func:`~mtkd.infer.separable.resample_separable`. Sigmoid outputs 
 (all > 0.5, or all <= 0.5). The result equals the argmax of the fully resampled
 probabilities except where two channels tie to float rounding. Speckled label maps (more than
 ``DENSE_ABOVE`` of the source voxels on a border), and targets with no more voxels than the
-source (where the dense argmax is the smaller one), are resampled densely instead.
+source (where the dense argmax is the smaller one), are resampled densely instead, the last
+axis channel by channel into a running maximum (no (C, X, Y, Z) volume on the target grid).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 
 import torch
 
-from mtkd.infer.separable import resample_separable
+from mtkd.infer.separable import interpolate_axis, resample_separable
 from mtkd.infer.stages import stage
 
 # above this share of source voxels on a label border, all target voxels are interpolated (a
@@ -138,12 +139,35 @@ def _interpolate_at(
 def _dense_labels(
     probabilities: torch.Tensor, coords: list, order: list[int], activation: str
 ) -> torch.Tensor:
-    """Labels of every voxel's interpolated probabilities (``resample_separable``)."""
+    """Labels of every voxel's interpolated probabilities, as ``labels_of(resample_separable(
+    ...))`` but without the (C, X, Y, Z) resampled volume: the axes of ``order`` but its last
+    for all channels at once, then the last channel by channel into a running maximum (one
+    write of the largest arrays instead of C, and no argmax pass over them)."""
+    if not order:
+        with stage("argmax"):
+            return labels_of(probabilities, activation)
+    *leading, last = order
     with stage("inverse mapping"):
-        same = [c is None for c in coords]
-        dense = resample_separable(probabilities, coords, same, order)
-    with stage("argmax"):
-        return labels_of(dense, activation)
+        same = [c is None or j not in leading for j, c in enumerate(coords)]
+        partial = resample_separable(probabilities, coords, same, leading)
+    # the spatial axes in memory order, so that each pass streams through memory
+    layout = sorted(range(3), key=lambda d: (-partial.stride(1 + d), d))
+    axis = layout.index(last)
+    channels = 1 if activation == "sigmoid" else partial.shape[0]
+    best = labels = None
+    for channel in range(channels):
+        with stage("inverse mapping"):
+            values = interpolate_axis(partial[channel].permute(layout), axis, coords[last])
+        with stage("argmax"):
+            if activation == "sigmoid":
+                labels = values > 0.5
+            elif best is None:
+                best = values
+                labels = torch.zeros(values.shape, dtype=torch.int16, device=values.device)
+            else:  # the first channel of highest probability, as ``labels_of``
+                labels.masked_fill_(values > best, channel)
+                torch.maximum(best, values, out=best)
+    return labels.permute([layout.index(d) for d in range(3)])
 
 
 def resampled_labels(

@@ -58,7 +58,7 @@ def zeros_in_layout_of(reference: torch.Tensor, shape: tuple[int, ...]) -> torch
     return zeros.permute([layout.index(d) for d in range(reference.ndim)])
 
 
-def _linear_axis(x: torch.Tensor, axis: int, coords: torch.Tensor) -> torch.Tensor:
+def interpolate_axis(x: torch.Tensor, axis: int, coords: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of ``x`` along ``axis`` at ``coords`` (in [0, n - 1]) -> float32.
 
     ``x`` (any dtype) keeps its other axes; the result (contiguous) has ``len(coords)`` along
@@ -104,5 +104,5 @@ def resample_separable(
     layout = sorted(range(x.ndim), key=lambda d: (-x.stride(d), d))
     x = x.permute(layout)
     for j in order:
-        x = _linear_axis(x, layout.index(1 + j), coords[j])
+        x = interpolate_axis(x, layout.index(1 + j), coords[j])
     return x.float().permute([layout.index(d) for d in range(len(layout))])
