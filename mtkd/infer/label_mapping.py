@@ -20,6 +20,7 @@ axis channel by channel into a running maximum (no (C, X, Y, Z) volume on the ta
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -29,6 +30,20 @@ from mtkd.infer.stages import stage
 # above this share of source voxels on a label border, all target voxels are interpolated (a
 # sparse gather costs several times a dense pass per voxel)
 DENSE_ABOVE = 0.15
+
+
+def _first_highest(channels: Iterator[torch.Tensor]) -> torch.Tensor:
+    """Index (int16) of the first highest of the equally shaped float tensors ``channels``
+    yields, voxel by voxel; the first one becomes the running maximum (it is overwritten)."""
+    best = labels = None
+    for channel, values in enumerate(channels):
+        if best is None:
+            best = values
+            labels = torch.zeros(values.shape, dtype=torch.int16, device=values.device)
+        else:
+            labels.masked_fill_(values > best, channel)
+            torch.maximum(best, values, out=best)
+    return labels
 
 
 def labels_of(probabilities: torch.Tensor, activation: str) -> torch.Tensor:
@@ -41,12 +56,8 @@ def labels_of(probabilities: torch.Tensor, activation: str) -> torch.Tensor:
         return probabilities.argmax(dim=0)
     spatial = sorted(range(1, probabilities.ndim), key=lambda d: (-probabilities.stride(d), d))
     ordered = probabilities.permute(0, *spatial)
-    best = ordered[0].clone(memory_format=torch.contiguous_format)
-    labels = torch.zeros(best.shape, dtype=torch.int16)
-    for channel in range(1, ordered.shape[0]):
-        candidate = ordered[channel]
-        labels.masked_fill_(candidate > best, channel)
-        torch.maximum(best, candidate, out=best)
+    first = ordered[0].clone(memory_format=torch.contiguous_format)
+    labels = _first_highest(iter([first, *ordered[1:]]))
     return labels.permute([spatial.index(d) for d in range(1, probabilities.ndim)])
 
 
@@ -153,20 +164,18 @@ def _dense_labels(
     # the spatial axes in memory order, so that each pass streams through memory
     layout = sorted(range(3), key=lambda d: (-partial.stride(1 + d), d))
     axis = layout.index(last)
-    channels = 1 if activation == "sigmoid" else partial.shape[0]
-    best = labels = None
-    for channel in range(channels):
-        with stage("inverse mapping"):
-            values = interpolate_axis(partial[channel].permute(layout), axis, coords[last])
-        with stage("argmax"):
-            if activation == "sigmoid":
-                labels = values > 0.5
-            elif best is None:
-                best = values
-                labels = torch.zeros(values.shape, dtype=torch.int16, device=values.device)
-            else:  # the first channel of highest probability, as ``labels_of``
-                labels.masked_fill_(values > best, channel)
-                torch.maximum(best, values, out=best)
+
+    def channel_values(channels: int) -> Iterator[torch.Tensor]:
+        for channel in range(channels):
+            with stage("inverse mapping"):
+                values = interpolate_axis(partial[channel].permute(layout), axis, coords[last])
+            yield values
+
+    with stage("argmax"):
+        if activation == "sigmoid":
+            labels = next(channel_values(1)) > 0.5
+        else:
+            labels = _first_highest(channel_values(partial.shape[0]))
     return labels.permute([layout.index(d) for d in range(3)])
 
 
