@@ -7,7 +7,8 @@
 - :class:`DeviceChoice`: a combo box of the devices this machine has, found off the GUI thread.
 - The model library, in the folder kept in Slicer's settings.
 - For the self-tests: :func:`process_events_until` (wait without blocking Slicer),
-  :func:`choose_item` (pick a combo box item as a user does) and
+  :func:`choose_item` (pick a combo box item as a user does), :func:`demo_scene` (the demo's
+  models in a scratch library, the bundled CT in the scene) and
   :func:`missing_engine_packages` (whether the heavy part can run).
 
 Nothing here waits on the GUI thread: Cancel and closing the scene only ask processes to stop
@@ -16,10 +17,12 @@ Nothing here waits on the GUI thread: Cancel and closing the scene only ask proc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +293,7 @@ def process_events_until(condition: Callable[[], bool], timeout: float, what: st
         time.sleep(0.05)
 
 
-def quick_demo_in_scratch_folder(test: str, message: Callable[[str], None]) -> Path | None:
+def _quick_demo_in_scratch_folder(test: str, message: Callable[[str], None]) -> Path | None:
     """For the self-tests' end-to-end part: a new scratch folder in which ``mtkd demo --quick``
     has trained the demo's teacher and students (``FOLDER/demo``), run in the background while
     Slicer stays responsive. None, after ``message`` (e.g. ``delayDisplay``) says that ``test``
@@ -311,6 +314,46 @@ def quick_demo_in_scratch_folder(test: str, message: Callable[[str], None]) -> P
     if not demo.state.succeeded:
         raise AssertionError(f"mtkd demo --quick failed: {demo.state.error}")
     return work
+
+
+@dataclass
+class DemoScene:
+    """What :func:`demo_scene` set up: the scratch folder (``mtkd demo --quick``'s output in
+    ``work/demo``), the library entries imported from it by folder name, and the bundled CT
+    loaded into the scene."""
+
+    work: Path
+    models: dict[str, Any]
+    volume: Any  # vtkMRMLScalarVolumeNode
+
+
+@contextlib.contextmanager
+def demo_scene(
+    logic: Any,
+    test: str,
+    message: Callable[[str], None],
+    models: list[str],
+    refresh: Callable[[], None],
+) -> Iterator[DemoScene | None]:
+    """For the self-tests' end-to-end part: the demo trained in a scratch folder, ``logic``'s
+    model library moved there with the demo's ``models`` (folders of ``work/demo``) imported,
+    and the bundled CT loaded. After the block the user's library is back and ``refresh``
+    (the panel's library refresh) runs. Yields None, after ``message`` says why ``test`` did
+    not run, when torch or MONAI is not installed."""
+    work = _quick_demo_in_scratch_folder(test, message)
+    if work is None:
+        yield None
+        return
+    from mtkd.demo import bundled_sample
+
+    logic.libraryRoot = work / "library"
+    try:
+        imported = {name: logic.library().import_model(work / "demo" / name) for name in models}
+        volume = slicer.util.loadVolume(str(bundled_sample()[0]))
+        yield DemoScene(work=work, models=imported, volume=volume)
+    finally:
+        logic.libraryRoot = None
+        refresh()
 
 
 def choose_item(comboBox: Any, data: str) -> None:

@@ -29,10 +29,10 @@ from MTKDLib.gui import (
     ModuleWidget,
     TaskView,
     choose_item,
+    demo_scene,
     library_root,
     model_library,
     process_events_until,
-    quick_demo_in_scratch_folder,
     set_library_root,
 )
 from MTKDLib.segment_logic import SegmentLogic
@@ -454,22 +454,21 @@ class MTKDSegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay("MTKD Segment panel test passed")
 
     def test_segment_and_compare(self):
-        work = quick_demo_in_scratch_folder("Segmentation test", self.delayDisplay)
-        if work is None:
-            return
-        from mtkd.demo import bundled_sample
         from MTKDLib.mrml_io import labelmap_array, load_segmentation, segment_names
 
         panel = self.panel()
         ui = panel.ui
-        panel.logic.libraryRoot = work / "library"
-        try:
-            student = panel.logic.library().import_model(work / "demo" / "student_kd")
-            teacher = panel.logic.library().import_model(work / "demo" / "teacher")
+        models = ["student_kd", "teacher"]
+        with demo_scene(
+            panel.logic, "Segmentation test", self.delayDisplay, models, panel.refreshLibrary
+        ) as demo:
+            if demo is None:
+                return
+            work, volume = demo.work, demo.volume
+            student, teacher = (demo.models[name] for name in models)
             ui.refreshLibraryButton.click()
             self.assertEqual(ui.libraryTableWidget.rowCount, 2)
 
-            volume = slicer.util.loadVolume(str(bundled_sample()[0]))
             oblique = vtk.vtkMatrix4x4()
             volume.GetIJKToRASDirectionMatrix(oblique)
             rotation = vtk.vtkTransform()
@@ -526,7 +525,4 @@ class MTKDSegmentTest(ScriptedLoadableModuleTest):
             self.assertNotEqual(panel._parameterNode.comparisonTable.GetID(), structures.GetID())
             added = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
             self.assertEqual(added - segmentations, 2)  # student and disagreement, no teacher
-        finally:
-            panel.logic.libraryRoot = None
-            panel.refreshLibrary()
         self.delayDisplay("MTKD Segment test passed")

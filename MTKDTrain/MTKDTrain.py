@@ -28,9 +28,9 @@ from MTKDLib.gui import (
     DeviceChoice,
     ModuleWidget,
     choose_item,
+    demo_scene,
     model_library,
     process_events_until,
-    quick_demo_in_scratch_folder,
 )
 from MTKDLib.slicer_setup import ensure_engine_dependencies, ensure_model_extras
 from MTKDLib.train_config import (
@@ -812,19 +812,22 @@ class MTKDTrainTest(ScriptedLoadableModuleTest):
         self.delayDisplay("MTKD Train panel test passed")
 
     def test_distill_in_the_background(self):
-        work = quick_demo_in_scratch_folder("Distillation test", self.delayDisplay)
-        if work is None:
-            return
-        from mtkd.demo import bundled_sample
         from MTKDLib.mrml_io import load_segmentation
 
         panel = self.panel()
         ui = panel.ui
-        panel.logic.libraryRoot = work / "library"
-        try:
-            teacher = panel.logic.library().import_model(work / "demo" / "teacher")
+
+        def restore():  # after the user's library is back
+            panel.logic.loopMargin = None
+            panel.refreshLibraryChoices()
+
+        with demo_scene(
+            panel.logic, "Distillation test", self.delayDisplay, ["teacher"], restore
+        ) as demo:
+            if demo is None:
+                return
+            work, volume, teacher = demo.work, demo.volume, demo.models["teacher"]
             panel.refreshLibraryChoices()  # as entering the module does
-            volume = slicer.util.loadVolume(str(bundled_sample()[0]))
             labels = load_segmentation(
                 slicer.mrmlScene, work / "demo" / "abdomen_student.seg.nrrd", "labels", volume
             )
@@ -900,8 +903,4 @@ class MTKDTrainTest(ScriptedLoadableModuleTest):
             process_events_until(lambda: panel.scoring is None, 600, "scoring the versions")
             self.assertTrue(ui.statusLabel.text.startswith("New version"), ui.statusLabel.text)
             self.assertEqual(ui.versionsTableWidget.rowCount, 2)
-        finally:
-            panel.logic.libraryRoot = None
-            panel.logic.loopMargin = None
-            panel.refreshLibraryChoices()
         self.delayDisplay("MTKD Train test passed")
