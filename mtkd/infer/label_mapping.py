@@ -155,9 +155,6 @@ def _dense_labels(
     ...))`` but without the (C, X, Y, Z) resampled volume: the axes of ``order`` but its last
     for all channels at once, then the last channel by channel into a running maximum (one
     write of the largest arrays instead of C, and no argmax pass over them)."""
-    if not order:
-        with stage("argmax"):
-            return labels_of(probabilities, activation)
     *leading, last = order
     with stage("inverse mapping"):
         same = [c is None or j not in leading for j, c in enumerate(coords)]
