@@ -83,6 +83,8 @@ COMMENTS = {
     "the same patient)",
     "distill.unlabelled": "auto | none | train | a folder of CTs: images for teacher targets "
     "only (auto: train where train_on leaves patients unlabelled and a term weighs)",
+    "distill.teacher_targets": "{distill.teacher_targets}: the teacher's logits on every batch, "
+    "or computed once per training image (precomputed; auto: where the output term alone weighs)",
     "distill.anchor": "the parent version as a second teacher {ANCHOR}: KL per voxel on every "
     "sample (model: a model/run folder with the student's labels)",
 }

@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from mtkd.config import RunConfig
 from mtkd.data.image_io import write_image
 from mtkd.engine.trainer import Trainer
+from mtkd.infer.inference import KEEP_LOGITS, predict_volume
 from mtkd.infer.predictor import Predictor
 from mtkd.modelfiles.model_io import load_model
 from mtkd.run_folder import read_events
@@ -81,6 +83,8 @@ def test_3d_teacher_student_and_sliding_window(volume_dataset, data_dir, tmp_pat
     assert all(metrics[0][term] > 0 for term in ("E-E", "B-B", "D-D", "pmd"))
     assert 0.0 <= metrics[0]["val_dice"] <= 1.0
 
+    _check_precomputed_teacher_targets(volume_dataset, data_dir, tmp_path)
+
     model = load_model(tmp_path / "student")
     assert model.prep.dims == 3 and model.metadata["network"]["name"] == "unet"
     image = sitk.ReadImage(str(volume_dataset[0] / "images" / "b1.nii.gz"))
@@ -88,3 +92,33 @@ def test_3d_teacher_student_and_sliding_window(volume_dataset, data_dir, tmp_pat
     assert prediction.labelmap.GetSize() == image.GetSize()
     assert np.allclose(prediction.labelmap.GetOrigin(), image.GetOrigin())
     assert set(np.unique(sitk.GetArrayViewFromImage(prediction.labelmap))) <= {0, 1, 2}
+
+
+def _check_precomputed_teacher_targets(volume_dataset, data_dir, tmp_path):
+    """Hinton KD with ``teacher_targets: precomputed``: each training volume carries the
+    teacher's sliding-window logits over its whole grid, and the student trains on them."""
+    config = config_3d(
+        volume_dataset,
+        data_dir,
+        "distill",
+        {"name": "unet", "params": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}},
+        distill={
+            "teacher": str(tmp_path / "teacher"),
+            "preset": "hinton_published",
+            "teacher_targets": "precomputed",
+        },
+    )
+    trainer = Trainer(config, tmp_path / "precomputed", progress=False, log=lambda _: None)
+    trainer.run()
+    teacher = load_model(tmp_path / "teacher")
+    for case_id in trainer.data.train_ids:
+        case = trainer.data.cache[case_id]
+        assert case.image.shape[1:] > tuple(config.data.patch_size)  # several windows
+        expected = predict_volume(
+            teacher.network, case.image, teacher.prep, KEEP_LOGITS, torch.device("cpu")
+        )
+        torch.testing.assert_close(case.teacher.float(), expected, atol=2e-2, rtol=1e-2)
+    (metrics,) = [
+        e for e in read_events(tmp_path / "precomputed" / "events.jsonl") if e["type"] == "metrics"
+    ]
+    assert metrics["pmd"] > 0

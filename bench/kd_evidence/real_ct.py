@@ -6,7 +6,9 @@ ABL is a grid folder of ``mtkd ablate`` (``ABL/cells/<cell>/[split<j>/]seed<k>/`
 row per run and structure: ``cell,split_seed,seed,structure,dice,hd95``, rewritten after every
 run, and a run already in CSV is not scored again (the script resumes). Each ``--teacher`` run
 folder is scored as cell ``teacher`` with its split seed read from its name (``...-split<j>``).
-Prints the mean Dice per cell (over runs, of the mean over structures).
+Prints the mean Dice per cell (over runs, of the mean over structures). A run restored from the
+grid's archive (``archive.py``) has no weights: it is left out, its rows being those already in
+CSV.
 
 The real CT is ``Testing/Data/abdomen_ct.nii.gz`` (abdomen and pelvis, 3 mm) with its
 TotalSegmentator labels (``abdomen_seg_total_fast.nii.gz``, named by ``labels_total_v2.json``),
@@ -30,6 +32,7 @@ from mtkd.data.datasets import load_dataset
 from mtkd.devices import resolve_device
 from mtkd.infer.evaluate import evaluate
 from mtkd.infer.predictor import Predictor
+from mtkd.modelfiles.files import WEIGHTS
 from mtkd.modelfiles.model_io import load_model
 from mtkd.run_folder import FINISHED, RunDir
 
@@ -56,6 +59,23 @@ def grid_runs(grid: Path) -> list[tuple[str, str, str, Path]]:
     return runs
 
 
+def with_weights(runs: list[tuple[str, str, str, Path]], done: set, csv_path: Path):
+    """The runs of ``runs`` that hold their weights. Says how many do not (restored from the
+    grid's archive: their rows are in CSV) and warns of those without rows (not in ``done``)."""
+    kept = [run for run in runs if (RunDir(run[3]).model / WEIGHTS).is_file()]
+    restored = [run[:3] for run in runs if run not in kept]
+    if restored:
+        print(f"{len(restored)} run(s) restored from the archive (no weights here): not scored")
+    unscored = [" ".join(run) for run in restored if run not in done]
+    if unscored:
+        print(
+            f"warning: {len(unscored)} restored run(s) have no rows in {csv_path} and cannot "
+            f"be scored without their weights: {', '.join(unscored)}",
+            file=sys.stderr,
+        )
+    return kept
+
+
 def teacher_runs(teachers: list[str]) -> list[tuple[str, str, str, Path]]:
     found = []
     for teacher in teachers:
@@ -76,7 +96,8 @@ def main(argv: list[str]) -> int:
     done = {(r["cell"], r["split_seed"], r["seed"]) for r in rows}
     with tempfile.TemporaryDirectory() as scratch:
         dataset = real_ct_dataset(Path(scratch))
-        for cell, split, seed, run in teacher_runs(args.teacher) + grid_runs(args.grid):
+        runs = teacher_runs(args.teacher) + with_weights(grid_runs(args.grid), done, args.csv)
+        for cell, split, seed, run in runs:
             if (cell, split, seed) in done or RunDir(run).state != FINISHED:
                 continue
             scores = evaluate(Predictor(load_model(run, device), device), dataset, ["abdomen"])

@@ -4,17 +4,25 @@
 #                                           # s3d_label_free (label-free distillation)
 # 1. the cohort (`mtkd synth`, if missing); 2. one teacher per split seed of the student's grid
 #    (bench/kd_evidence/teacher2d.yaml or teacher3d.yaml at that split seed; a *_label_free grid
-#    uses its base student's teachers), trained or resumed; 3. `mtkd ablate
-#    bench/kd_evidence/<grid>.yaml` in $OUT/<grid> (resumes); 4. runs.csv, results.csv,
-#    summary.json, evidence.md and plots/ (validation curves, test scores) copied to
-#    bench/results/kd_evidence/<grid>/ (with a file PARTIAL while the grid is unfinished);
-#    5. real_ct.csv there: every finished run and the teachers scored on the bundled real CT
-#    (bench/kd_evidence/real_ct.py, an external check).
-# Re-running continues where it stopped. Environment: COHORT, SYNTH_ARGS, OUT, DEVICE, MTKD,
-# PYTHON, TEACHER (another teacher config of this folder, e.g. teacher2d_mae: its own teachers,
-# and the grid's folders get the suffix -<teacher>), JOBS (runs, and teachers, trained at once;
-# default 1), CELLS (run only these cells now, e.g. CELLS="no_kd pmd_unlabelled"; the others are
-# left for a later call and the copied results say PARTIAL).
+#    uses its base student's teachers), trained or resumed; 3. the finished runs archived in
+#    bench/results/kd_evidence/<grid>/archive/ restored into $OUT/<grid> where it lacks them (a
+#    wiped machine; bench/kd_evidence/archive.py: not for another cohort, nor distilled runs of
+#    a teacher retrained since); 4. `mtkd ablate bench/kd_evidence/<grid>.yaml` in $OUT/<grid>
+#    (resumes); 5. its finished runs' light files (no weights) archived there again, whether
+#    it finished or stopped; 6. runs.csv, results.csv, summary.json, evidence.md and plots/
+#    (validation curves, test scores) copied to bench/results/kd_evidence/<grid>/ (with a file
+#    PARTIAL while the grid is unfinished); 7. real_ct.csv there: every finished run with its
+#    weights and the teachers scored on the bundled real CT (bench/kd_evidence/real_ct.py, an
+#    external check; restored runs keep their rows).
+# Re-running continues where it stopped (commit the archive: it outlives a wiped machine). While
+# a grid still runs, `python bench/kd_evidence/archive.py save $OUT/<grid>
+# bench/results/kd_evidence/<grid>/archive --cohort $COHORT --teacher <each teacher run>`
+# archives the runs finished so far (before a session ends).
+# Environment: COHORT, SYNTH_ARGS, OUT, DEVICE, MTKD, PYTHON, TEACHER (another teacher config of
+# this folder, e.g. teacher2d_mae: its own teachers, and the grid's folders get the suffix
+# -<teacher>), JOBS (runs, and teachers, trained at once; default 1), CELLS (run only these cells
+# now, e.g. CELLS="no_kd pmd_unlabelled"; the others are left for a later call and the copied
+# results say PARTIAL).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -72,17 +80,22 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 
 RESULTS=bench/results/kd_evidence/$GRID
 mkdir -p "$RESULTS"
+TEACHER_ARGS=()  # the grid's finished teachers, one per split seed
+for run in "$TEACHERS/$TEACHER"-split*; do
+  [ -f "$run/model/mtkd_model.json" ] && TEACHER_ARGS+=(--teacher "$run")
+done
+# the finished runs of an earlier session (the machine may have been wiped since)
+$PYTHON bench/kd_evidence/archive.py restore "$RESULTS/archive" "$OUT/$GRID" --cohort "$COHORT" \
+  "${TEACHER_ARGS[@]}"
 status=0
 $MTKD ablate "$CONFIG" -o "$OUT/$GRID" --data "$COHORT" \
   --teacher "$TEACHERS/$TEACHER-split{split_seed}" "${DEVICE_ARG[@]}" "${GRID_ARGS[@]}" || status=$?
+$PYTHON bench/kd_evidence/archive.py save "$OUT/$GRID" "$RESULTS/archive" --cohort "$COHORT" \
+  "${TEACHER_ARGS[@]}" || echo "warning: archiving the finished runs failed (see above)" >&2
 for name in runs.csv results.csv summary.json evidence.md plots/curves.png plots/dice.png; do
   [ -f "$OUT/$GRID/$name" ] && mkdir -p "$(dirname "$RESULTS/$name")" && cp "$OUT/$GRID/$name" "$RESULTS/$name"
 done
 # the external check: every finished run and the teachers on the bundled real CT
-TEACHER_ARGS=()
-for run in "$TEACHERS/$TEACHER"-split*; do
-  [ -f "$run/model/mtkd_model.json" ] && TEACHER_ARGS+=(--teacher "$run")
-done
 $PYTHON bench/kd_evidence/real_ct.py "$OUT/$GRID" "$RESULTS/real_ct.csv" "${TEACHER_ARGS[@]}" \
   "${DEVICE_ARG[@]}" || echo "warning: the real-CT scoring failed (see above)" >&2
 if [ $status -ne 0 ]; then

@@ -198,6 +198,10 @@ class DistillConfig:
     # when ``train_on`` leaves some out and a term weighs, else none); or a folder of CTs (any
     # dataset layout, or a folder of image files; labels there are ignored)
     unlabelled: str = UNLABELLED_AUTO
+    # the teacher's logits: online (a teacher pass on every batch), precomputed (once per
+    # training image, kept with the cached case; the output term alone, no feature pairs) or
+    # auto (precomputed where the output term alone weighs); mtkd.engine.teacher_targets
+    teacher_targets: Literal["online", "precomputed", "auto"] = "online"
     # the parent version as a second teacher, on the outputs (None: no anchor); apart from the
     # teacher's terms (``scale`` leaves it as it is)
     anchor: AnchorConfig | None = None

@@ -9,6 +9,10 @@ maps, bilinear for probabilities) and cropped, sliced and augmented together wit
 then hold ``"teacher"`` (K + 1, *spatial) probabilities of the student's K structures
 (channel 0 background), aligned voxel for voxel with ``"image"`` and ``"label"``.
 
+A run with precomputed teacher targets (:mod:`mtkd.engine.teacher_targets`) attaches the
+teacher's logits (C, X, Y, Z) float16 to each training case once they are computed; they travel
+the same way, and items hold them as ``"teacher"`` (C, *spatial) float32 logits.
+
 Cases can be unlabelled (images for teacher targets only): their label file, if any, is never
 read; their ``label`` is a zero placeholder and items say ``"has_label": False``. Every item
 also carries ``"subject"``, the index of its patient (cases of one patient share it), and
@@ -58,7 +62,7 @@ class PreparedCase:
     case_id: str
     image: torch.Tensor
     label: torch.Tensor
-    teacher: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None  # or precomputed teacher logits (C, X, Y, Z) float16
     has_label: bool = True
     subject: int = 0
     annotated: torch.Tensor | None = None
@@ -118,7 +122,9 @@ class VolumeCache:
     """Preprocessed cases by id, each read and resampled exactly once.
 
     With ``teacher`` (stored teacher outputs) each case of ``teacher_cases`` (default: all)
-    also gets its teacher map. The cases of ``unlabelled`` are read without their labels.
+    also gets its teacher map. With ``teacher_logits`` the teacher's precomputed logits are
+    attached later (:meth:`attach_teacher_logits`). The cases of ``unlabelled`` are read
+    without their labels.
     Subjects are numbered 0.. in the order of the sorted patient ids of ``cases``.
     """
 
@@ -131,6 +137,7 @@ class VolumeCache:
         teacher: StoredOutputs | None = None,
         teacher_cases: list[str] | None = None,
         unlabelled: Iterable[str] = (),
+        teacher_logits: bool = False,
     ):
         self._cases = {case.case_id: case for case in cases}
         self.unlabelled = set(unlabelled)
@@ -142,9 +149,25 @@ class VolumeCache:
         self._prep = prep
         self._transforms = build_transforms(prep, with_label=True)
         self.teacher = teacher
+        self.teacher_logits = teacher_logits
         self._teacher_cases = None if teacher_cases is None else set(teacher_cases)
         self._prepared: dict[str, PreparedCase] = {}
         self.reads = 0  # how many volumes were read from disk (tests check it stays flat)
+
+    @property
+    def carries_teacher(self) -> bool:
+        """Whether training items carry teacher maps (stored outputs or precomputed logits)."""
+        return self.teacher is not None or self.teacher_logits
+
+    def attach_teacher_logits(self, case_id: str, logits: torch.Tensor) -> None:
+        """Keep the teacher's logits (C, X, Y, Z) of ``case_id``, on its cached image's grid."""
+        case = self[case_id]
+        if tuple(logits.shape[1:]) != tuple(case.image.shape[1:]):
+            raise ValueError(
+                f"teacher logits {tuple(logits.shape)} do not match the image "
+                f"{tuple(case.image.shape)} of case {case_id}"
+            )
+        case.teacher = logits.to("cpu", torch.float16).contiguous()
 
     @property
     def teacher_structures(self) -> int | None:
@@ -235,7 +258,8 @@ class _SeededDataset(Dataset):
         return sample if self.transforms is None else self.transforms(sample)
 
     def _item(self, sample: dict, case: PreparedCase) -> dict:
-        """Plain tensors; the teacher map as (K + 1, *spatial) probabilities; ``has_label``
+        """Plain tensors; the teacher map as (K + 1, *spatial) probabilities (precomputed
+        logits as (C, *spatial) float32); ``has_label``
         (bool) and ``subject`` (int64) scalars, batched to (B,); ``annotated`` (K + 1,) bool,
         batched to (B, K + 1)."""
         item = {
@@ -245,22 +269,25 @@ class _SeededDataset(Dataset):
             "subject": torch.tensor(case.subject, dtype=torch.int64),
             "annotated": case.annotated,
         }
-        structures = self.cache.teacher_structures
-        if structures is not None and "teacher" in sample:
+        if "teacher" in sample and self.cache.teacher_logits:
+            item["teacher"] = _plain(sample["teacher"]).float()
+        elif "teacher" in sample and self.cache.teacher_structures is not None:
+            structures = self.cache.teacher_structures
             item["teacher"] = teacher_probabilities(_plain(sample["teacher"]), structures)
         return item
 
 
 class SliceDataset(_SeededDataset):
     """Axial slices of cached volumes: items {"image": (1, H, W), "label": (1, H, W),
-    "has_label": (), "subject": ()} and, with stored teacher outputs, "teacher": (K + 1, H, W)."""
+    "has_label": (), "subject": ()} and, with teacher maps, "teacher": (K + 1, H, W) (stored
+    outputs) or (C, H, W) (precomputed logits)."""
 
     def __init__(self, cache: VolumeCache, case_ids: list[str], augment: AugmentConfig | None):
         self.cache = cache
         self.index = [
             (case_id, z) for case_id in case_ids for z in range(cache[case_id].image.shape[-1])
         ]
-        with_teacher = cache.teacher is not None
+        with_teacher = cache.carries_teacher
         steps = augmentations(augment, (0, 1), with_teacher) if augment else []
         self.transforms = Compose(steps) if steps else None
 
@@ -278,8 +305,8 @@ class SliceDataset(_SeededDataset):
 
 class PatchDataset(_SeededDataset):
     """Label-balanced 3-D patches: items {"image": (1, *patch), "label": (1, *patch),
-    "has_label": (), "subject": ()} and, with stored teacher outputs, "teacher":
-    (K + 1, *patch) cut at the same place.
+    "has_label": (), "subject": ()} and, with teacher maps, "teacher": (K + 1, *patch)
+    probabilities or (C, *patch) logits, cut at the same place.
 
     Each case yields ``patches_per_volume`` items per epoch; the patch centre is drawn with
     equal probability from every class present (background included), or, in an unlabelled
@@ -298,7 +325,7 @@ class PatchDataset(_SeededDataset):
         self.cache = cache
         self.case_ids = list(case_ids)
         self.patches_per_volume = patches_per_volume
-        with_teacher = cache.teacher is not None
+        with_teacher = cache.carries_teacher
         keys = ["image", "label", "teacher"] if with_teacher else ["image", "label"]
         crop = RandCropByLabelClassesd(
             keys=keys,

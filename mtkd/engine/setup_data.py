@@ -35,6 +35,7 @@ from mtkd.engine.distributed import Distributed
 from mtkd.engine.fingerprint import fingerprint_differences, read_fingerprint, run_fingerprint
 from mtkd.engine.setup_teacher import open_teacher
 from mtkd.engine.teacher_source import TeacherSource, is_stored_teacher
+from mtkd.engine.teacher_targets import PRECOMPUTED, teacher_targets
 from mtkd.errors import MTKDError
 from mtkd.run_folder import EventLog, RunDir
 
@@ -65,7 +66,9 @@ class RunData:
     unlabelled_ids: list[str]  # training images used without labels (distill.unlabelled)
     cache: VolumeCache  # every case (and unlabelled image), prepared once
     train_set: SliceDataset | PatchDataset  # the samples of train_ids + unlabelled_ids
-    source: TeacherSource | None  # stored teacher outputs; a teacher network opens later
+    # stored teacher outputs; a teacher network opens later (with precomputed teacher
+    # targets, cache.teacher_logits, it then attaches its logits to the training cases)
+    source: TeacherSource | None
 
 
 def build_run_data(
@@ -112,6 +115,7 @@ def build_run_data(
     )
     sample_ids = train_ids + unlabelled_ids
     source, stored = _stored_teacher(config, labels, activation, prep, device, log, sample_ids)
+    precomputed = _precomputed_teacher(config)
     cache = VolumeCache(
         dataset.cases + extra_cases,
         dataset.labels,
@@ -120,6 +124,7 @@ def build_run_data(
         teacher=stored,
         teacher_cases=sample_ids,
         unlabelled=unlabelled_ids,
+        teacher_logits=precomputed,
     )
     if data.dims == 2:
         train_set = SliceDataset(cache, sample_ids, data.augment)
@@ -339,6 +344,14 @@ def _check_fingerprint(
         events.emit("log", message=message)
     run_dir.write_json(run_dir.fingerprint, current)
     return current
+
+
+def _precomputed_teacher(config: RunConfig) -> bool:
+    """Whether the run precomputes its teacher network's logits (distill.teacher_targets)."""
+    if config.kind != "distill" or config.distill is None:
+        return False
+    stored = is_stored_teacher(config.distill.teacher)
+    return teacher_targets(config.distill, stored) == PRECOMPUTED
 
 
 def _stored_teacher(

@@ -27,6 +27,7 @@ from mtkd.engine.setup_data import RunData
 from mtkd.engine.setup_teacher import open_teacher, rounded_spacing
 from mtkd.engine.step import IGNORE_LABEL
 from mtkd.engine.teacher_source import TeacherSource, teacher_transform
+from mtkd.engine.teacher_targets import precompute_teacher_logits
 from mtkd.errors import MTKDError
 from mtkd.modelfiles.model_io import FORMAT_VERSION, build_from_spec, load_model
 from mtkd.models import count_parameters, network_info
@@ -44,6 +45,7 @@ class RunModels:
     distiller: Distiller | None  # student, teacher and connectors; None without distillation
     previous: dict[str, Any] | None  # the lineage record of model.init_from (new runs only)
     anchor: ParentAnchor | None = None  # the parent version as a second teacher (distill.anchor)
+    teacher_maps: str = "probabilities"  # what batches' "teacher" holds: or "logits" (precomputed)
 
 
 def build_run_models(
@@ -64,6 +66,11 @@ def build_run_models(
     source = data.source
     if source is None:
         source = open_teacher(config, data.labels, data.activation, data.prep, device, log)
+    if data.cache.teacher_logits:  # distill.teacher_targets: precomputed
+        case_ids = data.train_ids + data.unlabelled_ids
+        precompute_teacher_logits(
+            source, data.cache, case_ids, data.prep, data.labels, data.activation, device, log
+        )
     distiller = None
     if source is not None and config.distill is not None:
         distiller = _distiller(config.distill, source, spec, network, data, device)
@@ -75,6 +82,7 @@ def build_run_models(
         distiller=distiller,
         previous=previous,
         anchor=anchor,
+        teacher_maps="logits" if data.cache.teacher_logits else "probabilities",
     )
 
 
@@ -224,7 +232,7 @@ def _distiller(
         return None
     size = data.prep.slice_size if data.prep.dims == 2 else data.prep.patch_size
     example = torch.zeros(2, data.prep.in_channels, *size, device=device)  # (N, C, *spatial)
-    if source.model is None:  # stored outputs: the batches carry the teacher's maps
+    if source.model is None or data.cache.teacher_logits:  # the batches carry the teacher's maps
         distiller = Distiller(network, None, [], output, example, ignore_index=IGNORE_LABEL)
         return distiller.to(device)
     distiller = Distiller(

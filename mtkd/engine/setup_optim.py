@@ -44,6 +44,7 @@ def build_optimisation(
         reconstruction_weight=config.multitask.weight,
         reconstruction_loss_on=config.multitask.reconstruction_loss_on,
         anchor=models.anchor,
+        teacher_maps=models.teacher_maps,
     )
     if ddp:
         # every trainable parameter is used by every step (Testing/engine/test_distributed.py), so

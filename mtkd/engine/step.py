@@ -96,6 +96,7 @@ class TrainingStep(nn.Module):
         reconstruction_weight: float = 0.0,
         reconstruction_loss_on: str = "all",
         anchor: ParentAnchor | None = None,
+        teacher_maps: str = "probabilities",
     ):
         super().__init__()
         self.model = model
@@ -106,6 +107,8 @@ class TrainingStep(nn.Module):
         self.reconstruction_weight = reconstruction_weight
         self.reconstruction_loss_on = reconstruction_loss_on  # "all" or "masked" (MAE)
         self.anchor = anchor  # the parent version as a second teacher (None: none)
+        # the batches' teacher maps: stored probabilities, or precomputed logits
+        self.teacher_maps = teacher_maps
 
     def forward(
         self,
@@ -118,7 +121,8 @@ class TrainingStep(nn.Module):
         annotated: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images (B, C, *S), labels (B, 1, *S) class indices 0..K and, from stored teacher
-        outputs, the teacher's probabilities (B, K + 1, *S) -> (loss, detached terms).
+        outputs, the teacher's probabilities (B, K + 1, *S) (with ``teacher_maps`` "logits",
+        its precomputed logits (B, C, *S)) -> (loss, detached terms).
 
         ``has_label`` (B,) bool: which samples' labels are real (None: all); the others' are
         placeholders, left out of the segmentation loss. The labels also go to the distiller,
@@ -140,7 +144,9 @@ class TrainingStep(nn.Module):
         if isinstance(self.model, Distiller):
             supervised = _ignore_unknown(labels, has_label, annotated)
             stored = None  # a teacher network computes its own logits
-            if self.model.teacher is None:
+            if self.model.teacher is None and self.teacher_maps == "logits":
+                stored = teacher
+            elif self.model.teacher is None:
                 stored = pseudo_logits(teacher, self.activation)
             out = self.model(images, stored, labels=supervised, subject=subject)
             logits = out.student_logits

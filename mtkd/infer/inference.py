@@ -32,6 +32,8 @@ SlabInput = Callable[[int, int], torch.Tensor]
 # MONAI sliding-window settings of every 3-D window pass
 WINDOW_OVERLAP = 0.25
 WINDOW_BLEND = "gaussian"
+# the ``activation`` of the predict functions that keeps the network's logits (C, X, Y, Z)
+KEEP_LOGITS = "logits"
 
 
 def repeat_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -59,7 +61,10 @@ def probabilities_to_labels(probabilities: torch.Tensor, activation: str) -> tor
 
 
 def _probabilities_inplace(logits: torch.Tensor, activation: str) -> torch.Tensor:
-    """(B, C, ...) float32 logits -> probabilities, overwriting ``logits``."""
+    """(B, C, ...) float32 logits -> probabilities, overwriting ``logits`` (``activation``
+    :data:`KEEP_LOGITS`: the logits as they are)."""
+    if activation == KEEP_LOGITS:
+        return logits
     if activation == "sigmoid":
         return logits.sigmoid_()
     logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
@@ -305,7 +310,8 @@ def predict_volume(
     window_batch: int = 4,
     amp: bool = True,
 ) -> torch.Tensor:
-    """Probabilities (C, X, Y, Z) of a preprocessed image (1, X, Y, Z), on the CPU.
+    """Probabilities (C, X, Y, Z) of a preprocessed image (1, X, Y, Z), on the CPU (the
+    logits with ``activation`` :data:`KEEP_LOGITS`).
 
     2-D: ``slice_batch`` slices per pass; 3-D: the whole volume when it is no larger than
     a patch, else sliding windows (``window_batch`` per pass).
