@@ -78,12 +78,16 @@ def precompute_teacher_logits(
     # the teacher's input channels
     prep = replace(prep, in_channels=model.prep.in_channels)
     transform = teacher_transform(model, labels, activation)
-    started = time.perf_counter()
+    started, kept = time.perf_counter(), 0
     for case_id in case_ids:
         image = cache[case_id].image  # (1, X, Y, Z)
         logits = predict_volume(model.network, image, prep, KEEP_LOGITS, device, amp=False)
         if transform is not None:
             logits = transform(logits[None])[0]
         cache.attach_teacher_logits(case_id, logits)
+        kept += cache[case_id].teacher.nbytes
     seconds = time.perf_counter() - started
-    log(f"teacher targets: the teacher's logits of {len(case_ids)} images ({seconds:.1f} s)")
+    log(
+        f"teacher targets: the teacher's logits of {len(case_ids)} images computed once "
+        f"({seconds:.1f} s, {kept / 2**20:.0f} MiB kept in memory)"
+    )
