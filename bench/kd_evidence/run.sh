@@ -11,7 +11,8 @@
 #    (resumes); 5. its finished runs' light files (no weights) archived there again, whether
 #    it finished or stopped; 6. runs.csv, results.csv, summary.json, evidence.md and plots/
 #    (validation curves, test scores) copied to bench/results/kd_evidence/<grid>/ (with a file
-#    PARTIAL while the grid is unfinished); 7. real_ct.csv there: every finished run with its
+#    PARTIAL while the grid is unfinished; not while the grid folder lacks finished runs that the
+#    committed runs.csv holds); 7. real_ct.csv there: every finished run with its
 #    weights and the teachers scored on the bundled real CT (bench/kd_evidence/real_ct.py, an
 #    external check; restored runs keep their rows).
 # Re-running continues where it stopped (commit the archive: it outlives a wiped machine). While
@@ -92,9 +93,23 @@ $MTKD ablate "$CONFIG" -o "$OUT/$GRID" --data "$COHORT" \
   --teacher "$TEACHERS/$TEACHER-split{split_seed}" "${DEVICE_ARG[@]}" "${GRID_ARGS[@]}" || status=$?
 $PYTHON bench/kd_evidence/archive.py save "$OUT/$GRID" "$RESULTS/archive" --cohort "$COHORT" \
   "${TEACHER_ARGS[@]}" || echo "warning: archiving the finished runs failed (see above)" >&2
-for name in runs.csv results.csv summary.json evidence.md plots/curves.png plots/dice.png; do
-  [ -f "$OUT/$GRID/$name" ] && mkdir -p "$(dirname "$RESULTS/$name")" && cp "$OUT/$GRID/$name" "$RESULTS/$name"
-done
+covers() {  # whether runs.csv $1 holds every (cell, split seed, seed) run of runs.csv $2
+  $PYTHON - "$1" "$2" <<'PY'
+import csv, sys
+runs = lambda path: {(r["cell"], r["split_seed"], r["seed"]) for r in csv.DictReader(open(path))}
+sys.exit(0 if runs(sys.argv[2]) <= runs(sys.argv[1]) else 1)
+PY
+}
+if [ -f "$RESULTS/runs.csv" ] && [ -f "$OUT/$GRID/runs.csv" ] \
+    && ! covers "$OUT/$GRID/runs.csv" "$RESULTS/runs.csv"; then
+  # a grid folder written afresh without the runs committed earlier: keep the committed results
+  echo "warning: $OUT/$GRID lacks finished runs that $RESULTS/runs.csv holds; its results were" \
+    "not copied there (restore those runs or train them again first)" >&2
+else
+  for name in runs.csv results.csv summary.json evidence.md plots/curves.png plots/dice.png; do
+    [ -f "$OUT/$GRID/$name" ] && mkdir -p "$(dirname "$RESULTS/$name")" && cp "$OUT/$GRID/$name" "$RESULTS/$name"
+  done
+fi
 # the external check: every finished run and the teachers on the bundled real CT
 $PYTHON bench/kd_evidence/real_ct.py "$OUT/$GRID" "$RESULTS/real_ct.csv" "${TEACHER_ARGS[@]}" \
   "${DEVICE_ARG[@]}" || echo "warning: the real-CT scoring failed (see above)" >&2
