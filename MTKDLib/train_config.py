@@ -55,6 +55,9 @@ class TrainingOptions:
     output_weight: float = 1.0
     output_temperature: float = 1.0
     use_unlabelled: bool = True  # distill.unlabelled auto (True) or none
+    # distill.teacher_targets auto (True: the teacher's logits computed once per training image
+    # where the output term alone weighs) or online (the engine's default, on every batch)
+    precompute_teacher: bool = False
     epochs: int = 20
     batch_size: int = 8
     learning_rate: float = 1e-3
@@ -141,6 +144,7 @@ def _distill_section(options: TrainingOptions) -> dict[str, Any]:
     elif options.taps == "none":
         raise ValueError("choose feature terms or an output loss (or both) to distill")
     distill["unlabelled"] = "auto" if options.use_unlabelled else "none"
+    distill["teacher_targets"] = "auto" if options.precompute_teacher else "online"
     if options.anchor:
         distill["anchor"] = {
             "model": str(options.anchor),

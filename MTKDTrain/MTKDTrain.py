@@ -90,6 +90,7 @@ class MTKDTrainParameterNode:
     outputWeight: float = 1.0
     outputTemperature: float = 1.0
     useUnlabelled: bool = True
+    precomputeTeacher: bool = False
     epochs: int = 20
     studentFraction: float = 0.5
     device: str = "auto"  # any device the engine accepts: the list differs between machines
@@ -313,6 +314,7 @@ class MTKDTrainWidget(ModuleWidget):
             output_weight=node.outputWeight,
             output_temperature=node.outputTemperature,
             use_unlabelled=node.useUnlabelled,
+            precompute_teacher=node.precomputeTeacher,
             epochs=node.epochs,
             student_fraction=node.studentFraction,
             device=node.device,

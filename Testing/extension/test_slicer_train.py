@@ -24,6 +24,7 @@ from slicer_scene import new_scene, scene_cases, write_slab_cases
 from mtkd.config import RECOMMENDED_PRESET, RunConfig, load_config
 from mtkd.data.datasets import load_dataset
 from mtkd.distill.presets import resolve_output_term
+from mtkd.engine.teacher_targets import ONLINE, PRECOMPUTED, teacher_targets
 from mtkd.library import ModelLibrary
 from mtkd.modelfiles.model_io import load_model
 from mtkd.run_folder import read_events
@@ -148,6 +149,7 @@ def test_panel_options_become_a_valid_config(teacher_run, tmp_path):
     assert config["distill"]["feature_loss"] == "mse"
     assert config["distill"]["output"] == {"loss": "cwd", "weight": 0.2, "temperature": 4.0}
     assert config["distill"]["unlabelled"] == "none"
+    assert config["distill"]["teacher_targets"] == "online"  # the engine's default
     assert config["split"]["student_fraction"] == 0.5 and config["train"]["epochs"] == 7
     assert RunConfig.from_dict(config).distill.scale_weights == {"B-B": 0.3}
 
@@ -196,6 +198,19 @@ def test_the_panel_opens_on_the_recommended_recipe(teacher_run, tmp_path):
     assert (panel_output.loss, panel_output.weight, panel_output.temperature) == ("pmd", 1, 1)
     assert panel.distill.pairs == [] and panel.distill.preset is None
     assert panel.unlabelled_images() == engine.unlabelled_images() == "train"
+    assert panel.distill.teacher_targets == engine.distill.teacher_targets == "online"
+
+
+def test_the_panel_can_ask_for_teacher_targets_computed_once(teacher_run, tmp_path):
+    """The checkbox asks for ``teacher_targets: auto``: computed once with the output term
+    alone, online where feature terms weigh (not refused)."""
+    options = TrainingOptions(str(tmp_path), str(teacher_run), precompute_teacher=True)
+    config = RunConfig.from_dict(build_config(options))
+    assert config.distill.teacher_targets == "auto"
+    assert teacher_targets(config.distill, stored_teacher=False) == PRECOMPUTED
+    thesis = TrainingOptions(str(tmp_path), str(teacher_run), taps="thesis",
+                             precompute_teacher=True)  # fmt: skip
+    assert teacher_targets(RunConfig.from_dict(build_config(thesis)).distill, False) == ONLINE
 
 
 def wait_for(run, condition, timeout: float = 300.0):
