@@ -259,9 +259,8 @@ class _SeededDataset(Dataset):
 
     def _item(self, sample: dict, case: PreparedCase) -> dict:
         """Plain tensors; the teacher map as (K + 1, *spatial) probabilities (precomputed
-        logits as (C, *spatial) float32); ``has_label``
-        (bool) and ``subject`` (int64) scalars, batched to (B,); ``annotated`` (K + 1,) bool,
-        batched to (B, K + 1)."""
+        logits as (C, *spatial) float32); ``has_label`` (bool) and ``subject`` (int64)
+        scalars, batched to (B,); ``annotated`` (K + 1,) bool, batched to (B, K + 1)."""
         item = {
             "image": _plain(sample["image"]).float(),
             "label": _plain(sample["label"]).long(),
