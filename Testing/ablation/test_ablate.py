@@ -572,18 +572,24 @@ def test_sweeps_expand_into_named_sub_cells(slab_dataset, plain_teacher):
 
 
 def test_the_recipe_s_unlabelled_images_and_negatives_reach_every_cell(slab_dataset, plain_teacher):
-    """``distill.unlabelled`` and ``distill.negatives`` of the recipe hold for each cell (its
-    ``set`` may change them); the word ``train`` is never taken for a folder."""
+    """``distill.unlabelled``, ``distill.negatives`` and ``distill.teacher_targets`` of the
+    recipe hold for each cell (its ``set`` may change them); the word ``train`` is never taken
+    for a folder."""
     cells = [
         {"name": "pmd", "pairs": [], "output_loss": "pmd"},
         {"name": "pmd_labelled", "pairs": [], "output_loss": "pmd", "set": {"unlabelled": "none"}},
     ]
     config = evidence_config(slab_dataset, plain_teacher, cells)
     config["distill"] |= {"unlabelled": "train", "negatives": "other_subjects"}
+    config["distill"]["teacher_targets"] = "auto"
     ablation = ablation_from_dict(config)
     by_name = {cell.name: cell for cell in ablation.cells}
     kd = ablation.run_config(by_name["pmd"], 0, 0).distill
-    assert (kd.unlabelled, kd.negatives) == ("train", "other_subjects")
+    assert (kd.unlabelled, kd.negatives, kd.teacher_targets) == ("train", "other_subjects", "auto")
+    # the default leaves the cells' sections as older grids stored them
+    del config["distill"]["teacher_targets"]
+    cells_stored = ablation_from_dict(config).to_dict()["cells"]
+    assert all("teacher_targets" not in cell["distill"] for cell in cells_stored)
     assert ablation.run_config(by_name["pmd_labelled"], 0, 0).distill.unlabelled == "none"
     assert ablation.run_config(by_name["no_kd"], 0, 0).distill.scale == 0.0
 

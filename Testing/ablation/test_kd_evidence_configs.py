@@ -14,6 +14,7 @@ from conftest import ROOT
 from mtkd.ablation.grid import NO_KD
 from mtkd.ablation.grid_config import load_ablation
 from mtkd.config import load_config
+from mtkd.engine.teacher_targets import ONLINE, PRECOMPUTED, teacher_targets
 
 FOLDER = ROOT / "bench" / "kd_evidence"
 STUDENTS = ("s1", "s2", "s3d")
@@ -68,6 +69,21 @@ def test_grid_expands(grid):
         config = ablation.run_config(cell, ablation.seeds[-1], ablation.split_seeds[-1])
         assert config.train.patience is not None and config.train.patience >= 1
         assert config.train.epochs > config.train.patience * config.train.val_every
+        # the grid's own teacher_targets reaches every run (it was once dropped)
+        assert config.distill.teacher_targets == ablation.base.distill.teacher_targets
+
+
+@pytest.mark.parametrize("grid", ["s3d", "s3d_label_free", "s2", "s2_label_free"])
+def test_output_level_cells_take_the_teacher_targets_computed_once(grid):
+    """The grids that set ``teacher_targets: auto``: every cell whose output term alone weighs
+    precomputes the teacher's logits; a cell with a feature pair, and no KD, stays online."""
+    ablation = load_ablation(FOLDER / f"{grid}.yaml")
+    ways = {}
+    for cell in ablation.cells:
+        distill = ablation.run_config(cell, 0, ablation.split_seeds[0]).distill
+        ways[cell.name] = teacher_targets(distill, stored_teacher=False)
+        assert ways[cell.name] == (PRECOMPUTED if cell.output_loss and not cell.pairs else ONLINE)
+    assert PRECOMPUTED in ways.values()
 
 
 @pytest.mark.parametrize("student", STUDENTS)

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from mtkd.config import (
+    DistillConfig,
     OutputTermConfig,
     RunConfig,
     differing_keys,
@@ -65,6 +66,7 @@ from mtkd.config import (
 from mtkd.distill.presets import THESIS_PAIRS
 
 FORMAT = 1
+TEACHER_TARGETS_DEFAULT = DistillConfig.teacher_targets  # online
 PAIR_LABELS = tuple(label for label, _ in THESIS_PAIRS)  # E-E, B-B, D-D
 PAIR_BY_LETTER = {label.split("-")[0]: label for label in PAIR_LABELS}  # E -> E-E
 NO_KD = "no_kd"
@@ -215,6 +217,8 @@ class Ablation:
         # ``set`` may still change them); a no-KD run leaves unlabelled images out anyway
         section["unlabelled"] = base.unlabelled
         section["negatives"] = base.negatives
+        if base.teacher_targets != TEACHER_TARGETS_DEFAULT:  # absent otherwise: older grids match
+            section["teacher_targets"] = base.teacher_targets
         if cell.is_no_kd:
             section["scale"] = 0.0
             return section
