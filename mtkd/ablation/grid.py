@@ -53,7 +53,7 @@ to use one teacher per split seed, each trained with that ``split.seed``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ from mtkd.config import (
 from mtkd.distill.presets import THESIS_PAIRS
 
 FORMAT = 1
-TEACHER_TARGETS_DEFAULT = DistillConfig.teacher_targets  # online
 PAIR_LABELS = tuple(label for label, _ in THESIS_PAIRS)  # E-E, B-B, D-D
 PAIR_BY_LETTER = {label.split("-")[0]: label for label in PAIR_LABELS}  # E -> E-E
 NO_KD = "no_kd"
@@ -217,8 +216,9 @@ class Ablation:
         # ``set`` may still change them); a no-KD run leaves unlabelled images out anyway
         section["unlabelled"] = base.unlabelled
         section["negatives"] = base.negatives
-        if base.teacher_targets != TEACHER_TARGETS_DEFAULT:  # absent otherwise: older grids match
-            section["teacher_targets"] = base.teacher_targets
+        # any other recipe key no cell decides (teacher_targets, anchor, keys added later),
+        # where it differs from the default: absent otherwise, so older grids still match
+        section |= _recipe_only_keys(base)
         if cell.is_no_kd:
             section["scale"] = 0.0
             return section
@@ -302,6 +302,16 @@ class Ablation:
         if self.selection is not None:
             grid["sweep_selection"] = self.selection.to_dict()
         return grid
+
+
+def _recipe_only_keys(distill: DistillConfig) -> dict[str, Any]:
+    """The keys of the recipe's ``distill`` section that no cell decides and ``distill_section``
+    does not write otherwise, where they differ from the default (plain values)."""
+    decided = {*CELL_OWNED, "scale", "scale_weights", "unlabelled", "negatives"}
+    given, default = asdict(distill), asdict(DistillConfig())
+    return {
+        key: value for key, value in given.items() if key not in decided and value != default[key]
+    }
 
 
 def grid_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
