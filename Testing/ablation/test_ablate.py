@@ -55,22 +55,28 @@ def test_a_grid_moved_with_its_data_continues_and_other_data_is_another_grid(
     slab_dataset, teacher_run, tmp_path
 ):
     """``ablation.yaml`` stores its paths relative to the ablation folder (absolute beside
-    them): after the folder moved together with its data and teacher, the same grid continues
-    there; a grid on other data is still refused."""
+    them), the parent version its cells anchor to included: after the folder moved together
+    with its data, teacher and parent, the same grid continues there; a grid on other data is
+    still refused."""
     folder, split = slab_dataset
     project = tmp_path / "project"
     shutil.copytree(folder, project / "data")
     shutil.copytree(teacher_run, project / "teacher")
+    shutil.copytree(teacher_run, project / "parent")
 
     def claim(where, data):
         config = ablation_config((data, split), where / "teacher", {"seeds": [0]})
+        config["distill"]["anchor"] = {"model": str(where / "parent"), "weight": 0.5}
         claim_folder(where / "ABL", ablation_from_dict(config))
 
     claim(project, project / "data")
     stored = yaml.safe_load((project / "ABL" / "ablation.yaml").read_text(encoding="utf-8"))
     assert stored["teacher"] == "../teacher"
     assert stored["recipe"]["data"]["source"] == "../data"
+    anchors = [cell["distill"]["anchor"]["model"] for cell in stored["cells"]]
+    assert anchors and set(anchors) == {"../parent"}
     assert stored["absolute_paths"]["../data"] == str((project / "data").resolve())
+    assert stored["absolute_paths"]["../parent"] == str((project / "parent").resolve())
 
     moved = tmp_path / "elsewhere" / "project"
     moved.parent.mkdir()

@@ -25,20 +25,28 @@ from mtkd.folder_lock import LOCK_NAME
 __all__ = ["claim_folder", "refuse_unrelated"]
 
 
+def _place(root: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
+    """(mapping, last key) of ``dotted`` under ``root``; an empty mapping where a parent is
+    missing (nothing to resolve there)."""
+    *parents, last = dotted.split(".")
+    mapping = root
+    for part in parents:
+        mapping = mapping.get(part) or {}
+    return mapping, last
+
+
 def _grid_paths(grid: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
     """The places of a grid (``Ablation.to_dict()``) that hold a file or folder: (mapping,
-    key) for the teacher, each cell's teacher and the recipe's path keys."""
+    key) for the teacher, every path key of each cell's ``distill`` section and the recipe's
+    path keys."""
     places = [(grid, "teacher", "distill.teacher")]
+    distill_keys = [key for key in PATH_KEYS if key.startswith("distill.")]
     for cell in grid.get("cells") or []:
-        places += [(cell["distill"], name, f"distill.{name}") for name in ("teacher", "unlabelled")]
+        for key in distill_keys:
+            places.append((*_place(cell["distill"], key.removeprefix("distill.")), key))
     for key in PATH_KEYS:
-        if key == "distill.teacher":
-            continue
-        *parents, last = key.split(".")
-        mapping = grid.get("recipe") or {}
-        for part in parents:
-            mapping = mapping.get(part) or {}
-        places.append((mapping, last, key))
+        if key != "distill.teacher":
+            places.append((*_place(grid.get("recipe") or {}, key), key))
     return [
         (mapping, last) for mapping, last, key in places if is_path_value(mapping.get(last), key)
     ]
