@@ -100,9 +100,11 @@ runs = lambda path: {(r["cell"], r["split_seed"], r["seed"]) for r in csv.DictRe
 sys.exit(0 if runs(sys.argv[2]) <= runs(sys.argv[1]) else 1)
 PY
 }
+COPIED=1  # whether this pass's results were copied to $RESULTS
 if [ -f "$RESULTS/runs.csv" ] && [ -f "$OUT/$GRID/runs.csv" ] \
     && ! covers "$OUT/$GRID/runs.csv" "$RESULTS/runs.csv"; then
   # a grid folder written afresh without the runs committed earlier: keep the committed results
+  COPIED=0
   echo "warning: $OUT/$GRID lacks finished runs that $RESULTS/runs.csv holds; its results were" \
     "not copied there (restore those runs or train them again first)" >&2
 else
@@ -119,7 +121,11 @@ if [ $status -ne 0 ]; then
     "Run bench/kd_evidence/run.sh $STUDENT again (same TEACHER) to continue." > "$RESULTS/PARTIAL"
   exit $status
 fi
-if [ -n "$CELLS" ]; then
+if [ "$COPIED" -eq 0 ]; then
+  echo "PARTIAL: $OUT/$GRID lacks finished runs that runs.csv here holds ($(date -u +%FT%TZ));" \
+    "the results here are the committed ones, not this pass's. Restore those runs or train them" \
+    "again, then run bench/kd_evidence/run.sh $STUDENT again." > "$RESULTS/PARTIAL"
+elif [ -n "$CELLS" ]; then
   echo "PARTIAL: only the cells $CELLS were run ($(date -u +%FT%TZ)); summary.json lists the" \
     "others under not_run. Run bench/kd_evidence/run.sh $STUDENT again without CELLS (same" \
     "TEACHER) for the whole grid." > "$RESULTS/PARTIAL"
